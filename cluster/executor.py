@@ -1,0 +1,83 @@
+"""Where importance estimation runs. LocalExecutor: in-process (tests, GPU box without Ray).
+
+The job talks to an executor only through this small protocol, so the Ray version
+(`cluster.ray_executor.RayExecutor`) is a drop-in replacement. Calibration data is split into
+fixed micro-batches once; a worker gets whole micro-batches, so every per-batch statistic adds up
+to the single-process value whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from stages.estimate import EstimateRequest, Stats, collect_statistics, reduce_statistics
+
+
+class StaleVersionError(RuntimeError):
+    """A worker was asked to estimate on a model version it does not hold."""
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    worker: str
+    version: int
+
+
+class Executor(Protocol):
+    workers: int
+
+    def set_calibration(self, batches: list[dict]) -> None: ...
+
+    def load_version(self, version: int, model, checkpoint_dir: str | None) -> None: ...
+
+    def barrier(self, version: int) -> list[WorkerState]: ...
+
+    def estimate(self, request: EstimateRequest, version: int) -> Stats: ...
+
+    def close(self) -> None: ...
+
+
+def shard_batches(batches: list, workers: int) -> list[list]:
+    """Round-robin whole micro-batches over workers (deterministic)."""
+    return [batches[i::workers] for i in range(workers)]
+
+
+class LocalExecutor:
+    """Runs on the driver's own model object: no copies, no serialization."""
+
+    workers = 1
+
+    def __init__(self, adapter):
+        self._adapter = adapter
+        self._model = None
+        self._version: int | None = None
+        self._batches: list[dict] = []
+
+    def set_calibration(self, batches: list[dict]) -> None:
+        self._batches = list(batches)
+
+    def load_version(self, version: int, model, checkpoint_dir: str | None = None) -> None:
+        self._model = model
+        self._version = version
+
+    def barrier(self, version: int) -> list[WorkerState]:
+        if self._version != version:
+            raise StaleVersionError(f"local worker holds version {self._version}, expected {version}")
+        return [WorkerState("local", version)]
+
+    def estimate(self, request: EstimateRequest, version: int) -> Stats:
+        if self._version != version:
+            raise StaleVersionError(f"local worker holds version {self._version}, asked for {version}")
+        return reduce_statistics([collect_statistics(self._model, self._adapter, self._batches, request)])
+
+    def close(self) -> None:
+        self._model = None
+
+
+def make_executor(cluster_cfg, adapter) -> Executor:
+    if cluster_cfg.executor == "local":
+        return LocalExecutor(adapter)
+    from cluster.ray_executor import RayExecutor  # imports ray
+
+    return RayExecutor(cluster_cfg, adapter)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One entry point: setup | demo | test | cluster | submit CONFIG | stop-cluster | cascade ARGS...
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=.venv
+PY="$VENV/bin/python"
+STAMP="$VENV/.installed"
+
+setup() {
+  [ -x "$PY" ] || python3 -m venv "$VENV"
+  local want
+  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+    return 0  # already installed for this pyproject.toml: install nothing
+  fi
+  "$PY" -m pip install -q --upgrade pip
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+      "$PY" -m pip install -q torch
+    else
+      # CPU machine: pin the CPU build so no multi-GB CUDA wheel is pulled.
+      "$PY" -m pip install -q "torch==2.13.0"
+    fi
+  fi
+  "$PY" -m pip install -q -e ".[dev]"
+  echo "$want" > "$STAMP"
+}
+
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+export TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1
+cmd="${1:-demo}"
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  demo) setup; exec "$VENV/bin/cascade" run configs/demo.yaml --output "${DEMO_OUT:-runs/demo}" --force "$@" ;;
+  test) setup; exec "$PY" -m pytest -q "$@" ;;
+  lint) setup; "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check . ;;
+  cluster) setup; "$VENV/bin/ray" start --head --node-ip-address=127.0.0.1 --port=6379 \
+      --dashboard-host=127.0.0.1 --dashboard-port=8265 --include-dashboard=true "$@"
+    echo "Ray head on 127.0.0.1. Add a worker node with: ray start --address=<head-ip>:6379"
+    echo "Submit with: ./launch.sh submit CONFIG   (address http://127.0.0.1:8265)" ;;
+  stop-cluster) setup; exec "$VENV/bin/ray" stop "$@" ;;
+  submit) setup; exec "$VENV/bin/cascade" submit "$@" --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" ;;
+  cascade) setup; exec "$VENV/bin/cascade" "$@" ;;
+  *) echo "usage: ./launch.sh {setup|demo|test|lint|cluster|stop-cluster|submit CONFIG|cascade ARGS}" >&2; exit 2 ;;
+esac

@@ -1,0 +1,129 @@
+"""`cascade` command line. Known failures print one line (cause + where) and exit 2; --debug shows tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EXIT_USAGE = 2
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from runner.checkpoint import CheckpointError
+    from runner.config import ConfigError
+    from runner.data import DataError
+    from runner.models import ModelError
+    from runner.pipeline import JobError
+    from stages.arch import UnsupportedArchitecture
+    from stages.guards import NumericalError
+    from stages.selection import SelectionError
+
+    errors = [ConfigError, JobError, ModelError, CheckpointError, DataError, UnsupportedArchitecture,
+              SelectionError, NumericalError]
+    try:
+        from stages.validate import ValidationFailed
+
+        errors.append(ValidationFailed)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def cmd_run(args) -> int:
+    from runner.config import load_config
+    from runner.job import run_job
+
+    cfg = load_config(args.config, args.set)
+    if args.address:
+        cfg.cluster.executor = "ray"
+        cfg.cluster.address = args.address
+    if args.quiet:
+        cfg.output.progress = False
+    out = args.output or f"runs/{cfg.name}"
+    run_job(cfg, out, resume=args.resume, force=args.force, log=_logger(args.quiet))
+    print(f"outputs in {out}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from runner.config import dump_config, load_config
+
+    cfg = load_config(args.config, args.set)
+    print(f"{args.config}: OK ({len(cfg.models)} model(s), {len(cfg.stages)} stage(s))")
+    if args.show:
+        print(dump_config(cfg))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from runner.models import DEMO_MODELS
+    from stages.arch import SUPPORTED_MODEL_TYPES
+
+    print("Supported architectures (model_type):", ", ".join(SUPPORTED_MODEL_TYPES))
+    print("Built-in demo models:")
+    for name, spec in DEMO_MODELS.items():
+        print(f"  {name:18s} {spec.description}")
+    return 0
+
+
+def _logger(quiet: bool):
+    def log(message: str) -> None:
+        if not quiet or message.startswith("WARNING"):
+            print(message, flush=True)
+
+    return log
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cascade", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a compression job")
+    run.add_argument("config")
+    run.add_argument("--output", "-o")
+    run.add_argument("--address", help="Ray cluster address (default: embedded local Ray or in-process)")
+    run.add_argument("--resume", action="store_true", help="continue after the last finished stage")
+    run.add_argument("--force", action="store_true", help="replace an existing job's outputs")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--quiet", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate a job file, listing every problem")
+    check.add_argument("config")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--show", action="store_true", help="print the resolved config")
+    check.set_defaults(func=cmd_check)
+
+    models = sub.add_parser("models", help="supported architectures and built-in demo models")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - top-level: known errors become one line
+        if args.debug or not isinstance(exc, _known_errors()):
+            raise
+        message = str(exc).strip()
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def print_json(data) -> None:
+    print(json.dumps(data, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

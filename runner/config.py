@@ -1,0 +1,258 @@
+"""Typed job configuration: YAML -> pydantic, every problem reported at once with its YAML path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from runner.data import DataConfig
+
+LAYER_CRITERIA = ("block_influence", "loss_delta")
+UNIT_CRITERIA = ("taylor", "wanda", "l2", "activation", "fluctuation", "condition")
+
+
+class ConfigError(ValueError):
+    """A job file (or override) is invalid; `problems` holds (yaml_path, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "config"):
+        self.problems = problems
+        self.source = source
+        lines = [f"{source}: {len(problems)} problem(s)"]
+        lines += [f"  {path or '<root>'}: {msg}" for path, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    ref: str = Field(min_length=1, description="built-in demo name or local HF checkpoint directory")
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_length: int = Field(96, ge=8, le=8192)
+
+
+class CalibrationConfig(Strict):
+    batch_size: int = Field(16, ge=1)
+    min_samples: int = Field(8, ge=1, description="refuse to estimate importance on fewer rows")
+
+
+class TargetConfig(Strict):
+    ratio: float | None = Field(None, gt=1.0, description="overall compression (dense/pruned params)")
+    uniform_layout: bool = False
+    min_keep_layers: int = Field(1, ge=1)
+    min_keep_heads: int = Field(1, ge=1)
+    min_keep_channels: int = Field(1, ge=1)
+    device: str | None = None
+    fraction: float | None = Field(None, gt=0.0, le=1.0)
+    budget_bytes: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _budget_needs_device(self) -> TargetConfig:
+        if self.fraction is not None and self.device is None:
+            raise ValueError("fraction needs target.device")
+        return self
+
+
+class PruneStageConfig(Strict):
+    """One pruning granularity. Amount: exactly one of ratio / count / share."""
+
+    kind: Literal["layers", "heads", "channels"]
+    name: str | None = None
+    criterion: str = "wanda"
+    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of units to remove")
+    count: int | None = Field(None, ge=1, description="number of units to remove")
+    share: float | None = Field(
+        None, gt=0.0, le=1.0, description="share of the remaining parameter budget of target.ratio"
+    )
+    normalize: Literal["none", "mean", "max"] = "mean"
+    bias_compensation: bool = False
+    estimate_on: Literal["current", "dense"] = Field(
+        "current", description="dense: score on the unpruned model once (one-shot baselines)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PruneStageConfig:
+        allowed = LAYER_CRITERIA if self.kind == "layers" else UNIT_CRITERIA
+        if self.criterion not in allowed:
+            raise ValueError(
+                f"criterion {self.criterion!r} is not valid for {self.kind}; choose from {', '.join(allowed)}"
+            )
+        given = [k for k in ("ratio", "count", "share") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of ratio, count, share (got {given or 'none'})")
+        if self.bias_compensation and self.criterion != "fluctuation":
+            raise ValueError("bias_compensation is only defined for criterion fluctuation (FLAP)")
+        return self
+
+
+class RecoverStageConfig(Strict):
+    """Short recovery after a prune stage: LoRA (merged back), full fine-tune, or mask tuning."""
+
+    kind: Literal["recover"]
+    name: str | None = None
+    method: Literal["lora", "full", "mask"] = "lora"
+    steps: int = Field(100, ge=0)
+    lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(16, ge=1)
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    loss: Literal["ce", "kd"] = "ce"
+    teacher: Literal["pre_stage", "dense"] = "pre_stage"
+    kd_temperature: float = Field(2.0, gt=0.0)
+    kd_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    runner: Literal["local", "ray_train"] = "local"
+    strategy: Literal["ddp", "deepspeed_zero2", "deepspeed_zero3"] = "ddp"
+
+
+StageConfig = Annotated[PruneStageConfig | RecoverStageConfig, Field(discriminator="kind")]
+
+
+class SIAConfig(Strict):
+    enabled: bool = True
+    pairs: int = Field(12, ge=2)
+    threshold: float = Field(0.5, gt=0.0)
+    removal_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    policy: Literal["warn", "shrink", "stop"] = "warn"
+    shrink_steps: int = Field(2, ge=2, description="split each prune stage into this many steps")
+
+
+class ClusterConfig(Strict):
+    executor: Literal["local", "ray"] = "local"
+    address: str | None = None
+    workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    dashboard: bool = False
+
+
+class OutputConfig(Strict):
+    save_stage_models: bool = True
+    plots: bool = True
+    progress: bool = True
+
+
+class GuardConfig(Strict):
+    max_accuracy_drop: float = Field(0.5, gt=0.0, le=1.0)
+    retries: int = Field(1, ge=0)
+    retry_shrink: float = Field(0.5, gt=0.0, lt=1.0)
+
+
+class JobConfig(Strict):
+    name: str = Field("job", min_length=1)
+    seed: int = 0
+    models: list[ModelConfig] = Field(min_length=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    stages: list[StageConfig] = Field(min_length=1)
+    sia: SIAConfig = Field(default_factory=SIAConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    guards: GuardConfig = Field(default_factory=GuardConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [{"ref": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> JobConfig:
+        problems: list[str] = []
+        names = [stage_name(i, s) for i, s in enumerate(self.stages)]
+        if len(set(names)) != len(names):
+            problems.append(f"stage names must be unique, got {names}")
+        if any(getattr(s, "share", None) is not None for s in self.stages) and self.target.ratio is None:
+            if self.target.device is None and self.target.budget_bytes is None:
+                problems.append("stages use share but target has no ratio, device or budget_bytes")
+        if not any(isinstance(s, PruneStageConfig) for s in self.stages):
+            problems.append("stages: at least one layers/heads/channels stage is required")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def stage_name(index: int, stage: PruneStageConfig | RecoverStageConfig) -> str:
+    return stage.name or f"{stage.kind}{index}"
+
+
+def _error_path(loc: tuple) -> str:
+    # Drop pydantic's union tags (e.g. stages.0.recover.lr -> stages.0.lr).
+    parts = [str(p) for p in loc if p not in ("layers", "heads", "channels", "recover")]
+    return ".".join(parts)
+
+
+def parse_config(raw: Any, source: str = "config") -> JobConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError([("", f"expected a mapping at the top level, got {type(raw).__name__}")], source)
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (not a config option)"
+            problems.append((_error_path(err["loc"]), msg))
+        raise ConfigError(problems, source) from None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """--set a.b.0.c=value; value parsed as YAML. Unknown paths are created and then rejected by validation."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            problems.append((f"--set {item}", "expected KEY=VALUE"))
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            problems.append((f"--set {key}", f"value is not valid YAML: {exc}"))
+            continue
+        node: Any = raw
+        parts = key.split(".")
+        try:
+            for part in parts[:-1]:
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            last = parts[-1]
+            if isinstance(node, list):
+                node[int(last)] = value
+            else:
+                node[last] = value
+        except (ValueError, IndexError, TypeError, AttributeError):
+            problems.append((key, "override path does not exist in the config"))
+    if problems:
+        raise ConfigError(problems, "overrides")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([("", f"config file not found: {path}")], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError([("", f"malformed YAML at {where}: {getattr(exc, 'problem', exc)}")], str(path)) from None
+    raw = raw if raw is not None else {}
+    if overrides:
+        if not isinstance(raw, dict):
+            raise ConfigError([("", "top level must be a mapping")], str(path))
+        raw = apply_overrides(raw, overrides)
+    return parse_config(raw, str(path))
+
+
+def dump_config(cfg: JobConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,65 @@
+"""End of a model's cascade: export ONE checkpoint, reload it, evaluate what was exported, report."""
+
+from __future__ import annotations
+
+import time
+
+from runner.checkpoint import load_pruned, save_checkpoint
+from runner.models import count_params
+from runner.report import write_report
+from stages.training import evaluate
+
+
+def finish_model_run(run, start: float) -> dict:
+    cfg = run.cfg
+    ckpt_dir = run.out / "checkpoint"
+    t0 = time.perf_counter()
+    meta = {"job": cfg.name, "source_model": run.model_cfg.ref, "dense_params": run.dense_params}
+    save_checkpoint(run.model, run.tokenizer, ckpt_dir, require_uniform=cfg.target.uniform_layout, metadata=meta)
+    run.events.emit("export", version=run.version, path=str(ckpt_dir), seconds=time.perf_counter() - t0)
+    # Evaluate the exported files, not the in-memory model: the report claims what the checkpoint does.
+    exported = load_pruned(ckpt_dir)
+    final_eval = {s: evaluate(exported, run.splits[s]) for s in ("test", "heldout")}
+    params = count_params(exported)
+    validation = None
+    if cfg.target.device is not None:
+        from stages.validate import validate_for_job
+
+        validation = validate_for_job(exported, run.dense_params, cfg, run.model_cfg)
+        run.events.emit("validate", version=run.version, **validation)
+    report = build_report(run, final_eval, params, validation, time.perf_counter() - start)
+    write_report(run.out, report, plots=cfg.output.plots)
+    run.events.emit("job_end", version=run.version, compression_ratio=report["final"]["compression_ratio"],
+                    accuracy=report["final"]["accuracy"])
+    run.executor.close()
+    return report
+
+
+def build_report(run, final_eval, params: int, validation, total_seconds: float) -> dict:
+    dense_test = run.dense_eval["test"]
+    test, heldout = final_eval["test"], final_eval["heldout"]
+    return {
+        "model": run.model_info,
+        "sia": run.sia,
+        "stages": run.records,
+        "final": {
+            "params": params,
+            "dense_params": run.dense_params,
+            "compression_ratio": run.dense_params / params,
+            "accuracy": test.accuracy,
+            "macro_f1": test.macro_f1,
+            "heldout_accuracy": heldout.accuracy,
+            "dense_accuracy": dense_test.accuracy,
+            "dense_macro_f1": dense_test.macro_f1,
+            "dense_heldout_accuracy": run.dense_eval["heldout"].accuracy,
+            "confusion": test.confusion,
+            "checkpoint": str(run.out / "checkpoint"),
+        },
+        "validation": validation,
+        "timing": {
+            "total_seconds": round(total_seconds, 2),
+            "per_stage": {r["name"]: r["seconds"] for r in run.records},
+        },
+        "job": {"name": run.cfg.name, "seed": run.cfg.seed, "executor": run.cfg.cluster.executor,
+                "workers": run.executor.workers},
+    }

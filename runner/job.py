@@ -1,0 +1,69 @@
+"""A job: one config, one or more models, one output directory (refusing to clobber others' results)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+
+from runner.config import JobConfig, dump_config
+from runner.pipeline import JobError, ModelRun
+from runner.report import write_summary
+
+_JOB_MARKERS = ("job.yaml", "events.jsonl", "summary.json", "report.json")
+
+
+def model_dir_name(ref: str) -> str:
+    name = Path(ref.rstrip("/")).name or ref
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def prepare_output(cfg: JobConfig, out: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to mix two jobs in one directory; --resume continues the same job, --force replaces it."""
+    resolved = dump_config(cfg)
+    if out.exists() and any(out.iterdir()):
+        is_job_dir = any((out / m).exists() for m in _JOB_MARKERS)
+        if resume:
+            previous = out / "job.yaml"
+            if not previous.is_file():
+                raise JobError(f"--resume: {out} holds no job.yaml, nothing to resume")
+            if yaml.safe_load(previous.read_text()) != yaml.safe_load(resolved):
+                raise JobError(f"--resume: {out}/job.yaml is a different config than this run's; use --force to restart")
+            return
+        if not force:
+            raise JobError(f"output directory {out} already holds results; use --resume to continue or --force to replace")
+        if not is_job_dir:
+            raise JobError(f"--force: {out} is not a job output directory (no job.yaml); refusing to delete it")
+        shutil.rmtree(out)
+    elif resume:
+        raise JobError(f"--resume: {out} does not exist or is empty, nothing to resume")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "job.yaml").write_text(resolved)
+
+
+def run_job(cfg: JobConfig, out: str | Path, *, resume: bool = False, force: bool = False, log=print) -> dict:
+    """Run every model of the job; returns {model_dir_name: report}."""
+    out = Path(out)
+    prepare_output(cfg, out, resume=resume, force=force)
+    reports = {}
+    single = len(cfg.models) == 1
+    for model_cfg in cfg.models:
+        name = model_dir_name(model_cfg.ref)
+        model_out = out if single else out / name
+        if not single and resume and (model_out / "report.json").is_file():
+            log(f"[{name}] already finished, skipping")
+            import json
+
+            reports[name] = json.loads((model_out / "report.json").read_text())
+            continue
+        log(f"[{name}] compressing {model_cfg.ref}")
+        run = ModelRun(cfg, model_cfg, model_out, resume=resume and (model_out / "stages").exists(), log=log)
+        reports[name] = run.run()
+        f = reports[name]["final"]
+        log(f"[{name}] done: {f['compression_ratio']:.2f}x, accuracy {f['accuracy']:.4f} "
+            f"(dense {f['dense_accuracy']:.4f}) -> {model_out / 'checkpoint'}")
+    if not single:
+        write_summary(out, reports)
+    return reports

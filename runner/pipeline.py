@@ -1,0 +1,342 @@
+"""One model's cascade: calibrate -> SIA -> [prune -> recover]* -> export -> evaluate the export.
+
+Importance for a prune stage is requested only after the previous stage finished and every
+executor worker has loaded the resulting model version (the barrier), so stage k+1 always scores
+the model that came out of recovery k.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from cluster.executor import make_executor
+from runner.checkpoint import load_pruned, save_checkpoint
+from runner.config import JobConfig, ModelConfig, PruneStageConfig, RecoverStageConfig, stage_name
+from runner.data import CLASS_NAMES, build_dataset
+from runner.events import EventLog
+from runner.models import count_params, describe_model, load_model
+from runner.stage_store import StageStore
+from stages.arch import get_adapter
+from stages.base import PrunePlan, apply_plan
+from stages.budget import Budget, stage_budget
+from stages.estimate import EstimateRequest, scores_from_statistics
+from stages.guards import NumericalError, check_finite
+from stages.layers import plan_layer_removal
+from stages.recover import RecoverySettings, recover
+from stages.training import encode_split, evaluate
+from stages.units import plan_unit_removal, total_units
+
+SPLITS = ("train", "validation", "test", "heldout", "calibration")
+
+
+class JobError(RuntimeError):
+    """The job cannot continue; the message says why and where."""
+
+
+class ModelRun:
+    def __init__(self, cfg: JobConfig, model_cfg: ModelConfig, out_dir: Path, *, resume: bool, log):
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.out = Path(out_dir)
+        self.resume = resume
+        self.log = log
+        self.events = EventLog(self.out / "events.jsonl")
+        self.store = StageStore(self.out / "stages")
+        self.records: list[dict] = []
+        self.version = 0
+        self.dense_estimates: dict = {}
+        self.layer_origin: list[int] = []
+        self.teacher: dict[str, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------- setup
+    def _setup(self) -> None:
+        cfg = self.cfg
+        dtype = getattr(torch, self.model_cfg.dtype)
+        self.model, self.tokenizer = load_model(
+            self.model_cfg.ref,
+            num_labels=len(CLASS_NAMES),
+            trust_remote_code=self.model_cfg.trust_remote_code,
+            dtype=dtype,
+            progress=cfg.output.progress,
+        )
+        self.adapter = get_adapter(self.model)
+        data = build_dataset(cfg.data)
+        self.splits = {
+            name: encode_split(data[name], self.tokenizer, self.model_cfg.max_length) for name in SPLITS
+        }
+        n_cal = len(self.splits["calibration"])
+        if n_cal < cfg.calibration.min_samples:
+            raise JobError(
+                f"calibration set has {n_cal} rows, fewer than calibration.min_samples="
+                f"{cfg.calibration.min_samples} (data.calibration_size)"
+            )
+        self.calibration = list(self.splits["calibration"].batches(cfg.calibration.batch_size))
+        self.executor = make_executor(cfg.cluster, self.adapter)
+        self.executor.set_calibration(self.calibration)
+        self.dense_params = count_params(self.model)
+        self.layer_origin = list(range(len(self.adapter.layers(self.model))))
+        self.model_info = describe_model(self.model) | {"name": self.model_cfg.ref}
+        self.dense_eval = {s: evaluate(self.model, self.splits[s]) for s in ("validation", "test", "heldout")}
+        self.params_target = self._params_target()
+        if any(isinstance(s, RecoverStageConfig) and s.loss == "kd" and s.teacher == "dense" for s in cfg.stages):
+            self.teacher["dense"] = self._logits(self.splits["train"])
+
+    def _params_target(self) -> int | None:
+        target = self.cfg.target
+        if target.ratio is not None:
+            return int(self.dense_params / target.ratio)
+        if target.device is not None or target.budget_bytes is not None:
+            from stages.validate import params_for_budget
+
+            return params_for_budget(self.model, target, self.cfg)
+        return None
+
+    def _logits(self, split) -> torch.Tensor:
+        self.model.eval()
+        outs = []
+        with torch.no_grad():
+            for batch in split.batches(64):
+                outs.append(self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float())
+        return torch.cat(outs)
+
+    # ---------------------------------------------------------------- main
+    def run(self) -> dict:
+        start = time.perf_counter()
+        self._setup()
+        first = 0
+        if self.resume:
+            first = self._restore()
+        else:
+            self.events.emit("job_start", version=0, model=self.model_info, dense_params=self.dense_params,
+                             dense_accuracy=self.dense_eval["test"].accuracy)
+        self._sync_workers(stage=None)
+        if first == 0:
+            self._estimate_dense_upfront()
+        self.sia = self._run_sia() if first == 0 else self.store.load_extra("sia") or {}
+        steps = self.cfg.sia.shrink_steps if self._sia_shrinks() else 1
+        for idx, stage in enumerate(self.cfg.stages):
+            if idx < first:
+                continue
+            name = stage_name(idx, stage)
+            t0 = time.perf_counter()
+            if isinstance(stage, PruneStageConfig):
+                plans, before = self._prune(idx, stage, name, steps)
+                extra = {"plan": plans}
+            else:
+                before, metrics = self._recover(idx, stage, name)
+                extra = {"recovery": metrics}
+            record = self._record(idx, stage, name, before, time.perf_counter() - t0)
+            self.store.save(idx, name, self.model if self.cfg.output.save_stage_models else None,
+                            self.tokenizer, record, extra)
+            self.records.append(record)
+        return self._finish(start)
+
+    def _sync_workers(self, stage: str | None) -> None:
+        ckpt = self.store.model_dir_of(self.version)
+        self.executor.load_version(self.version, self.model, str(ckpt) if ckpt else None)
+        workers = self.executor.barrier(self.version)
+        self.events.emit("barrier", stage=stage, version=self.version,
+                         workers=[{"worker": w.worker, "version": w.version} for w in workers])
+
+    def _sia_shrinks(self) -> bool:
+        return bool(self.sia) and not self.sia.get("satisfied", True) and self.cfg.sia.policy == "shrink"
+
+    def _run_sia(self) -> dict:
+        if not self.cfg.sia.enabled:
+            return {}
+        from stages.sia import run_sia
+
+        result = run_sia(self.model, self.adapter, self.calibration, self.cfg.sia, seed=self.cfg.seed)
+        self.events.emit("sia", version=self.version, **result)
+        self.store.save_extra("sia", result)
+        if not result["satisfied"]:
+            self.log(f"WARNING: SIA violated for {self.model_cfg.ref} (score {result['score']:.3f} > "
+                     f"threshold {result['threshold']}): per-component scores are unreliable; "
+                     f"policy={self.cfg.sia.policy}")
+            if self.cfg.sia.policy == "stop":
+                raise JobError(f"SIA violated (score {result['score']:.3f}) and sia.policy is stop")
+        return result
+
+    # ---------------------------------------------------------------- stages
+    def _budget(self, idx: int, stage: PruneStageConfig) -> Budget:
+        prune_stages = [s for s in self.cfg.stages[idx:] if isinstance(s, PruneStageConfig) and s.share]
+        return stage_budget(
+            ratio=stage.ratio,
+            count=stage.count,
+            share=stage.share,
+            total_units=total_units(self.model, self.adapter, stage.kind),
+            params_now=count_params(self.model),
+            params_target=self.params_target,
+            remaining_shares=sum(s.share for s in prune_stages) or 1.0,
+        )
+
+    def _prune(self, idx, stage: PruneStageConfig, name: str, steps: int):
+        before = self._snapshot()
+        if self._next_recover_needs_pre_stage_teacher(idx):
+            self.teacher["pre_stage"] = self._logits(self.splits["train"])
+        budget = self._budget(idx, stage)
+        plans = []
+        for step in range(steps):
+            step_budget = _split_budget(budget, steps, step)
+            plans.append(self._prune_step(stage, name, step_budget))
+        return [p.__dict__ for p in plans], before
+
+    def _dense_scores(self, stage: PruneStageConfig, name: str):
+        """Scores from the dense model (version 0), remapped to the surviving layers."""
+        request = EstimateRequest(stage.kind, stage.criterion)
+        key = (stage.kind, stage.criterion)
+        if key not in self.dense_estimates:
+            raise JobError(f"stage {name}: dense scores were not computed (resume across a one-shot job)")
+        scores, stats = self.dense_estimates[key]
+        origin = self.layer_origin
+        if request.granularity == "layers":
+            return scores[origin], stats
+        remapped = {k: v for k, v in stats.items() if "." not in k}
+        for new, old in enumerate(origin):
+            for k, v in stats.items():
+                if k.startswith(f"{old}."):
+                    remapped[f"{new}." + k.split(".", 1)[1]] = v
+        return [scores[o] for o in origin], remapped
+
+    def _estimate_dense_upfront(self) -> None:
+        self.dense_estimates = {}
+        for idx, stage in enumerate(self.cfg.stages):
+            if isinstance(stage, PruneStageConfig) and stage.estimate_on == "dense":
+                key = (stage.kind, stage.criterion)
+                if key in self.dense_estimates:
+                    continue
+                request = EstimateRequest(*key)
+                self.events.emit("estimate_start", stage=stage_name(idx, stage), version=self.version,
+                                 workers=self.executor.workers, criterion=stage.criterion, dense=True)
+                stats = self.executor.estimate(request, self.version)
+                scores = scores_from_statistics(self.model, self.adapter, stats, request)
+                self.events.emit("estimate_end", stage=stage_name(idx, stage), version=self.version)
+                self.dense_estimates[key] = (scores, stats)
+
+    def _prune_step(self, stage: PruneStageConfig, name: str, budget: Budget) -> PrunePlan:
+        request = EstimateRequest(stage.kind, stage.criterion)
+        if stage.estimate_on == "dense":
+            scores, stats = self._dense_scores(stage, name)
+        else:
+            self.events.emit("estimate_start", stage=name, version=self.version,
+                             workers=self.executor.workers, criterion=stage.criterion)
+            stats = self.executor.estimate(request, self.version)
+            scores = scores_from_statistics(self.model, self.adapter, stats, request)
+            self.events.emit("estimate_end", stage=name, version=self.version)
+        plan = self._plan(stage, name, scores, stats, budget)
+        for attempt in range(self.cfg.guards.retries + 1):
+            backup = copy.deepcopy(self.model)
+            apply_plan(self.model, self.adapter, plan)
+            try:
+                check_finite(self.model, self.calibration[0])
+                break
+            except NumericalError as exc:
+                self.events.emit("error", stage=name, version=self.version, error=str(exc))
+                self.model = backup
+                if attempt == self.cfg.guards.retries:
+                    raise JobError(f"stage {name}: {exc}; no retries left") from None
+                budget = budget.scaled(self.cfg.guards.retry_shrink)
+                self.events.emit("retry", stage=name, version=self.version, budget=budget.__dict__)
+                plan = self._plan(stage, name, scores, stats, budget)
+        if plan.granularity == "layers":
+            dropped = set(plan.drop_layers)
+            self.layer_origin = [o for i, o in enumerate(self.layer_origin) if i not in dropped]
+        self.version += 1
+        self.events.emit("prune", stage=name, version=self.version, granularity=stage.kind,
+                         removed_units=plan.removed_units(), params=count_params(self.model))
+        self._sync_workers(name)
+        return plan
+
+    def _plan(self, stage, name, scores, stats, budget) -> PrunePlan:
+        common = dict(stage=name, criterion=stage.criterion, version_in=self.version,
+                      params_before=count_params(self.model))
+        t = self.cfg.target
+        if stage.kind == "layers":
+            return plan_layer_removal(self.model, self.adapter, scores, budget,
+                                      min_keep=t.min_keep_layers, **common)
+        return plan_unit_removal(
+            self.model, self.adapter, stage.kind, scores, budget,
+            min_keep=t.min_keep_heads if stage.kind == "heads" else t.min_keep_channels,
+            normalize=stage.normalize, uniform=t.uniform_layout, stats=stats,
+            bias_compensation=stage.bias_compensation, **common,
+        )
+
+    def _next_recover_needs_pre_stage_teacher(self, idx: int) -> bool:
+        for later in self.cfg.stages[idx + 1:]:
+            if isinstance(later, RecoverStageConfig):
+                return later.loss == "kd" and later.teacher == "pre_stage"
+        return False
+
+    def _recover(self, idx, stage: RecoverStageConfig, name: str):
+        before = self._snapshot()
+        teacher = self.teacher.get(stage.teacher) if stage.loss == "kd" else None
+        if stage.loss == "kd" and teacher is None:
+            teacher = self.teacher.setdefault("dense", self._logits(self.splits["train"]))
+        settings = RecoverySettings(
+            method=stage.method, steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size,
+            lora_rank=stage.lora_rank, lora_alpha=stage.lora_alpha, lora_dropout=stage.lora_dropout,
+            loss=stage.loss, kd_temperature=stage.kd_temperature, kd_alpha=stage.kd_alpha,
+            seed=self.cfg.seed + idx,
+        )
+        self.events.emit("recover_start", stage=name, version=self.version, steps=stage.steps,
+                         method=stage.method, runner=stage.runner)
+        if stage.runner == "ray_train":
+            from cluster.train import recover_distributed
+
+            self.model, metrics = recover_distributed(self.model, self.adapter, self.splits["train"],
+                                                      settings, teacher, self.cfg.cluster, stage.strategy)
+        else:
+            self.model, metrics = recover(self.model, self.adapter, self.splits["train"], settings, teacher)
+        check_finite(self.model, self.calibration[0])
+        self.version += 1
+        self.events.emit("recover_end", stage=name, version=self.version,
+                         first_loss=metrics.get("first_loss"), last_loss=metrics.get("last_loss"))
+        self._sync_workers(name)
+        return before, {k: v for k, v in metrics.items() if k != "losses"} | {"losses": metrics["losses"][::10]}
+
+    # ---------------------------------------------------------------- records
+    def _snapshot(self) -> dict:
+        return {"params": count_params(self.model), "version": self.version}
+
+    def _record(self, idx, stage, name, before, seconds) -> dict:
+        val = evaluate(self.model, self.splits["validation"])
+        return {
+            "index": idx, "name": name, "kind": stage.kind, "version": self.version,
+            "params_before": before["params"], "params_after": count_params(self.model),
+            "accuracy": val.accuracy, "macro_f1": val.macro_f1, "seconds": round(seconds, 3),
+            "criterion": getattr(stage, "criterion", None), "layer_origin": list(self.layer_origin),
+        }
+
+    def _restore(self) -> int:
+        state = self.store.last_complete()
+        if state is None:
+            self.events.emit("job_start", version=0, model=self.model_info, resumed=True)
+            return 0
+        idx, model_dir, records = state
+        if model_dir is None:
+            raise JobError("cannot --resume: stage models were not saved (output.save_stage_models=false)")
+        self.model = load_pruned(model_dir)
+        self.records = records
+        self.version = records[-1]["version"]
+        self.layer_origin = records[-1]["layer_origin"]
+        self.events.emit("resume", version=self.version, after_stage=records[-1]["name"])
+        self.log(f"resuming {self.model_cfg.ref} after stage {records[-1]['name']} (version {self.version})")
+        return idx + 1
+
+    def _finish(self, start: float) -> dict:
+        from runner.finish import finish_model_run
+
+        return finish_model_run(self, start)
+
+
+def _split_budget(budget: Budget, steps: int, step: int) -> Budget:
+    """Split a budget into `steps` near-equal parts (used by SIA's shrink policy)."""
+    if steps == 1:
+        return budget
+    total = budget.units if budget.units is not None else budget.params
+    part = total // steps + (1 if step < total % steps else 0)
+    return Budget(units=part) if budget.units is not None else Budget(params=part)

@@ -1,0 +1,84 @@
+"""Per-stage directories: stages/NN_name/{plan.json, metrics.json, model/}.
+
+A stage directory is assembled under a temporary name and renamed into place, with metrics.json
+written last inside it, so --resume can trust any NN_name directory that has a metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from runner.checkpoint import save_checkpoint
+
+_STAGE_DIR = re.compile(r"^(\d{2})_(.+)$")
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class StageStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._model_dirs: dict[int, Path] = {}
+
+    def save(self, idx: int, name: str, model, tokenizer, record: dict, extra: dict) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"{idx:02d}_{name}"
+        tmp = self.root / f".tmp-{idx:02d}_{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        if "plan" in extra:
+            plans = extra["plan"]
+            write_json_atomic(tmp / "plan.json", plans[0] if len(plans) == 1 else {"steps": plans})
+        if model is not None:
+            save_checkpoint(model, tokenizer, tmp / "model")
+        metrics = record | {k: v for k, v in extra.items() if k != "plan"}
+        write_json_atomic(tmp / "metrics.json", metrics)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if model is not None:
+            self._model_dirs[record["version"]] = final / "model"
+        return final
+
+    def model_dir_of(self, version: int) -> Path | None:
+        return self._model_dirs.get(version)
+
+    def completed(self) -> list[tuple[int, Path]]:
+        if not self.root.is_dir():
+            return []
+        done = []
+        for child in sorted(self.root.iterdir()):
+            match = _STAGE_DIR.match(child.name)
+            if match and (child / "metrics.json").is_file():
+                done.append((int(match.group(1)), child))
+        return done
+
+    def last_complete(self):
+        """(index, model_dir or None, records of all finished stages) of the last finished stage."""
+        done = self.completed()
+        if not done:
+            return None
+        records = [json.loads((d / "metrics.json").read_text()) for _, d in done]
+        idx, last = done[-1]
+        model_dir = last / "model" if (last / "model" / "manifest.json").is_file() else None
+        if model_dir is not None:
+            self._model_dirs[records[-1]["version"]] = model_dir
+        return idx, model_dir, records
+
+    def save_extra(self, name: str, data: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.root / f"{name}.json", data)
+
+    def load_extra(self, name: str) -> dict | None:
+        path = self.root / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None

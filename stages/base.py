@@ -1,0 +1,92 @@
+"""PrunePlan: what a stage removes and why, as replayable data (JSON)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Granularity = Literal["layers", "heads", "channels"]
+
+
+@dataclass
+class PrunePlan:
+    """Plan before you cut: a stage decides this from scores, then `apply_plan` performs it.
+
+    Layer indices refer to the model version the plan was made on (`version_in`).
+    For heads/channels, `keep[l]` lists kept unit indices of layer l (every layer present).
+    """
+
+    stage: str
+    granularity: Granularity
+    criterion: str
+    version_in: int
+    params_before: int
+    params_to_remove: int
+    drop_layers: list[int] = field(default_factory=list)
+    keep: dict[int, list[int]] = field(default_factory=dict)
+    scores: list = field(default_factory=list)
+    bias_deltas: dict[int, list[float]] = field(default_factory=dict)
+    note: str = ""
+
+    def removed_units(self) -> int:
+        if self.granularity == "layers":
+            return len(self.drop_layers)
+        return sum(len(s) - len(self.keep[layer]) for layer, s in enumerate(self.scores))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> PrunePlan:
+        raw = json.loads(text)
+        raw["keep"] = {int(k): v for k, v in raw.get("keep", {}).items()}
+        raw["bias_deltas"] = {int(k): v for k, v in raw.get("bias_deltas", {}).items()}
+        return cls(**raw)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> PrunePlan:
+        return cls.from_json(Path(path).read_text())
+
+
+def apply_plan(model: torch.nn.Module, adapter, plan: PrunePlan) -> None:
+    """Cut the model as the plan says (replay works on any copy of the `version_in` model)."""
+    if plan.granularity == "layers":
+        if plan.drop_layers:
+            adapter.remove_layers(model, plan.drop_layers)
+        return
+    layers = adapter.layers(model)
+    for layer_idx, deltas in plan.bias_deltas.items():
+        _add_out_proj_bias(adapter, model, layers[layer_idx], plan.granularity, deltas)
+    for layer_idx in sorted(plan.keep):
+        keep = plan.keep[layer_idx]
+        units = (
+            adapter.attn_units(model, layer_idx)
+            if plan.granularity == "heads"
+            else adapter.mlp_units(model, layer_idx)
+        )
+        if len(keep) == units:
+            continue
+        if plan.granularity == "heads":
+            adapter.prune_attention(model, layer_idx, keep)
+        else:
+            adapter.prune_mlp(model, layer_idx, keep)
+
+
+def _add_out_proj_bias(adapter, model, layer, granularity: str, deltas: list[float]) -> None:
+    """FLAP bias compensation: fold the removed columns' mean contribution into the bias."""
+    module = adapter.attn_out_proj(layer) if granularity == "heads" else adapter.mlp_out_proj(layer)
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        raise ValueError(
+            f"bias compensation needs a bias on {type(module).__name__} ({adapter.family}); "
+            "this architecture has none"
+        )
+    with torch.no_grad():
+        bias.add_(torch.tensor(deltas, dtype=bias.dtype, device=bias.device))

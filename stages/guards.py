@@ -1,0 +1,28 @@
+"""Numerical guards: never let a NaN/Inf model become the next version or the export."""
+
+from __future__ import annotations
+
+import torch
+
+
+class NumericalError(RuntimeError):
+    pass
+
+
+def check_finite(model, batch: dict | None = None) -> None:
+    """Raise NumericalError naming the first non-finite parameter, or non-finite logits on `batch`."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise NumericalError(f"non-finite values in parameter {name}")
+    if batch is None:
+        return
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
+    model.train(was_training)
+    if not torch.isfinite(logits).all():
+        raise NumericalError("non-finite logits on a calibration batch")

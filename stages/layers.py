@@ -1,0 +1,56 @@
+"""Layer pruning: drop whole transformer blocks with the lowest importance (ShortGPT-style)."""
+
+from __future__ import annotations
+
+import torch
+
+from stages.base import PrunePlan
+from stages.budget import Budget
+
+
+def plan_layer_removal(
+    model,
+    adapter,
+    scores: torch.Tensor,
+    budget: Budget,
+    *,
+    stage: str,
+    criterion: str,
+    version_in: int,
+    params_before: int,
+    min_keep: int = 1,
+) -> PrunePlan:
+    """Remove the lowest-scoring layers (higher score = more important) up to the budget."""
+    n_layers = len(scores)
+    order = sorted(range(n_layers), key=lambda i: (float(scores[i]), i))
+    removable = max(0, n_layers - min_keep)
+    drop: list[int] = []
+    if budget.units is not None:
+        if budget.units > removable:
+            raise ValueError(
+                f"stage {stage}: asked to remove {budget.units} of {n_layers} layers but at least "
+                f"{min_keep} must stay"
+            )
+        drop = order[: budget.units]
+    else:
+        removed = 0
+        for idx in order:
+            if len(drop) >= removable:
+                break
+            cost = adapter.layer_cost(model, idx)
+            # take the layer if that brings the removed total closer to the budget
+            if removed + cost / 2 > budget.params:
+                break
+            drop.append(idx)
+            removed += cost
+    removed_params = sum(adapter.layer_cost(model, i) for i in drop)
+    return PrunePlan(
+        stage=stage,
+        granularity="layers",
+        criterion=criterion,
+        version_in=version_in,
+        params_before=params_before,
+        params_to_remove=removed_params,
+        drop_layers=sorted(drop),
+        scores=[float(s) for s in scores],
+    )

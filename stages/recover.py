@@ -1,0 +1,147 @@
+"""Short recovery after a prune stage, merged back so the next stage sees plain weights.
+
+lora: peft LoRA on the adapter's linear modules (+ the classifier head trained fully), merged.
+full: plain fine-tuning of every weight.
+mask: COMP-style mask tuning: one learnable scale per remaining head/channel, folded into the
+      out-projection columns afterwards (no new parameters survive).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from stages.masking import unit_masks
+from stages.training import EncodedSplit, TrainSettings, train_steps
+
+
+@dataclass(frozen=True)
+class RecoverySettings:
+    method: str = "lora"
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 16
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    loss: str = "ce"
+    kd_temperature: float = 2.0
+    kd_alpha: float = 0.5
+    seed: int = 0
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(
+            steps=self.steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            loss=self.loss,
+            kd_temperature=self.kd_temperature,
+            kd_alpha=self.kd_alpha,
+        )
+
+
+def cached_teacher(logits: torch.Tensor):
+    """KD teacher from logits cached once per training row: no second model copy in memory."""
+
+    def lookup(batch: dict) -> torch.Tensor:
+        return logits[batch["index"].cpu()]
+
+    return lookup
+
+
+def recover(model, adapter, split: EncodedSplit, settings: RecoverySettings, teacher_logits=None):
+    """Returns (model, metrics). The returned model holds merged weights and no LoRA modules.
+
+    teacher_logits: a [rows, classes] tensor aligned with `split` (kd only).
+    """
+    if settings.loss == "kd" and teacher_logits is None:
+        raise ValueError("kd recovery needs teacher logits")
+    if teacher_logits is not None:
+        teacher_logits = cached_teacher(teacher_logits)
+    start = time.perf_counter()
+    losses: list[float] = []
+    if settings.steps == 0:
+        return model, {"losses": [], "seconds": 0.0, "trainable_params": 0}
+    if settings.method == "lora":
+        model, losses, trainable = _lora(model, adapter, split, settings, teacher_logits)
+    elif settings.method == "full":
+        trainable = sum(p.numel() for p in model.parameters())
+        losses = _train(model, split, settings, teacher_logits, params=list(model.parameters()))
+    elif settings.method == "mask":
+        losses, trainable = _mask_tuning(model, adapter, split, settings, teacher_logits)
+    else:
+        raise ValueError(f"unknown recovery method {settings.method!r}")
+    model.eval()
+    return model, {
+        "losses": losses,
+        "seconds": time.perf_counter() - start,
+        "trainable_params": trainable,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+    }
+
+
+def _train(model, split, settings, teacher_logits, params):
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        return train_steps(model, split, settings.train_settings(), teacher_logits=teacher_logits, params=params)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+
+def _lora(model, adapter, split, settings, teacher_logits):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=adapter.lora_target_modules(),
+        modules_to_save=adapter.classifier_module_names(),
+        fan_in_fan_out=adapter.family == "gpt2",
+    )
+    peft_model = get_peft_model(model, config)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    peft_model.train()
+    losses = train_steps(
+        peft_model, split, settings.train_settings(), teacher_logits=teacher_logits, params=trainable
+    )
+    merged = peft_model.merge_and_unload()
+    for p in merged.parameters():
+        p.requires_grad_(True)
+    return merged, losses, sum(p.numel() for p in trainable)
+
+
+def _mask_tuning(model, adapter, split, settings, teacher_logits):
+    n_layers = len(adapter.layers(model))
+    device = next(model.parameters()).device
+    attn = {i: torch.ones(adapter.attn_units(model, i), device=device, requires_grad=True) for i in range(n_layers)}
+    mlp = {i: torch.ones(adapter.mlp_units(model, i), device=device, requires_grad=True) for i in range(n_layers)}
+    params = list(attn.values()) + list(mlp.values())
+    with unit_masks(model, adapter, attn=attn, mlp=mlp):
+        losses = _train(model, split, settings, teacher_logits, params=params)
+    _fold_masks(model, adapter, attn, mlp)
+    return losses, sum(p.numel() for p in params)
+
+
+def _fold_masks(model, adapter, attn, mlp) -> None:
+    """Scale each unit's out-projection input columns by its learned mask (exactly equivalent)."""
+    width = adapter.head_dim(model) * adapter.heads_per_unit(model)
+    layers = adapter.layers(model)
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            for module, mask, w in (
+                (adapter.attn_out_proj(layer), attn[i], width),
+                (adapter.mlp_out_proj(layer), mlp[i], 1),
+            ):
+                weight = adapter.out_proj_weight(module)  # [out, in] view
+                scale = mask.detach().repeat_interleave(w).to(weight.dtype)
+                weight.mul_(scale.unsqueeze(0))

@@ -1,0 +1,82 @@
+"""Head (KV-group) and FFN-channel pruning: turn per-unit scores into a PrunePlan."""
+
+from __future__ import annotations
+
+import torch
+
+from stages import importance as imp
+from stages.base import PrunePlan
+from stages.budget import Budget
+from stages.selection import select_by_cost, select_global
+
+
+def unit_costs(model, adapter, granularity: str) -> list[int]:
+    n_layers = len(adapter.layers(model))
+    if granularity == "heads":
+        return [adapter.attn_unit_cost(model, i) for i in range(n_layers)]
+    return [adapter.mlp_unit_cost(model, i) for i in range(n_layers)]
+
+
+def total_units(model, adapter, granularity: str) -> int:
+    n_layers = len(adapter.layers(model))
+    if granularity == "layers":
+        return n_layers
+    if granularity == "heads":
+        return sum(adapter.attn_units(model, i) for i in range(n_layers))
+    return sum(adapter.mlp_units(model, i) for i in range(n_layers))
+
+
+def plan_unit_removal(
+    model,
+    adapter,
+    granularity: str,
+    scores: list[torch.Tensor],
+    budget: Budget,
+    *,
+    stage: str,
+    criterion: str,
+    version_in: int,
+    params_before: int,
+    min_keep: int = 1,
+    normalize: str = "mean",
+    uniform: bool = False,
+    stats: dict | None = None,
+    bias_compensation: bool = False,
+) -> PrunePlan:
+    costs = unit_costs(model, adapter, granularity)
+    if budget.units is not None:
+        selection = select_global(
+            scores, budget.units, min_keep=min_keep, normalize=normalize, uniform=uniform
+        )
+    else:
+        selection = select_by_cost(
+            scores, costs, budget.params, min_keep=min_keep, normalize=normalize, uniform=uniform
+        )
+    removed = sum(len(r) * c for r, c in zip(selection.remove, costs))
+    plan = PrunePlan(
+        stage=stage,
+        granularity=granularity,
+        criterion=criterion,
+        version_in=version_in,
+        params_before=params_before,
+        params_to_remove=removed,
+        keep={i: list(k) for i, k in enumerate(selection.keep)},
+        scores=[[float(v) for v in s] for s in scores],
+    )
+    if bias_compensation:
+        plan.bias_deltas = _bias_deltas(model, adapter, granularity, selection.remove, stats or {})
+    return plan
+
+
+def _bias_deltas(model, adapter, granularity, removed: list[list[int]], stats) -> dict[int, list[float]]:
+    width = adapter.head_dim(model) * adapter.heads_per_unit(model) if granularity == "heads" else 1
+    layers = adapter.layers(model)
+    deltas = {}
+    for i, units in enumerate(removed):
+        if not units:
+            continue
+        module = adapter.attn_out_proj(layers[i]) if granularity == "heads" else adapter.mlp_out_proj(layers[i])
+        cols = torch.cat([torch.arange(u * width, (u + 1) * width) for u in units])
+        delta = imp.bias_compensation(adapter.out_proj_weight(module), stats[f"{i}.x_sum"], stats["tokens"], cols)
+        deltas[i] = [float(v) for v in delta]
+    return deltas

@@ -1,0 +1,97 @@
+"""Config validation: every problem listed with its YAML path; shipped configs all parse."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runner.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"models": ["demo-tiny-gpt2"], "stages": [{"kind": "layers", "criterion": "block_influence", "count": 1}]}
+
+
+def problems_of(raw) -> dict[str, str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    return dict(info.value.problems)
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("configs/**/*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_job_config_parses(path):
+    raw = yaml.safe_load(path.read_text())
+    if "stages" not in raw:  # device profiles and families are parsed by their own tests
+        pytest.skip("not a job file")
+    cfg = load_config(path)
+    assert cfg.models and cfg.stages
+
+
+def test_minimal_config_gets_defaults():
+    cfg = parse_config(MINIMAL)
+    assert cfg.models[0].ref == "demo-tiny-gpt2"
+    assert cfg.stages[0].count == 1
+    assert cfg.cluster.executor == "local"
+
+
+def test_all_problems_are_reported_at_once_with_paths():
+    raw = {
+        "models": ["m"],
+        "bogus": 1,
+        "target": {"ratio": 0.5},
+        "stages": [
+            {"kind": "heads", "criterion": "block_influence", "ratio": 0.5},
+            {"kind": "channels", "criterion": "wanda", "ratio": 1.5},
+            {"kind": "recover", "lr": -1, "surprise": True},
+            {"kind": "explode"},
+        ],
+    }
+    problems = problems_of(raw)
+    assert "bogus" in problems and "unknown key" in problems["bogus"]
+    assert "target.ratio" in problems
+    assert "not valid for heads" in problems["stages.0"]
+    assert "stages.1.ratio" in problems
+    assert "stages.2.lr" in problems
+    assert "stages.2.surprise" in problems
+    assert any(k.startswith("stages.3") for k in problems)
+    assert len(problems) >= 7
+
+
+def test_amount_must_be_exactly_one_of_ratio_count_share():
+    raw = dict(MINIMAL, stages=[{"kind": "channels", "criterion": "l2", "ratio": 0.2, "count": 3}])
+    assert "exactly one of" in problems_of(raw)["stages.0"]
+
+
+def test_share_needs_a_target():
+    raw = dict(MINIMAL, stages=[{"kind": "channels", "criterion": "l2", "share": 1.0}])
+    assert any("share" in msg for msg in problems_of(raw).values())
+
+
+def test_duplicate_stage_names_rejected():
+    stage = {"kind": "channels", "criterion": "l2", "count": 1, "name": "x"}
+    raw = dict(MINIMAL, stages=[stage, dict(stage)])
+    assert any("unique" in msg for msg in problems_of(raw).values())
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("models: [a\nstages: {\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "line" in str(info.value) and str(path) in str(info.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    cfg = load_config(path, ["stages.0.count=2", "seed=7", "cluster.workers=3"])
+    assert (cfg.stages[0].count, cfg.seed, cfg.cluster.workers) == (2, 7, 3)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["cluster.wrkers=3"])
+    assert "cluster.wrkers" in dict(info.value.problems)
+    with pytest.raises(ConfigError):
+        load_config(path, ["stages.9.count=1"])
