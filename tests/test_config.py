@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from runner.config import ConfigError, load_config, parse_config
+from runner.methods import available_methods, compose, load_method
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"models": ["demo-tiny-gpt2"], "stages": [{"kind": "layers", "criterion": "block_influence", "count": 1}]}
@@ -17,13 +18,26 @@ def problems_of(raw) -> dict[str, str]:
     return dict(info.value.problems)
 
 
-@pytest.mark.parametrize("path", sorted(ROOT.glob("configs/**/*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+JOB_FILES = sorted(p for p in ROOT.glob("configs/*.yaml"))
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
 def test_every_shipped_job_config_parses(path):
-    raw = yaml.safe_load(path.read_text())
-    if "stages" not in raw:  # device profiles and families are parsed by their own tests
-        pytest.skip("not a job file")
     cfg = load_config(path)
     assert cfg.models and cfg.stages
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_every_method_preset_composes_into_a_valid_job(name):
+    cfg = compose(MINIMAL, load_method(name), ratio=4.0, recovery_steps=30)
+    recover_steps = [s.steps for s in cfg.stages if s.kind == "recover"]
+    assert not recover_steps or sum(recover_steps) == 30
+    assert cfg.target.ratio == 4.0
+
+
+def test_unknown_method_is_a_config_error():
+    with pytest.raises(ConfigError, match="available"):
+        load_method("no_such_method")
 
 
 def test_minimal_config_gets_defaults():
