@@ -76,6 +76,20 @@ def _logger(quiet: bool):
     return log
 
 
+def _quiet_libraries(debug: bool) -> None:
+    """Library chatter (weight-loading bars, deprecation notes) would bury the job's own output."""
+    if debug:
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -108,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries(args.debug)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -168,7 +168,7 @@ class JobConfig(Strict):
     @model_validator(mode="after")
     def _cross_section(self) -> JobConfig:
         problems: list[str] = []
-        names = [stage_name(i, s) for i, s in enumerate(self.stages)]
+        names = stage_names(self.stages)
         if len(set(names)) != len(names):
             problems.append(f"stage names must be unique, got {names}")
         if any(getattr(s, "share", None) is not None for s in self.stages) and self.target.ratio is None:
@@ -181,8 +181,17 @@ class JobConfig(Strict):
         return self
 
 
-def stage_name(index: int, stage: PruneStageConfig | RecoverStageConfig) -> str:
-    return stage.name or f"{stage.kind}{index}"
+def stage_names(stages: list) -> list[str]:
+    """Explicit names, else the kind, numbered when a kind repeats (recover1, recover2, ...)."""
+    counts: dict[str, int] = {}
+    for s in stages:
+        counts[s.kind] = counts.get(s.kind, 0) + 1
+    seen: dict[str, int] = {}
+    names = []
+    for s in stages:
+        seen[s.kind] = seen.get(s.kind, 0) + 1
+        names.append(s.name or (s.kind if counts[s.kind] == 1 else f"{s.kind}{seen[s.kind]}"))
+    return names
 
 
 def _error_path(loc: tuple) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from cluster.executor import make_executor
 from runner.checkpoint import load_pruned, save_checkpoint
-from runner.config import JobConfig, ModelConfig, PruneStageConfig, RecoverStageConfig, stage_name
+from runner.config import JobConfig, ModelConfig, PruneStageConfig, RecoverStageConfig, stage_names
 from runner.data import CLASS_NAMES, build_dataset
 from runner.events import EventLog
 from runner.models import count_params, describe_model, load_model
@@ -118,10 +118,11 @@ class ModelRun:
             self._estimate_dense_upfront()
         self.sia = self._run_sia() if first == 0 else self.store.load_extra("sia") or {}
         steps = self.cfg.sia.shrink_steps if self._sia_shrinks() else 1
+        names = stage_names(self.cfg.stages)
         for idx, stage in enumerate(self.cfg.stages):
             if idx < first:
                 continue
-            name = stage_name(idx, stage)
+            name = names[idx]
             t0 = time.perf_counter()
             if isinstance(stage, PruneStageConfig):
                 plans, before = self._prune(idx, stage, name, steps)
@@ -204,17 +205,18 @@ class ModelRun:
 
     def _estimate_dense_upfront(self) -> None:
         self.dense_estimates = {}
+        names = stage_names(self.cfg.stages)
         for idx, stage in enumerate(self.cfg.stages):
             if isinstance(stage, PruneStageConfig) and stage.estimate_on == "dense":
                 key = (stage.kind, stage.criterion)
                 if key in self.dense_estimates:
                     continue
                 request = EstimateRequest(*key)
-                self.events.emit("estimate_start", stage=stage_name(idx, stage), version=self.version,
+                self.events.emit("estimate_start", stage=names[idx], version=self.version,
                                  workers=self.executor.workers, criterion=stage.criterion, dense=True)
                 stats = self.executor.estimate(request, self.version)
                 scores = scores_from_statistics(self.model, self.adapter, stats, request)
-                self.events.emit("estimate_end", stage=stage_name(idx, stage), version=self.version)
+                self.events.emit("estimate_end", stage=names[idx], version=self.version)
                 self.dense_estimates[key] = (scores, stats)
 
     def _prune_step(self, stage: PruneStageConfig, name: str, budget: Budget) -> PrunePlan:
@@ -319,7 +321,7 @@ class ModelRun:
         idx, model_dir, records = state
         if model_dir is None:
             raise JobError("cannot --resume: stage models were not saved (output.save_stage_models=false)")
-        self.model = load_pruned(model_dir)
+        self.model = load_pruned(model_dir, attn_implementation=self.model.config._attn_implementation)
         self.records = records
         self.version = records[-1]["version"]
         self.layer_origin = records[-1]["layer_origin"]

@@ -108,7 +108,9 @@ def _lora(model, adapter, split, settings, teacher_logits):
         modules_to_save=adapter.classifier_module_names(),
         fan_in_fan_out=adapter.family == "gpt2",
     )
-    peft_model = get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)  # LoRA init must not depend on the global RNG (resume == rerun)
+        peft_model = get_peft_model(model, config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     peft_model.train()
     losses = train_steps(

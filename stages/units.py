@@ -44,6 +44,12 @@ def plan_unit_removal(
     bias_compensation: bool = False,
 ) -> PrunePlan:
     costs = unit_costs(model, adapter, granularity)
+    note = ""
+    if budget.params is not None:
+        removable = sum((len(sc) - min_keep) * c for sc, c in zip(scores, costs) if len(sc) > min_keep)
+        if budget.params > removable:
+            note = f"budget {budget.params} params capped at the {removable} removable with min_keep={min_keep}"
+            budget = Budget(params=removable)
     if budget.units is not None:
         selection = select_global(
             scores, budget.units, min_keep=min_keep, normalize=normalize, uniform=uniform
@@ -62,6 +68,7 @@ def plan_unit_removal(
         params_to_remove=removed,
         keep={i: list(k) for i, k in enumerate(selection.keep)},
         scores=[[float(v) for v in s] for s in scores],
+        note=note,
     )
     if bias_compensation:
         plan.bias_deltas = _bias_deltas(model, adapter, granularity, selection.remove, stats or {})

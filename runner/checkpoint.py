@@ -1,0 +1,338 @@
+"""Save and load pruned checkpoints with per-layer shapes, atomically and with an integrity manifest.
+
+One Hugging Face directory: model*.safetensors (+ index when sharded), config.json with a
+"pruning" section (family, per-layer layout, whether plain transformers can load it), tokenizer
+files and manifest.json (sha256 + size of every file), written last. A uniform layout that the
+vanilla config can express also loads with plain `AutoModelFor*.from_pretrained`; any layout
+loads with `load_pruned`, which rebuilds the architecture on the meta device, resizes each layer
+and assigns the stored tensors. Never torch.load, never remote code.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import transformers
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+
+from stages.arch import LayerLayout, get_adapter
+
+MANIFEST = "manifest.json"
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+MANIFEST_FORMAT = "cascade-runner-manifest/1"
+RESERVED_KEYS = ("family", "layout", "uniform", "vanilla_loadable")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or read (the message names the path or file)."""
+
+
+# ---- writing ----------------------------------------------------------------------------------
+def _pruning_config(
+    model: PreTrainedModel, require_uniform: bool, metadata: dict | None, out: Path
+):
+    adapter = get_adapter(model)
+    layouts = adapter.layout(model)
+    config = copy.deepcopy(model.config)  # never touch the live model's config
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) != len(layouts):
+        raise CheckpointError(
+            f"{out}: config.layer_types has {len(layer_types)} entries for {len(layouts)} layers"
+        )
+    config.num_hidden_layers = len(layouts)
+    uniform = all(layout == layouts[0] for layout in layouts)
+    vanilla = adapter.write_uniform_config(config, layouts)
+    if require_uniform and not vanilla:
+        raise CheckpointError(
+            f"{out}: require_uniform=True but the {adapter.family} layout is not expressible by a "
+            f"vanilla config (uniform={uniform}; layers: {[asdict(x) for x in layouts]})"
+        )
+    extra = dict(metadata or {})
+    clash = sorted(set(extra) & set(RESERVED_KEYS))
+    if clash:
+        raise CheckpointError(f"{out}: metadata keys {clash} are reserved for the pruning section")
+    try:
+        json.dumps(extra)
+    except TypeError as err:
+        raise CheckpointError(f"{out}: metadata is not JSON-serialisable ({err})") from err
+    config.pruning = {
+        "family": adapter.family,
+        "layout": [asdict(x) for x in layouts],
+        "uniform": uniform,
+        "vanilla_loadable": vanilla,
+        **extra,
+    }
+    config.architectures = [type(model).__name__]
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if first is not None:
+        config.dtype = first.dtype
+    return config
+
+
+def _tied_pairs(model: nn.Module) -> dict[str, str]:
+    """{tied parameter: the parameter it shares} as transformers declares it for this model."""
+    pairs = getattr(model, "all_tied_weights_keys", None)
+    if pairs is None and hasattr(model, "get_expanded_tied_weights_keys"):
+        pairs = model.get_expanded_tied_weights_keys(all_submodels=True)
+    return dict(pairs or {})
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _weights_to_save(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """state_dict without tied copies (they are re-tied on load); other aliases are cloned."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    for target, source in _tied_pairs(model).items():
+        if target in state and source in state and _same_storage(state[target], state[source]):
+            del state[target]
+    seen: set[int] = set()
+    for name, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        state[name] = tensor.clone().contiguous() if ptr in seen else tensor.contiguous()
+        seen.add(ptr)
+    return state
+
+
+def _write_weights(model: PreTrainedModel, directory: Path, max_shard_size: str) -> None:
+    state = _weights_to_save(model)
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    for filename, names in split.filename_to_tensors.items():
+        shard = {name: state[name].cpu() for name in names}  # one shard on the host at a time
+        save_file(shard, str(directory / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
+        (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+
+
+def _write_manifest(directory: Path) -> None:
+    """Fsync every file, then write manifest.json (sha256 + size) last."""
+    entries = {}
+    for name in _files(directory):
+        path = directory / name
+        _fsync_file(path)
+        entries[name] = {"sha256": _sha256(path), "size": path.stat().st_size}
+    manifest = directory / MANIFEST
+    manifest.write_text(
+        json.dumps({"format": MANIFEST_FORMAT, "files": entries}, indent=2, sort_keys=True)
+    )
+    _fsync_file(manifest)
+    _fsync_dir(directory)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename tmp over out; the previous checkpoint survives until the new one is in place."""
+    backup = None
+    if out.exists():
+        if not out.is_dir():
+            raise CheckpointError(f"{out}: exists and is not a directory")
+        backup = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(out, backup)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if backup is not None:
+            os.rename(backup, out)
+        raise
+    _fsync_dir(out.parent)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def save_checkpoint(
+    model: PreTrainedModel,
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    require_uniform: bool = False,
+    metadata: dict | None = None,
+    max_shard_size: str = "2GB",
+) -> Path:
+    """Write ONE loadable HF directory atomically (temp sibling dir, fsync, rename over)."""
+    out = Path(out_dir)
+    if hasattr(model, "peft_config"):
+        raise CheckpointError(
+            f"{out}: model carries peft adapters; merge them (merge_and_unload) before saving"
+        )
+    config = _pruning_config(model, require_uniform, metadata, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        _write_weights(model, tmp, max_shard_size)
+        config.to_json_file(str(tmp / "config.json"), use_diff=True)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and model.can_generate():
+            generation_config.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _write_manifest(tmp)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---- verifying and reading ----------------------------------------------------------------------
+def verify_manifest(path: str | Path) -> None:
+    """Raise CheckpointError naming the first missing, changed or unexpected file."""
+    directory = Path(path)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{directory}: missing file {MANIFEST}")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{directory}: unreadable {MANIFEST} ({err})") from err
+    for name, entry in sorted(files.items()):
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{directory}: missing file {name}")
+        if file.stat().st_size != entry["size"] or _sha256(file) != entry["sha256"]:
+            raise CheckpointError(
+                f"{directory}: changed file {name} (sha256/size differ from {MANIFEST})"
+            )
+    extra = [name for name in _files(directory) if name != MANIFEST and name not in files]
+    if extra:
+        raise CheckpointError(f"{directory}: unexpected file {extra[0]} (not in {MANIFEST})")
+
+
+def _read_state(directory: Path) -> dict[str, torch.Tensor]:
+    if (directory / INDEX).is_file():
+        weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+        state: dict[str, torch.Tensor] = {}
+        for filename in sorted(set(weight_map.values())):
+            state.update(load_file(str(directory / filename), device="cpu"))
+        return state
+    if not (directory / SINGLE).is_file():
+        raise CheckpointError(f"{directory}: missing file {SINGLE}")
+    return load_file(str(directory / SINGLE), device="cpu")
+
+
+def _model_class(config, directory: Path) -> type[PreTrainedModel]:
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise CheckpointError(
+            f"{directory}: config.architectures {names} names no transformers model class"
+        )
+    return cls
+
+
+def _build_empty(
+    cls: type[PreTrainedModel], config, attn_implementation: str | None
+) -> PreTrainedModel:
+    from accelerate import init_empty_weights
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with init_empty_weights(include_buffers=False):
+        return cls._from_config(config, **kwargs)
+
+
+def _assign_weights(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+    for target, source in _tied_pairs(model).items():
+        if target not in state and source in state:
+            state[target] = state[source]
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise CheckpointError(
+            f"{directory}: weights do not match the saved layout ({' '.join(first[:3])})"
+        ) from err
+
+
+def load_pruned(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """Load a checkpoint of ANY per-layer layout, ready for inference (eval mode)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a checkpoint directory")
+    if verify:
+        verify_manifest(directory)
+    try:
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{directory}: unreadable config.json ({err})") from err
+    cls = _model_class(config, directory)
+    model = _build_empty(cls, config, attn_implementation)
+    pruning = getattr(config, "pruning", None)
+    if pruning:
+        layouts = [LayerLayout(**entry) for entry in pruning["layout"]]
+        get_adapter(model).resize_to_layout(model, layouts)
+    _assign_weights(model, _read_state(directory), directory)
+    model.tie_weights()
+    on_meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if on_meta:
+        raise CheckpointError(f"{directory}: parameters left without weights: {on_meta[:5]}")
+    if dtype is not None:
+        model.to(dtype)
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved next to the weights (local files only, no remote code)."""
+    directory = Path(path)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        # AutoTokenizer would otherwise build an empty tokenizer from config.model_type alone
+        raise CheckpointError(
+            f"{directory}: no loadable tokenizer (none of {', '.join(TOKENIZER_FILES)})"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{directory}: no loadable tokenizer ({err})") from err

@@ -1,0 +1,53 @@
+"""Architecture adapters: where layers / attention units / FFN channels live, how to slice them.
+
+`get_adapter(model_or_config)` picks the adapter by config.model_type. The family modules hold
+the details (arch_llama: Llama/Mistral/Qwen2, arch_gpt2, arch_bert); arch_base holds the shared
+pruning, resizing and cost logic, arch_slicing the module-level tensor surgery.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from stages.arch_base import ArchAdapter, LayerLayout, UnsupportedArchitecture, unwrap_model
+from stages.arch_bert import BertAdapter
+from stages.arch_gpt2 import GPT2Adapter
+from stages.arch_llama import LlamaAdapter
+from stages.arch_slicing import UnitProjection, UnsupportedModule
+
+_ADAPTERS: dict[str, type[ArchAdapter]] = {
+    model_type: cls
+    for cls in (GPT2Adapter, BertAdapter, LlamaAdapter)
+    for model_type in cls.model_types
+}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ADAPTERS))
+
+
+def get_adapter(model_or_config) -> ArchAdapter:
+    """The adapter for a model (plain or peft-wrapped) or a config, by config.model_type."""
+    if isinstance(model_or_config, PretrainedConfig):
+        config = model_or_config
+    else:
+        config = getattr(unwrap_model(model_or_config), "config", None)
+    model_type = getattr(config, "model_type", None)
+    cls = _ADAPTERS.get(model_type)
+    if cls is None:
+        raise UnsupportedArchitecture(
+            f"unsupported architecture: model_type={model_type!r}; "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return cls()
+
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "ArchAdapter",
+    "BertAdapter",
+    "GPT2Adapter",
+    "LayerLayout",
+    "LlamaAdapter",
+    "UnitProjection",
+    "UnsupportedArchitecture",
+    "UnsupportedModule",
+    "get_adapter",
+]

@@ -1,0 +1,49 @@
+"""Shared fixtures: a per-session model cache so built-in demo models train once per test run."""
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_model_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cascade-cache")
+    old = os.environ.get("CASCADE_CACHE")
+    os.environ["CASCADE_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("CASCADE_CACHE", None)
+    else:
+        os.environ["CASCADE_CACHE"] = old
+
+
+TINY_DATA = {"samples_per_class_per_load": 6, "calibration_size": 24}
+
+
+def tiny_job(model="demo-tiny-gpt2", **overrides) -> dict:
+    """A small but complete cascade job as a raw config dict."""
+    raw = {
+        "name": "tiny",
+        "models": [model],
+        "data": dict(TINY_DATA),
+        "calibration": {"batch_size": 8},
+        "target": {"ratio": 1.6},
+        "stages": [
+            {"kind": "layers", "criterion": "block_influence", "count": 1},
+            {"kind": "recover", "steps": 4, "batch_size": 8},
+            {"kind": "heads", "criterion": "taylor", "share": 0.4},
+            {"kind": "recover", "steps": 4, "batch_size": 8},
+            {"kind": "channels", "criterion": "wanda", "share": 0.6},
+            {"kind": "recover", "steps": 4, "batch_size": 8},
+        ],
+        "sia": {"pairs": 3},
+        "output": {"progress": False},
+    }
+    raw.update(overrides)
+    return raw

@@ -1,0 +1,200 @@
+"""Tiny, seeded Hugging Face models built from configs (no hub, no network) for fast CPU tests.
+
+Weights use a larger init range than the HF default so that pruning a unit visibly changes the
+logits: an equality test on near-zero activations could not fail.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    MistralConfig,
+    MistralForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForSequenceClassification,
+)
+
+VOCAB_SIZE = 100
+PAD_ID = 0
+NUM_LABELS = 3
+INIT_RANGE = 0.2
+
+_COMMON = {
+    "vocab_size": VOCAB_SIZE,
+    "pad_token_id": PAD_ID,
+    "num_labels": NUM_LABELS,
+    "initializer_range": INIT_RANGE,
+}
+
+
+def _build(cls: type[PreTrainedModel], config, seed: int) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    model = cls(config)
+    _randomise_norms(model, seed)
+    return model.eval()
+
+
+def _randomise_norms(model: torch.nn.Module, seed: int) -> None:
+    """Norm weights start at exactly 1 and biases at 0; jitter them so slicing bugs show."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            lowered = name.lower()
+            if "norm" in lowered or "ln_" in lowered:
+                param.add_(0.1 * torch.randn(param.shape, generator=gen))
+
+
+def tiny_gpt2(
+    cls: type[PreTrainedModel] = GPT2ForSequenceClassification,
+    *,
+    attn_implementation: str = "eager",
+    seed: int = 0,
+    **overrides,
+) -> PreTrainedModel:
+    """GPT-2 (Conv1D, fused c_attn): hidden 32, 4 heads of 8, 3 layers, FFN 48."""
+    kwargs = dict(
+        _COMMON,
+        n_embd=32,
+        n_head=4,
+        n_layer=3,
+        n_inner=48,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation=attn_implementation,
+    )
+    kwargs.update(overrides)
+    return _build(cls, GPT2Config(**kwargs), seed)
+
+
+def tiny_bert(
+    cls: type[PreTrainedModel] = BertForSequenceClassification,
+    *,
+    attn_implementation: str = "eager",
+    seed: int = 0,
+    **overrides,
+) -> PreTrainedModel:
+    """BERT (post-LN, biased Linear): hidden 32, 4 heads of 8, 3 layers, FFN 48."""
+    kwargs = dict(
+        _COMMON,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation=attn_implementation,
+    )
+    kwargs.update(overrides)
+    return _build(cls, BertConfig(**kwargs), seed)
+
+
+def _llama_kwargs(num_heads: int, num_kv_heads: int, attn_implementation: str) -> dict:
+    return dict(
+        _COMMON,
+        hidden_size=32,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=32 // num_heads,
+        num_hidden_layers=3,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        attn_implementation=attn_implementation,
+    )
+
+
+def tiny_llama(
+    cls: type[PreTrainedModel] = LlamaForSequenceClassification,
+    *,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    attn_implementation: str = "eager",
+    seed: int = 0,
+    **overrides,
+) -> PreTrainedModel:
+    """Llama (GQA + SwiGLU): hidden 32, 4 query heads in 2 KV groups, 3 layers, FFN 48."""
+    kwargs = _llama_kwargs(num_heads, num_kv_heads, attn_implementation)
+    kwargs.update(overrides)
+    return _build(cls, LlamaConfig(**kwargs), seed)
+
+
+def tiny_qwen2(
+    cls: type[PreTrainedModel] = Qwen2ForSequenceClassification,
+    *,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    attn_implementation: str = "eager",
+    seed: int = 0,
+    **overrides,
+) -> PreTrainedModel:
+    """Qwen2 (q/k/v bias): layer 0 full attention, layers 1-2 sliding window 4 (layer_types)."""
+    kwargs = _llama_kwargs(num_heads, num_kv_heads, attn_implementation)
+    kwargs.pop("head_dim")  # Qwen2Config has no head_dim field: derived from hidden/heads
+    kwargs.update(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    kwargs.update(overrides)
+    return _build(cls, Qwen2Config(**kwargs), seed)
+
+
+def tiny_mistral(
+    cls: type[PreTrainedModel] = MistralForSequenceClassification,
+    *,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    attn_implementation: str = "eager",
+    seed: int = 0,
+    **overrides,
+) -> PreTrainedModel:
+    """Mistral (GQA, global sliding window 6)."""
+    kwargs = _llama_kwargs(num_heads, num_kv_heads, attn_implementation)
+    kwargs.update(sliding_window=6)
+    kwargs.update(overrides)
+    return _build(cls, MistralConfig(**kwargs), seed)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over VOCAB_SIZE tokens: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, w4.. ."""
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3}
+    vocab.update({f"w{i}": i for i in range(4, VOCAB_SIZE)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]"
+    )
+
+
+def padded_batch(
+    *, batch: int = 3, seq_len: int = 9, side: str = "right", seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids (never the pad id) with a different length per row, padded on `side`.
+
+    Returns (input_ids, attention_mask); row 0 is full length so every position is exercised.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"padded_batch: side must be 'left' or 'right', got {side!r}")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB_SIZE, (batch, seq_len), generator=gen)
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    for row in range(1, batch):
+        pad = min(2 * row, seq_len - 2)
+        if side == "right":
+            mask[row, seq_len - pad :] = 0
+        else:
+            mask[row, :pad] = 0
+    ids = ids.masked_fill(mask == 0, PAD_ID)
+    return ids, mask
