@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -20,8 +22,16 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from stages.guards import NumericalError
     from stages.selection import SelectionError
 
-    errors = [ConfigError, JobError, ModelError, CheckpointError, DataError, UnsupportedArchitecture,
-              SelectionError, NumericalError]
+    errors = [
+        ConfigError,
+        JobError,
+        ModelError,
+        CheckpointError,
+        DataError,
+        UnsupportedArchitecture,
+        SelectionError,
+        NumericalError,
+    ]
     try:
         from stages.validate import ValidationFailed
 
@@ -68,6 +78,35 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_sia(args) -> int:
+    from runner.config import load_config
+    from runner.sia_report import sia_for_config
+
+    cfg = load_config(args.config, args.set)
+    results = sia_for_config(cfg, log=_logger(args.quiet))
+    if args.json:
+        print_json(results)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from runner.compare import load_compare_config, run_compare
+
+    cfg = load_compare_config(args.config, args.set)
+    if args.methods:
+        from runner.methods import load_method
+
+        cfg = cfg.model_copy(update={"methods": args.methods.split(",")})
+        for method in cfg.methods:
+            load_method(method)  # unknown names fail before any work
+    if args.ratios:
+        cfg = cfg.model_copy(update={"ratios": [float(r) for r in args.ratios.split(",")]})
+    out = args.output or f"runs/{cfg.name}"
+    run_compare(cfg, out, log=_logger(args.quiet))
+    print(f"comparison in {out}/compare.md")
+    return 0
+
+
 def _logger(quiet: bool):
     def log(message: str) -> None:
         if not quiet or message.startswith("WARNING"):
@@ -98,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a compression job")
     run.add_argument("config")
     run.add_argument("--output", "-o")
-    run.add_argument("--address", help="Ray cluster address (default: embedded local Ray or in-process)")
+    run.add_argument(
+        "--address", help="Ray cluster address (default: embedded local Ray or in-process)"
+    )
     run.add_argument("--resume", action="store_true", help="continue after the last finished stage")
     run.add_argument("--force", action="store_true", help="replace an existing job's outputs")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -113,6 +154,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="supported architectures and built-in demo models")
     models.set_defaults(func=cmd_models)
+
+    sia = sub.add_parser(
+        "sia", help="Structural Independence Assumption check for the job's models"
+    )
+    sia.add_argument("config")
+    sia.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sia.add_argument("--json", action="store_true")
+    sia.add_argument("--quiet", action="store_true")
+    sia.set_defaults(func=cmd_sia)
+
+    compare = sub.add_parser("compare", help="run every method at every ratio and tabulate")
+    compare.add_argument("config", help="compare file (see configs/compare_demo.yaml)")
+    compare.add_argument("--methods", help="comma-separated method presets (default: the file's)")
+    compare.add_argument("--ratios", help="comma-separated compression ratios, e.g. 2,4,8,13.8")
+    compare.add_argument("--output", "-o")
+    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    compare.add_argument("--quiet", action="store_true")
+    compare.set_defaults(func=cmd_compare)
+
+    for module in ("runner.cli_cluster", "runner.cli_validate", "runner.cli_batch"):
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).register(sub)
     return parser
 
 

@@ -30,7 +30,9 @@ class Strict(BaseModel):
 
 
 class ModelConfig(Strict):
-    ref: str = Field(min_length=1, description="built-in demo name or local HF checkpoint directory")
+    ref: str = Field(
+        min_length=1, description="built-in demo name or local HF checkpoint directory"
+    )
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_length: int = Field(96, ge=8, le=8192)
@@ -42,7 +44,9 @@ class CalibrationConfig(Strict):
 
 
 class TargetConfig(Strict):
-    ratio: float | None = Field(None, gt=1.0, description="overall compression (dense/pruned params)")
+    ratio: float | None = Field(
+        None, gt=1.0, description="overall compression (dense/pruned params)"
+    )
     uniform_layout: bool = False
     min_keep_layers: int = Field(1, ge=1)
     min_keep_heads: int = Field(1, ge=1)
@@ -171,7 +175,10 @@ class JobConfig(Strict):
         names = stage_names(self.stages)
         if len(set(names)) != len(names):
             problems.append(f"stage names must be unique, got {names}")
-        if any(getattr(s, "share", None) is not None for s in self.stages) and self.target.ratio is None:
+        if (
+            any(getattr(s, "share", None) is not None for s in self.stages)
+            and self.target.ratio is None
+        ):
             if self.target.device is None and self.target.budget_bytes is None:
                 problems.append("stages use share but target has no ratio, device or budget_bytes")
         if not any(isinstance(s, PruneStageConfig) for s in self.stages):
@@ -202,7 +209,9 @@ def _error_path(loc: tuple) -> str:
 
 def parse_config(raw: Any, source: str = "config") -> JobConfig:
     if not isinstance(raw, dict):
-        raise ConfigError([("", f"expected a mapping at the top level, got {type(raw).__name__}")], source)
+        raise ConfigError(
+            [("", f"expected a mapping at the top level, got {type(raw).__name__}")], source
+        )
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
@@ -254,7 +263,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise ConfigError([("", f"malformed YAML at {where}: {getattr(exc, 'problem', exc)}")], str(path)) from None
+        raise ConfigError(
+            [("", f"malformed YAML at {where}: {getattr(exc, 'problem', exc)}")], str(path)
+        ) from None
     raw = raw if raw is not None else {}
     if overrides:
         if not isinstance(raw, dict):

@@ -9,6 +9,7 @@ sensor noise), tuned so the 10-class task is learnable but not trivial.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from pathlib import Path
@@ -354,6 +355,18 @@ def _split_sizes(n: int, cfg: DataConfig) -> tuple[int, int]:
 
 
 def build_dataset(cfg: DataConfig) -> datasets.DatasetDict:
+    """Synthetic datasets are pure functions of the config: build each once per process."""
+    if cfg.source == "synthetic":
+        return _build_synthetic_cached(cfg.model_dump_json())
+    return _build_dataset(cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def _build_synthetic_cached(cfg_json: str) -> datasets.DatasetDict:
+    return _build_dataset(DataConfig.model_validate_json(cfg_json))
+
+
+def _build_dataset(cfg: DataConfig) -> datasets.DatasetDict:
     """Splits train/validation/test (train loads, disjoint signals), heldout, calibration.
 
     Class-balanced per (class, load) stratum and deterministic under cfg.seed. calibration holds

@@ -14,7 +14,9 @@ class EventLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._echo = echo
 
-    def emit(self, event: str, *, stage: str | None = None, version: int | None = None, **fields) -> dict:
+    def emit(
+        self, event: str, *, stage: str | None = None, version: int | None = None, **fields
+    ) -> dict:
         record = {"ts": time.time(), "event": event, "stage": stage, "version": version, **fields}
         line = json.dumps(record, default=_jsonable)
         with open(self.path, "a", encoding="utf-8") as fh:

@@ -15,8 +15,12 @@ def finish_model_run(run, start: float) -> dict:
     ckpt_dir = run.out / "checkpoint"
     t0 = time.perf_counter()
     meta = {"job": cfg.name, "source_model": run.model_cfg.ref, "dense_params": run.dense_params}
-    save_checkpoint(run.model, run.tokenizer, ckpt_dir, require_uniform=cfg.target.uniform_layout, metadata=meta)
-    run.events.emit("export", version=run.version, path=str(ckpt_dir), seconds=time.perf_counter() - t0)
+    save_checkpoint(
+        run.model, run.tokenizer, ckpt_dir, require_uniform=cfg.target.uniform_layout, metadata=meta
+    )
+    run.events.emit(
+        "export", version=run.version, path=str(ckpt_dir), seconds=time.perf_counter() - t0
+    )
     # Evaluate the exported files, not the in-memory model: the report claims what the checkpoint does.
     exported = load_pruned(ckpt_dir)
     final_eval = {s: evaluate(exported, run.splits[s]) for s in ("test", "heldout")}
@@ -29,8 +33,12 @@ def finish_model_run(run, start: float) -> dict:
         run.events.emit("validate", version=run.version, **validation)
     report = build_report(run, final_eval, params, validation, time.perf_counter() - start)
     write_report(run.out, report, plots=cfg.output.plots)
-    run.events.emit("job_end", version=run.version, compression_ratio=report["final"]["compression_ratio"],
-                    accuracy=report["final"]["accuracy"])
+    run.events.emit(
+        "job_end",
+        version=run.version,
+        compression_ratio=report["final"]["compression_ratio"],
+        accuracy=report["final"]["accuracy"],
+    )
     run.executor.close()
     return report
 
@@ -60,6 +68,10 @@ def build_report(run, final_eval, params: int, validation, total_seconds: float)
             "total_seconds": round(total_seconds, 2),
             "per_stage": {r["name"]: r["seconds"] for r in run.records},
         },
-        "job": {"name": run.cfg.name, "seed": run.cfg.seed, "executor": run.cfg.cluster.executor,
-                "workers": run.executor.workers},
+        "job": {
+            "name": run.cfg.name,
+            "seed": run.cfg.seed,
+            "executor": run.cfg.cluster.executor,
+            "workers": run.executor.workers,
+        },
     }

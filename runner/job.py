@@ -30,12 +30,18 @@ def prepare_output(cfg: JobConfig, out: Path, *, resume: bool, force: bool) -> N
             if not previous.is_file():
                 raise JobError(f"--resume: {out} holds no job.yaml, nothing to resume")
             if yaml.safe_load(previous.read_text()) != yaml.safe_load(resolved):
-                raise JobError(f"--resume: {out}/job.yaml is a different config than this run's; use --force to restart")
+                raise JobError(
+                    f"--resume: {out}/job.yaml is a different config than this run's; use --force to restart"
+                )
             return
         if not force:
-            raise JobError(f"output directory {out} already holds results; use --resume to continue or --force to replace")
+            raise JobError(
+                f"output directory {out} already holds results; use --resume to continue or --force to replace"
+            )
         if not is_job_dir:
-            raise JobError(f"--force: {out} is not a job output directory (no job.yaml); refusing to delete it")
+            raise JobError(
+                f"--force: {out} is not a job output directory (no job.yaml); refusing to delete it"
+            )
         shutil.rmtree(out)
     elif resume:
         raise JobError(f"--resume: {out} does not exist or is empty, nothing to resume")
@@ -43,7 +49,9 @@ def prepare_output(cfg: JobConfig, out: Path, *, resume: bool, force: bool) -> N
     (out / "job.yaml").write_text(resolved)
 
 
-def run_job(cfg: JobConfig, out: str | Path, *, resume: bool = False, force: bool = False, log=print) -> dict:
+def run_job(
+    cfg: JobConfig, out: str | Path, *, resume: bool = False, force: bool = False, log=print
+) -> dict:
     """Run every model of the job; returns {model_dir_name: report}."""
     out = Path(out)
     prepare_output(cfg, out, resume=resume, force=force)
@@ -59,11 +67,15 @@ def run_job(cfg: JobConfig, out: str | Path, *, resume: bool = False, force: boo
             reports[name] = json.loads((model_out / "report.json").read_text())
             continue
         log(f"[{name}] compressing {model_cfg.ref}")
-        run = ModelRun(cfg, model_cfg, model_out, resume=resume and (model_out / "stages").exists(), log=log)
+        run = ModelRun(
+            cfg, model_cfg, model_out, resume=resume and (model_out / "stages").exists(), log=log
+        )
         reports[name] = run.run()
         f = reports[name]["final"]
-        log(f"[{name}] done: {f['compression_ratio']:.2f}x, accuracy {f['accuracy']:.4f} "
-            f"(dense {f['dense_accuracy']:.4f}) -> {model_out / 'checkpoint'}")
+        log(
+            f"[{name}] done: {f['compression_ratio']:.2f}x, accuracy {f['accuracy']:.4f} "
+            f"(dense {f['dense_accuracy']:.4f}) -> {model_out / 'checkpoint'}"
+        )
     if not single:
         write_summary(out, reports)
     return reports

@@ -21,7 +21,9 @@ METHODS_DIR = Path(__file__).resolve().parents[1] / "configs" / "methods"
 class MethodPreset(Strict):
     name: str = Field(min_length=1)
     description: str = ""
-    data: dict[str, Any] = Field(default_factory=dict, description="overrides of the job's data section")
+    data: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the job's data section"
+    )
     stages: list[dict[str, Any]] = Field(min_length=1)
 
 
@@ -34,15 +36,29 @@ def load_method(name_or_path: str) -> MethodPreset:
     if not path.suffix:
         path = METHODS_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise ConfigError([("methods", f"unknown method {name_or_path!r}; available: {', '.join(available_methods())}")])
+        raise ConfigError(
+            [
+                (
+                    "methods",
+                    f"unknown method {name_or_path!r}; available: {', '.join(available_methods())}",
+                )
+            ]
+        )
     try:
         return MethodPreset.model_validate(yaml.safe_load(path.read_text()))
     except ValidationError as exc:
-        raise ConfigError([(".".join(map(str, e["loc"])), e["msg"]) for e in exc.errors()], str(path)) from None
+        raise ConfigError(
+            [(".".join(map(str, e["loc"])), e["msg"]) for e in exc.errors()], str(path)
+        ) from None
 
 
-def compose(base_raw: dict, preset: MethodPreset, *, ratio: float | None = None,
-            recovery_steps: int | None = None) -> JobConfig:
+def compose(
+    base_raw: dict,
+    preset: MethodPreset,
+    *,
+    ratio: float | None = None,
+    recovery_steps: int | None = None,
+) -> JobConfig:
     """A full job: base job's models/data/... with the preset's stages, target ratio and step budget."""
     raw = copy.deepcopy(base_raw)
     raw["name"] = f"{raw.get('name', 'job')}-{preset.name}" + (f"-{ratio:g}x" if ratio else "")
@@ -62,6 +78,10 @@ def _rescale_steps(stages: list[dict], total: int) -> None:
         return
     assigned = 0
     for i, s in enumerate(recover):
-        steps = total - assigned if i == len(recover) - 1 else round(total * s.get("steps", 100) / current)
+        steps = (
+            total - assigned
+            if i == len(recover) - 1
+            else round(total * s.get("steps", 100) / current)
+        )
         s["steps"] = steps
         assigned += steps

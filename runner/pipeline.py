@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from cluster.executor import make_executor
-from runner.checkpoint import load_pruned, save_checkpoint
+from runner.checkpoint import load_pruned
 from runner.config import JobConfig, ModelConfig, PruneStageConfig, RecoverStageConfig, stage_names
 from runner.data import CLASS_NAMES, build_dataset
 from runner.events import EventLog
@@ -66,7 +66,8 @@ class ModelRun:
         self.adapter = get_adapter(self.model)
         data = build_dataset(cfg.data)
         self.splits = {
-            name: encode_split(data[name], self.tokenizer, self.model_cfg.max_length) for name in SPLITS
+            name: encode_split(data[name], self.tokenizer, self.model_cfg.max_length)
+            for name in SPLITS
         }
         n_cal = len(self.splits["calibration"])
         if n_cal < cfg.calibration.min_samples:
@@ -80,9 +81,14 @@ class ModelRun:
         self.dense_params = count_params(self.model)
         self.layer_origin = list(range(len(self.adapter.layers(self.model))))
         self.model_info = describe_model(self.model) | {"name": self.model_cfg.ref}
-        self.dense_eval = {s: evaluate(self.model, self.splits[s]) for s in ("validation", "test", "heldout")}
+        self.dense_eval = {
+            s: evaluate(self.model, self.splits[s]) for s in ("validation", "test", "heldout")
+        }
         self.params_target = self._params_target()
-        if any(isinstance(s, RecoverStageConfig) and s.loss == "kd" and s.teacher == "dense" for s in cfg.stages):
+        if any(
+            isinstance(s, RecoverStageConfig) and s.loss == "kd" and s.teacher == "dense"
+            for s in cfg.stages
+        ):
             self.teacher["dense"] = self._logits(self.splits["train"])
 
     def _params_target(self) -> int | None:
@@ -100,7 +106,11 @@ class ModelRun:
         outs = []
         with torch.no_grad():
             for batch in split.batches(64):
-                outs.append(self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float())
+                outs.append(
+                    self.model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits.float()
+                )
         return torch.cat(outs)
 
     # ---------------------------------------------------------------- main
@@ -111,8 +121,13 @@ class ModelRun:
         if self.resume:
             first = self._restore()
         else:
-            self.events.emit("job_start", version=0, model=self.model_info, dense_params=self.dense_params,
-                             dense_accuracy=self.dense_eval["test"].accuracy)
+            self.events.emit(
+                "job_start",
+                version=0,
+                model=self.model_info,
+                dense_params=self.dense_params,
+                dense_accuracy=self.dense_eval["test"].accuracy,
+            )
         self._sync_workers(stage=None)
         if first == 0:
             self._estimate_dense_upfront()
@@ -131,8 +146,14 @@ class ModelRun:
                 before, metrics = self._recover(idx, stage, name)
                 extra = {"recovery": metrics}
             record = self._record(idx, stage, name, before, time.perf_counter() - t0)
-            self.store.save(idx, name, self.model if self.cfg.output.save_stage_models else None,
-                            self.tokenizer, record, extra)
+            self.store.save(
+                idx,
+                name,
+                self.model if self.cfg.output.save_stage_models else None,
+                self.tokenizer,
+                record,
+                extra,
+            )
             self.records.append(record)
         return self._finish(start)
 
@@ -140,31 +161,45 @@ class ModelRun:
         ckpt = self.store.model_dir_of(self.version)
         self.executor.load_version(self.version, self.model, str(ckpt) if ckpt else None)
         workers = self.executor.barrier(self.version)
-        self.events.emit("barrier", stage=stage, version=self.version,
-                         workers=[{"worker": w.worker, "version": w.version} for w in workers])
+        self.events.emit(
+            "barrier",
+            stage=stage,
+            version=self.version,
+            workers=[{"worker": w.worker, "version": w.version} for w in workers],
+        )
 
     def _sia_shrinks(self) -> bool:
-        return bool(self.sia) and not self.sia.get("satisfied", True) and self.cfg.sia.policy == "shrink"
+        return (
+            bool(self.sia)
+            and not self.sia.get("satisfied", True)
+            and self.cfg.sia.policy == "shrink"
+        )
 
     def _run_sia(self) -> dict:
         if not self.cfg.sia.enabled:
             return {}
         from stages.sia import run_sia
 
-        result = run_sia(self.model, self.adapter, self.calibration, self.cfg.sia, seed=self.cfg.seed)
+        result = run_sia(
+            self.model, self.adapter, self.calibration, self.cfg.sia, seed=self.cfg.seed
+        )
         self.events.emit("sia", version=self.version, **result)
         self.store.save_extra("sia", result)
         if not result["satisfied"]:
-            self.log(f"WARNING: SIA violated for {self.model_cfg.ref} (score {result['score']:.3f} > "
-                     f"threshold {result['threshold']}): per-component scores are unreliable; "
-                     f"policy={self.cfg.sia.policy}")
+            self.log(
+                f"WARNING: SIA violated for {self.model_cfg.ref} (score {result['score']:.3f} > "
+                f"threshold {result['threshold']}): per-component scores are unreliable; "
+                f"policy={self.cfg.sia.policy}"
+            )
             if self.cfg.sia.policy == "stop":
                 raise JobError(f"SIA violated (score {result['score']:.3f}) and sia.policy is stop")
         return result
 
     # ---------------------------------------------------------------- stages
     def _budget(self, idx: int, stage: PruneStageConfig) -> Budget:
-        prune_stages = [s for s in self.cfg.stages[idx:] if isinstance(s, PruneStageConfig) and s.share]
+        prune_stages = [
+            s for s in self.cfg.stages[idx:] if isinstance(s, PruneStageConfig) and s.share
+        ]
         return stage_budget(
             ratio=stage.ratio,
             count=stage.count,
@@ -191,7 +226,9 @@ class ModelRun:
         request = EstimateRequest(stage.kind, stage.criterion)
         key = (stage.kind, stage.criterion)
         if key not in self.dense_estimates:
-            raise JobError(f"stage {name}: dense scores were not computed (resume across a one-shot job)")
+            raise JobError(
+                f"stage {name}: dense scores were not computed (resume across a one-shot job)"
+            )
         scores, stats = self.dense_estimates[key]
         origin = self.layer_origin
         if request.granularity == "layers":
@@ -212,8 +249,14 @@ class ModelRun:
                 if key in self.dense_estimates:
                     continue
                 request = EstimateRequest(*key)
-                self.events.emit("estimate_start", stage=names[idx], version=self.version,
-                                 workers=self.executor.workers, criterion=stage.criterion, dense=True)
+                self.events.emit(
+                    "estimate_start",
+                    stage=names[idx],
+                    version=self.version,
+                    workers=self.executor.workers,
+                    criterion=stage.criterion,
+                    dense=True,
+                )
                 stats = self.executor.estimate(request, self.version)
                 scores = scores_from_statistics(self.model, self.adapter, stats, request)
                 self.events.emit("estimate_end", stage=names[idx], version=self.version)
@@ -224,8 +267,13 @@ class ModelRun:
         if stage.estimate_on == "dense":
             scores, stats = self._dense_scores(stage, name)
         else:
-            self.events.emit("estimate_start", stage=name, version=self.version,
-                             workers=self.executor.workers, criterion=stage.criterion)
+            self.events.emit(
+                "estimate_start",
+                stage=name,
+                version=self.version,
+                workers=self.executor.workers,
+                criterion=stage.criterion,
+            )
             stats = self.executor.estimate(request, self.version)
             scores = scores_from_statistics(self.model, self.adapter, stats, request)
             self.events.emit("estimate_end", stage=name, version=self.version)
@@ -248,27 +296,45 @@ class ModelRun:
             dropped = set(plan.drop_layers)
             self.layer_origin = [o for i, o in enumerate(self.layer_origin) if i not in dropped]
         self.version += 1
-        self.events.emit("prune", stage=name, version=self.version, granularity=stage.kind,
-                         removed_units=plan.removed_units(), params=count_params(self.model))
+        self.events.emit(
+            "prune",
+            stage=name,
+            version=self.version,
+            granularity=stage.kind,
+            removed_units=plan.removed_units(),
+            params=count_params(self.model),
+        )
         self._sync_workers(name)
         return plan
 
     def _plan(self, stage, name, scores, stats, budget) -> PrunePlan:
-        common = dict(stage=name, criterion=stage.criterion, version_in=self.version,
-                      params_before=count_params(self.model))
+        common = dict(
+            stage=name,
+            criterion=stage.criterion,
+            version_in=self.version,
+            params_before=count_params(self.model),
+        )
         t = self.cfg.target
         if stage.kind == "layers":
-            return plan_layer_removal(self.model, self.adapter, scores, budget,
-                                      min_keep=t.min_keep_layers, **common)
+            return plan_layer_removal(
+                self.model, self.adapter, scores, budget, min_keep=t.min_keep_layers, **common
+            )
         return plan_unit_removal(
-            self.model, self.adapter, stage.kind, scores, budget,
+            self.model,
+            self.adapter,
+            stage.kind,
+            scores,
+            budget,
             min_keep=t.min_keep_heads if stage.kind == "heads" else t.min_keep_channels,
-            normalize=stage.normalize, uniform=t.uniform_layout, stats=stats,
-            bias_compensation=stage.bias_compensation, **common,
+            normalize=stage.normalize,
+            uniform=t.uniform_layout,
+            stats=stats,
+            bias_compensation=stage.bias_compensation,
+            **common,
         )
 
     def _next_recover_needs_pre_stage_teacher(self, idx: int) -> bool:
-        for later in self.cfg.stages[idx + 1:]:
+        for later in self.cfg.stages[idx + 1 :]:
             if isinstance(later, RecoverStageConfig):
                 return later.loss == "kd" and later.teacher == "pre_stage"
         return False
@@ -279,26 +345,55 @@ class ModelRun:
         if stage.loss == "kd" and teacher is None:
             teacher = self.teacher.setdefault("dense", self._logits(self.splits["train"]))
         settings = RecoverySettings(
-            method=stage.method, steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size,
-            lora_rank=stage.lora_rank, lora_alpha=stage.lora_alpha, lora_dropout=stage.lora_dropout,
-            loss=stage.loss, kd_temperature=stage.kd_temperature, kd_alpha=stage.kd_alpha,
+            method=stage.method,
+            steps=stage.steps,
+            lr=stage.lr,
+            batch_size=stage.batch_size,
+            lora_rank=stage.lora_rank,
+            lora_alpha=stage.lora_alpha,
+            lora_dropout=stage.lora_dropout,
+            loss=stage.loss,
+            kd_temperature=stage.kd_temperature,
+            kd_alpha=stage.kd_alpha,
             seed=self.cfg.seed + idx,
         )
-        self.events.emit("recover_start", stage=name, version=self.version, steps=stage.steps,
-                         method=stage.method, runner=stage.runner)
+        self.events.emit(
+            "recover_start",
+            stage=name,
+            version=self.version,
+            steps=stage.steps,
+            method=stage.method,
+            runner=stage.runner,
+        )
         if stage.runner == "ray_train":
             from cluster.train import recover_distributed
 
-            self.model, metrics = recover_distributed(self.model, self.adapter, self.splits["train"],
-                                                      settings, teacher, self.cfg.cluster, stage.strategy)
+            self.model, metrics = recover_distributed(
+                self.model,
+                self.adapter,
+                self.splits["train"],
+                settings,
+                teacher,
+                self.cfg.cluster,
+                stage.strategy,
+            )
         else:
-            self.model, metrics = recover(self.model, self.adapter, self.splits["train"], settings, teacher)
+            self.model, metrics = recover(
+                self.model, self.adapter, self.splits["train"], settings, teacher
+            )
         check_finite(self.model, self.calibration[0])
         self.version += 1
-        self.events.emit("recover_end", stage=name, version=self.version,
-                         first_loss=metrics.get("first_loss"), last_loss=metrics.get("last_loss"))
+        self.events.emit(
+            "recover_end",
+            stage=name,
+            version=self.version,
+            first_loss=metrics.get("first_loss"),
+            last_loss=metrics.get("last_loss"),
+        )
         self._sync_workers(name)
-        return before, {k: v for k, v in metrics.items() if k != "losses"} | {"losses": metrics["losses"][::10]}
+        return before, {k: v for k, v in metrics.items() if k != "losses"} | {
+            "losses": metrics["losses"][::10]
+        }
 
     # ---------------------------------------------------------------- records
     def _snapshot(self) -> dict:
@@ -307,10 +402,17 @@ class ModelRun:
     def _record(self, idx, stage, name, before, seconds) -> dict:
         val = evaluate(self.model, self.splits["validation"])
         return {
-            "index": idx, "name": name, "kind": stage.kind, "version": self.version,
-            "params_before": before["params"], "params_after": count_params(self.model),
-            "accuracy": val.accuracy, "macro_f1": val.macro_f1, "seconds": round(seconds, 3),
-            "criterion": getattr(stage, "criterion", None), "layer_origin": list(self.layer_origin),
+            "index": idx,
+            "name": name,
+            "kind": stage.kind,
+            "version": self.version,
+            "params_before": before["params"],
+            "params_after": count_params(self.model),
+            "accuracy": val.accuracy,
+            "macro_f1": val.macro_f1,
+            "seconds": round(seconds, 3),
+            "criterion": getattr(stage, "criterion", None),
+            "layer_origin": list(self.layer_origin),
         }
 
     def _restore(self) -> int:
@@ -320,13 +422,19 @@ class ModelRun:
             return 0
         idx, model_dir, records = state
         if model_dir is None:
-            raise JobError("cannot --resume: stage models were not saved (output.save_stage_models=false)")
-        self.model = load_pruned(model_dir, attn_implementation=self.model.config._attn_implementation)
+            raise JobError(
+                "cannot --resume: stage models were not saved (output.save_stage_models=false)"
+            )
+        self.model = load_pruned(
+            model_dir, attn_implementation=self.model.config._attn_implementation
+        )
         self.records = records
         self.version = records[-1]["version"]
         self.layer_origin = records[-1]["layer_origin"]
         self.events.emit("resume", version=self.version, after_stage=records[-1]["name"])
-        self.log(f"resuming {self.model_cfg.ref} after stage {records[-1]['name']} (version {self.version})")
+        self.log(
+            f"resuming {self.model_cfg.ref} after stage {records[-1]['name']} (version {self.version})"
+        )
         return idx + 1
 
     def _finish(self, start: float) -> dict:

@@ -34,7 +34,10 @@ def render_markdown(report: dict, images: list[str]) -> str:
     ]
     if sia:
         verdict = "satisfied" if sia.get("satisfied") else "VIOLATED"
-        lines += [f"SIA: {verdict} (score {sia.get('score', float('nan')):.3f}, threshold {sia.get('threshold')}).", ""]
+        lines += [
+            f"SIA: {verdict} (score {sia.get('score', float('nan')):.3f}, threshold {sia.get('threshold')}).",
+            "",
+        ]
     lines += [
         "| # | stage | kind | criterion | version | params before | params after | val accuracy | seconds |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -46,8 +49,11 @@ def render_markdown(report: dict, images: list[str]) -> str:
         )
     v = report.get("validation")
     if v:
-        lines += ["", f"Device {v['device']}: budget {v['budget_bytes'] / 2**30:.2f} GiB, "
-                  f"peak {v['peak_bytes'] / 2**30:.3f} GiB -> {'fits' if v['fits'] else 'DOES NOT FIT'}."]
+        lines += [
+            "",
+            f"Device {v['device']}: budget {v['budget_bytes'] / 2**30:.2f} GiB, "
+            f"peak {v['peak_bytes'] / 2**30:.3f} GiB -> {'fits' if v['fits'] else 'DOES NOT FIT'}.",
+        ]
     lines += ["", f"Total time {report['timing']['total_seconds']:.1f} s.", ""]
     lines += [f"![{Path(p).stem}]({p})" for p in images]
     return "\n".join(lines) + "\n"
@@ -80,12 +86,26 @@ def _plot_stages(plot_dir: Path, report: dict) -> list[str]:
 
 
 def write_summary(out: Path, reports: dict[str, dict]) -> None:
-    rows = {name: {"compression_ratio": r["final"]["compression_ratio"], "accuracy": r["final"]["accuracy"],
-                   "dense_accuracy": r["final"]["dense_accuracy"], "params": r["final"]["params"],
-                   "sia_satisfied": (r.get("sia") or {}).get("satisfied")} for name, r in reports.items()}
+    rows = {
+        name: {
+            "compression_ratio": r["final"]["compression_ratio"],
+            "accuracy": r["final"]["accuracy"],
+            "dense_accuracy": r["final"]["dense_accuracy"],
+            "params": r["final"]["params"],
+            "sia_satisfied": (r.get("sia") or {}).get("satisfied"),
+        }
+        for name, r in reports.items()
+    }
     write_json_atomic(Path(out) / "summary.json", rows)
-    lines = ["# Job summary", "", "| model | params | compression | accuracy | dense accuracy | SIA |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Job summary",
+        "",
+        "| model | params | compression | accuracy | dense accuracy | SIA |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
-        lines.append(f"| [{name}]({name}/report.md) | {_fmt_params(r['params'])} | {r['compression_ratio']:.2f}x | "
-                     f"{r['accuracy']:.4f} | {r['dense_accuracy']:.4f} | {r['sia_satisfied']} |")
+        lines.append(
+            f"| [{name}]({name}/report.md) | {_fmt_params(r['params'])} | {r['compression_ratio']:.2f}x | "
+            f"{r['accuracy']:.4f} | {r['dense_accuracy']:.4f} | {r['sia_satisfied']} |"
+        )
     (Path(out) / "summary.md").write_text("\n".join(lines) + "\n")

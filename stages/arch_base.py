@@ -113,6 +113,10 @@ class ArchAdapter:
     def _check_layer_removal(self, model: nn.Module, kept: list[int]) -> None:
         """Families refuse removals their forward cannot represent after renumbering."""
 
+    def ensure_out_proj_bias(self, model: nn.Module, granularity: str) -> None:
+        """Give the output projections a (zero) bias where the family can express one."""
+        raise ValueError(f"bias compensation is not supported for the {self.family} family")
+
     def lora_target_modules(self) -> list[str]:
         raise NotImplementedError
 

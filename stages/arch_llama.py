@@ -6,10 +6,11 @@ num_heads == num_kv_heads * num_key_value_groups and the repeat_kv in the forwar
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from stages.arch_base import ArchAdapter, LayerLayout, backbone
+from stages.arch_base import ArchAdapter, LayerLayout, backbone, unwrap_model
 from stages.arch_slicing import IN, OUT, UnitProjection, num_features
 
 
@@ -74,6 +75,35 @@ class LlamaAdapter(ArchAdapter):
         config.num_key_value_heads = layout.num_kv_heads
         config.head_dim = head_dim  # explicit: hidden_size // num_heads no longer holds
         config.intermediate_size = layout.intermediate_size
+
+    def ensure_out_proj_bias(self, model: nn.Module, granularity: str) -> None:
+        """FLAP bias compensation on Llama: switch on attention_bias / mlp_bias with zero biases.
+
+        The vanilla config can only express biases on all of q/k/v/o (or gate/up/down) at once,
+        so every projection gets a zero bias and the checkpoint stays plainly loadable.
+        """
+        config = unwrap_model(model).config
+        if config.model_type != "llama":
+            raise ValueError(
+                f"bias compensation needs an output-projection bias; {config.model_type} configs "
+                "cannot express one (supported: llama, gpt2, bert)"
+            )
+        flag = "attention_bias" if granularity == "heads" else "mlp_bias"
+        for layer in self.layers(model):
+            block = layer.self_attn if granularity == "heads" else layer.mlp
+            names = (
+                ("q_proj", "k_proj", "v_proj", "o_proj")
+                if granularity == "heads"
+                else ("gate_proj", "up_proj", "down_proj")
+            )
+            for name in names:
+                linear = getattr(block, name)
+                if linear.bias is None:
+                    weight = linear.weight
+                    linear.bias = nn.Parameter(
+                        torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+                    )
+        setattr(config, flag, True)
 
     def lora_target_modules(self) -> list[str]:
         return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

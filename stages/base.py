@@ -82,11 +82,8 @@ def apply_plan(model: torch.nn.Module, adapter, plan: PrunePlan) -> None:
 def _add_out_proj_bias(adapter, model, layer, granularity: str, deltas: list[float]) -> None:
     """FLAP bias compensation: fold the removed columns' mean contribution into the bias."""
     module = adapter.attn_out_proj(layer) if granularity == "heads" else adapter.mlp_out_proj(layer)
-    bias = getattr(module, "bias", None)
-    if bias is None:
-        raise ValueError(
-            f"bias compensation needs a bias on {type(module).__name__} ({adapter.family}); "
-            "this architecture has none"
-        )
+    if getattr(module, "bias", None) is None:
+        adapter.ensure_out_proj_bias(model, granularity)
+    bias = module.bias
     with torch.no_grad():
         bias.add_(torch.tensor(deltas, dtype=bias.dtype, device=bias.device))

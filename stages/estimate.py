@@ -109,7 +109,9 @@ def _taylor_batch(model, adapter, batch, granularity: str, stats: Stats) -> None
     n_layers = len(adapter.layers(model))
     device = next(model.parameters()).device
     masks = {
-        layer: torch.ones(_units(adapter, model, layer, granularity), device=device, requires_grad=True)
+        layer: torch.ones(
+            _units(adapter, model, layer, granularity), device=device, requires_grad=True
+        )
         for layer in range(n_layers)
     }
     flags = [p.requires_grad for p in model.parameters()]
@@ -143,7 +145,9 @@ def _input_stats_batch(model, adapter, batch, request: EstimateRequest, stats: S
 
     with ExitStack() as stack, torch.no_grad():
         for idx, layer in enumerate(layers):
-            handle = _out_proj(adapter, layer, request.granularity).register_forward_pre_hook(make_hook(idx))
+            handle = _out_proj(adapter, layer, request.granularity).register_forward_pre_hook(
+                make_hook(idx)
+            )
             stack.callback(handle.remove)
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
@@ -167,7 +171,9 @@ def scores_from_statistics(model, adapter, stats: Stats, request: EstimateReques
                 [imp.block_influence(stats[f"{i}.dist_sum"], tokens) for i in range(n_layers)]
             )
         base = stats["loss_sum"]
-        return torch.stack([(stats[f"{i}.skip_loss_sum"] - base) / stats["rows"] for i in range(n_layers)])
+        return torch.stack(
+            [(stats[f"{i}.skip_loss_sum"] - base) / stats["rows"] for i in range(n_layers)]
+        )
     width = _unit_width(adapter, model, request.granularity)
     layers = adapter.layers(model)
     scores = []
@@ -190,7 +196,9 @@ def scores_from_statistics(model, adapter, stats: Stats, request: EstimateReques
             elif crit == "activation":
                 score = imp.activation_norm(stats[f"{i}.x_sq_sum"], count, width)
             elif crit == "fluctuation":
-                score = imp.fluctuation(weight, stats[f"{i}.x_sum"], stats[f"{i}.x_sq_sum"], count, width)
+                score = imp.fluctuation(
+                    weight, stats[f"{i}.x_sum"], stats[f"{i}.x_sq_sum"], count, width
+                )
             elif crit == "condition":
                 score = imp.condition_scores(weight, stats[f"{i}.gram"], width)
             else:

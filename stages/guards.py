@@ -21,7 +21,8 @@ def check_finite(model, batch: dict | None = None) -> None:
     model.eval()
     with torch.no_grad():
         logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
         ).logits
     model.train(was_training)
     if not torch.isfinite(logits).all():

@@ -91,7 +91,9 @@ def _train(model, split, settings, teacher_logits, params):
     for p in params:
         p.requires_grad_(True)
     try:
-        return train_steps(model, split, settings.train_settings(), teacher_logits=teacher_logits, params=params)
+        return train_steps(
+            model, split, settings.train_settings(), teacher_logits=teacher_logits, params=params
+        )
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -109,12 +111,18 @@ def _lora(model, adapter, split, settings, teacher_logits):
         fan_in_fan_out=adapter.family == "gpt2",
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)  # LoRA init must not depend on the global RNG (resume == rerun)
+        torch.manual_seed(
+            settings.seed
+        )  # LoRA init must not depend on the global RNG (resume == rerun)
         peft_model = get_peft_model(model, config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     peft_model.train()
     losses = train_steps(
-        peft_model, split, settings.train_settings(), teacher_logits=teacher_logits, params=trainable
+        peft_model,
+        split,
+        settings.train_settings(),
+        teacher_logits=teacher_logits,
+        params=trainable,
     )
     merged = peft_model.merge_and_unload()
     for p in merged.parameters():
@@ -125,8 +133,14 @@ def _lora(model, adapter, split, settings, teacher_logits):
 def _mask_tuning(model, adapter, split, settings, teacher_logits):
     n_layers = len(adapter.layers(model))
     device = next(model.parameters()).device
-    attn = {i: torch.ones(adapter.attn_units(model, i), device=device, requires_grad=True) for i in range(n_layers)}
-    mlp = {i: torch.ones(adapter.mlp_units(model, i), device=device, requires_grad=True) for i in range(n_layers)}
+    attn = {
+        i: torch.ones(adapter.attn_units(model, i), device=device, requires_grad=True)
+        for i in range(n_layers)
+    }
+    mlp = {
+        i: torch.ones(adapter.mlp_units(model, i), device=device, requires_grad=True)
+        for i in range(n_layers)
+    }
     params = list(attn.values()) + list(mlp.values())
     with unit_masks(model, adapter, attn=attn, mlp=mlp):
         losses = _train(model, split, settings, teacher_logits, params=params)

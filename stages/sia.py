@@ -27,7 +27,9 @@ LossFn = Callable[[list[Component]], float]  # loss with these components remove
 
 
 # ------------------------------------------------------------------ pure measurements
-def additivity(loss_fn: LossFn, components_by_layer: list[int], pairs: int, rng: random.Random) -> dict:
+def additivity(
+    loss_fn: LossFn, components_by_layer: list[int], pairs: int, rng: random.Random
+) -> dict:
     """Normalised interaction of random same-layer pairs (0 when effects add up exactly)."""
     base = loss_fn([])
     values = []
@@ -38,13 +40,18 @@ def additivity(loss_fn: LossFn, components_by_layer: list[int], pairs: int, rng:
         dl_a = loss_fn([(layer, a)]) - base
         dl_b = loss_fn([(layer, b)]) - base
         dl_ab = loss_fn([(layer, a), (layer, b)]) - base
-        values.append(float(normalised_interaction(torch.tensor(dl_ab), torch.tensor(dl_a), torch.tensor(dl_b))))
+        as64 = [torch.tensor(v, dtype=torch.float64) for v in (dl_ab, dl_a, dl_b)]
+        values.append(float(normalised_interaction(*as64)))
     t = torch.tensor(values, dtype=torch.float64)
     return {"median": float(t.median()), "p90": float(torch.quantile(t, 0.9)), "pairs": len(values)}
 
 
-def stability(score_fn: Callable[[list[Component]], dict[Component, float]], components_by_layer: list[int],
-              fraction: float, rng: random.Random) -> dict:
+def stability(
+    score_fn: Callable[[list[Component]], dict[Component, float]],
+    components_by_layer: list[int],
+    fraction: float,
+    rng: random.Random,
+) -> dict:
     """Spearman between scores on the full model and after removing a random `fraction` of components."""
     everything = [(layer, c) for layer, n in enumerate(components_by_layer) for c in range(n)]
     removed = set(rng.sample(everything, max(1, int(fraction * len(everything)))))
@@ -57,17 +64,27 @@ def stability(score_fn: Callable[[list[Component]], dict[Component, float]], com
 
 
 def combine(per_granularity: dict[str, dict], threshold: float) -> dict:
-    parts = {g: (m["additivity"]["median"] + (1.0 - m["stability"]["spearman"])) / 2 for g, m in per_granularity.items()}
+    parts = {
+        g: (m["additivity"]["median"] + (1.0 - m["stability"]["spearman"])) / 2
+        for g, m in per_granularity.items()
+    }
     score = max(parts.values())
-    return {"score": score, "threshold": threshold, "satisfied": score <= threshold,
-            "per_granularity": parts, "details": per_granularity}
+    return {
+        "score": score,
+        "threshold": threshold,
+        "satisfied": score <= threshold,
+        "per_granularity": parts,
+        "details": per_granularity,
+    }
 
 
 # ------------------------------------------------------------------ model wiring
 def components_per_layer(model, adapter, granularity: str) -> list[int]:
     layers = adapter.layers(model)
     if granularity == "heads":
-        return [adapter.attn_units(model, i) * adapter.heads_per_unit(model) for i in range(len(layers))]
+        return [
+            adapter.attn_units(model, i) * adapter.heads_per_unit(model) for i in range(len(layers))
+        ]
     return [adapter.mlp_units(model, i) for i in range(len(layers))]
 
 
@@ -78,7 +95,11 @@ def component_masks(model, adapter, granularity: str, masks: dict[int, torch.Ten
     layers = adapter.layers(model)
     with ExitStack() as stack:
         for layer_idx, mask in masks.items():
-            module = adapter.attn_out_proj(layers[layer_idx]) if granularity == "heads" else adapter.mlp_out_proj(layers[layer_idx])
+            module = (
+                adapter.attn_out_proj(layers[layer_idx])
+                if granularity == "heads"
+                else adapter.mlp_out_proj(layers[layer_idx])
+            )
 
             def hook(_m, args, mask=mask):
                 scale = mask.repeat_interleave(width).to(args[0].dtype)
@@ -96,7 +117,9 @@ def _loss(model, batches) -> torch.Tensor:
     return total
 
 
-def _masks_for(removed: list[Component], counts: list[int], device, requires_grad=False) -> dict[int, torch.Tensor]:
+def _masks_for(
+    removed: list[Component], counts: list[int], device, requires_grad=False
+) -> dict[int, torch.Tensor]:
     masks = {i: torch.ones(n, device=device) for i, n in enumerate(counts)}
     for layer, c in removed:
         masks[layer][c] = 0.0
@@ -106,7 +129,9 @@ def _masks_for(removed: list[Component], counts: list[int], device, requires_gra
     return masks
 
 
-def run_sia(model, adapter, batches: list[dict], cfg, *, seed: int = 0, max_batches: int = 2) -> dict:
+def run_sia(
+    model, adapter, batches: list[dict], cfg, *, seed: int = 0, max_batches: int = 2
+) -> dict:
     """Measure additivity and stability for heads and channels on the calibration batches."""
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches[:max_batches]]
@@ -119,14 +144,21 @@ def run_sia(model, adapter, batches: list[dict], cfg, *, seed: int = 0, max_batc
             counts = components_per_layer(model, adapter, granularity)
 
             def loss_fn(removed, counts=counts, granularity=granularity):
-                with torch.no_grad(), component_masks(model, adapter, granularity, _masks_for(removed, counts, device)):
+                with (
+                    torch.no_grad(),
+                    component_masks(
+                        model, adapter, granularity, _masks_for(removed, counts, device)
+                    ),
+                ):
                     return float(_loss(model, batches))
 
             def score_fn(removed, counts=counts, granularity=granularity):
                 masks = _masks_for(removed, counts, device, requires_grad=True)
                 with torch.enable_grad(), component_masks(model, adapter, granularity, masks):
                     _loss(model, batches).backward()
-                return {(i, c): float(m.grad[c].abs()) for i, m in masks.items() for c in range(len(m))}
+                return {
+                    (i, c): float(m.grad[c].abs()) for i, m in masks.items() for c in range(len(m))
+                }
 
             per[granularity] = {
                 "components": sum(counts),

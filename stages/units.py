@@ -46,7 +46,9 @@ def plan_unit_removal(
     costs = unit_costs(model, adapter, granularity)
     note = ""
     if budget.params is not None:
-        removable = sum((len(sc) - min_keep) * c for sc, c in zip(scores, costs) if len(sc) > min_keep)
+        removable = sum(
+            (len(sc) - min_keep) * c for sc, c in zip(scores, costs) if len(sc) > min_keep
+        )
         if budget.params > removable:
             note = f"budget {budget.params} params capped at the {removable} removable with min_keep={min_keep}"
             budget = Budget(params=removable)
@@ -75,15 +77,23 @@ def plan_unit_removal(
     return plan
 
 
-def _bias_deltas(model, adapter, granularity, removed: list[list[int]], stats) -> dict[int, list[float]]:
+def _bias_deltas(
+    model, adapter, granularity, removed: list[list[int]], stats
+) -> dict[int, list[float]]:
     width = adapter.head_dim(model) * adapter.heads_per_unit(model) if granularity == "heads" else 1
     layers = adapter.layers(model)
     deltas = {}
     for i, units in enumerate(removed):
         if not units:
             continue
-        module = adapter.attn_out_proj(layers[i]) if granularity == "heads" else adapter.mlp_out_proj(layers[i])
+        module = (
+            adapter.attn_out_proj(layers[i])
+            if granularity == "heads"
+            else adapter.mlp_out_proj(layers[i])
+        )
         cols = torch.cat([torch.arange(u * width, (u + 1) * width) for u in units])
-        delta = imp.bias_compensation(adapter.out_proj_weight(module), stats[f"{i}.x_sum"], stats["tokens"], cols)
-        deltas[i] = [float(v) for v in delta]
+        delta = imp.bias_compensation(
+            adapter.out_proj_weight(module).detach(), stats[f"{i}.x_sum"], stats["tokens"], cols
+        )
+        deltas[i] = [float(v) for v in delta.detach()]
     return deltas

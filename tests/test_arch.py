@@ -346,3 +346,22 @@ def test_peft_wrapped_model_is_found_but_lora_layers_are_not_sliced():
     with pytest.raises(ValueError, match="merge LoRA"):
         adapter.prune_attention(wrapped, 0, [0])
     assert adapter.layout(wrapped) == [LayerLayout(4, 2, 48)] * 3  # refused before any slicing
+
+
+def test_llama_bias_compensation_adds_loadable_zero_biases(tmp_path):
+    import torch
+
+    from runner.checkpoint import load_pruned, save_checkpoint
+    from stages.arch import get_adapter
+
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    ids = torch.randint(3, 90, (2, 7))
+    before = model(input_ids=ids).logits
+    adapter.ensure_out_proj_bias(model, "heads")
+    adapter.ensure_out_proj_bias(model, "channels")
+    assert model.config.attention_bias and model.config.mlp_bias
+    assert torch.allclose(model(input_ids=ids).logits, before)  # zero biases change nothing
+    save_checkpoint(model, None, tmp_path / "ck")
+    reloaded = load_pruned(tmp_path / "ck")
+    assert torch.allclose(reloaded(input_ids=ids).logits, before, atol=1e-5)

@@ -5,11 +5,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runner.compare import load_compare_config
 from runner.config import ConfigError, load_config, parse_config
 from runner.methods import available_methods, compose, load_method
 
 ROOT = Path(__file__).resolve().parents[1]
-MINIMAL = {"models": ["demo-tiny-gpt2"], "stages": [{"kind": "layers", "criterion": "block_influence", "count": 1}]}
+MINIMAL = {
+    "models": ["demo-tiny-gpt2"],
+    "stages": [{"kind": "layers", "criterion": "block_influence", "count": 1}],
+}
 
 
 def problems_of(raw) -> dict[str, str]:
@@ -18,7 +22,39 @@ def problems_of(raw) -> dict[str, str]:
     return dict(info.value.problems)
 
 
-JOB_FILES = sorted(p for p in ROOT.glob("configs/*.yaml"))
+JOB_FILES = sorted(p for p in ROOT.glob("configs/*.yaml") if not p.name.startswith("compare"))
+COMPARE_FILES = sorted(ROOT.glob("configs/compare*.yaml"))
+
+
+@pytest.mark.parametrize("path", COMPARE_FILES, ids=lambda p: p.name)
+def test_every_shipped_compare_config_parses_and_composes(path):
+    cfg = load_compare_config(path)
+    for method in cfg.methods:
+        for ratio in cfg.ratios:
+            job = compose(
+                dict(cfg.job, name=cfg.name),
+                load_method(method),
+                ratio=ratio,
+                recovery_steps=cfg.recovery_steps,
+            )
+            assert job.target.ratio == ratio
+
+
+def test_compare_config_errors_are_collected(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "methods": ["cascade", "nope"],
+                "ratios": [0.5, 4],
+                "job": {"models": ["m"], "stages": []},
+            }
+        )
+    )
+    with pytest.raises(ConfigError) as info:
+        load_compare_config(path)
+    problems = dict(info.value.problems)
+    assert {"methods.1", "ratios.0", "job.stages"} <= set(problems)
 
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)

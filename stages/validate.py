@@ -1,0 +1,405 @@
+"""Does a pruned checkpoint fit an edge device? Analytic memory, a measured run, a roofline.
+
+The measured run happens in a SEPARATE PROCESS (`python -m stages.validate --probe ...`) so the
+caller's own memory never pollutes the figure: it loads the checkpoint, runs forward passes over
+batch x seq_len random tokens (KV cache on for decoders) and reports
+  CPU:  peak RSS growth over the process's RSS before loading (VmHWM is reset after loading, so
+        load-time copies do not count; weights + inference working set do);
+  CUDA: torch.cuda.max_memory_allocated under set_per_process_memory_fraction(budget / total),
+        so exceeding the budget raises OOM, reported as does-not-fit;
+and the median forward latency after warm-up. The measuring machine is a proxy for the target:
+memory is what the same weights and workload need; speed on the device is the roofline of
+stages.memory_model, which also gives the analytic estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from stages import memory_model as mm
+
+PROBE_TIMEOUT_S = 900
+GIB = 1024**3
+
+
+class ValidationFailed(RuntimeError):
+    """The model does not fit the device budget (the message says by how much)."""
+
+
+class ProbeError(RuntimeError):
+    """The measuring subprocess failed for a reason other than running out of memory."""
+
+
+# ---- measured run (parent side) -----------------------------------------------------------------
+def measure_inference(
+    ref: str | Path,
+    *,
+    batch: int,
+    seq_len: int,
+    dtype: str,
+    device: str = "cpu",
+    budget_bytes: int | None = None,
+    warmup: int = 2,
+    repeats: int = 5,
+    timeout_s: float = PROBE_TIMEOUT_S,
+) -> dict:
+    """Run the probe in a fresh interpreter; returns {peak_bytes, latency_ms, oom, device, ...}."""
+    options = {
+        "batch": batch,
+        "seq-len": seq_len,
+        "dtype": dtype,
+        "device": device,
+        "warmup": warmup,
+        "repeats": repeats,
+        "budget-bytes": budget_bytes,
+    }
+    cmd = [sys.executable, "-m", "stages.validate", "--probe", str(ref)]
+    cmd += [f"--{key}={value}" for key, value in options.items() if value is not None]
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    )
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=root
+        )
+    except subprocess.TimeoutExpired:
+        raise ProbeError(f"measuring {ref}: no result within {timeout_s:.0f}s") from None
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ProbeError(f"measuring {ref}: probe exited with {done.returncode}: {tail}")
+    return json.loads(lines[-1])
+
+
+# ---- validation -----------------------------------------------------------------------------------
+def _measure_or_none(ref, measure: bool, **kwargs) -> tuple[dict | None, str | None]:
+    if not measure or ref is None:
+        return None, None
+    try:
+        return measure_inference(ref, **kwargs), None
+    except ProbeError as exc:
+        return None, str(exc)
+
+
+def _figures(run: dict | None, shape: mm.ModelShape | None, profile, workload: dict) -> dict:
+    """One model's side of the comparison: measured run (if any), analytic estimate, roofline."""
+    if shape is None:
+        return {"peak": None, "oom": False, "latency": None, "analytic": None, "roof": {}}
+    batch, seq_len, nbytes = (
+        workload["batch"],
+        workload["seq_len"],
+        mm.dtype_bytes(workload["dtype"]),
+    )
+    ok = run is not None and not run["oom"]
+    return {
+        "peak": run["peak_bytes"] if ok else None,
+        "oom": bool(run and run["oom"]),
+        "latency": run["latency_ms"] if ok else None,
+        "analytic": mm.estimate_memory(shape, batch, seq_len, nbytes),
+        "roof": mm.roofline(
+            shape, profile.bandwidth_bytes_per_s, profile.bf16_flops, batch, seq_len, nbytes
+        ),
+    }
+
+
+def validate_model(
+    path: str | Path,
+    shape: mm.ModelShape,
+    dense_shape: mm.ModelShape | None,
+    *,
+    device: str,
+    fraction: float | None = None,
+    budget_bytes: int | None = None,
+    batch: int = 1,
+    seq_len: int = 128,
+    dtype: str = "float32",
+    dense_ref: str | Path | None = None,
+    measure: bool = True,
+    measure_device: str | None = None,
+    repeats: int = 5,
+) -> dict:
+    """Core of validate_checkpoint / validate_for_job once the shapes are known."""
+    from runner.devices import load_device
+
+    profile = load_device(device)
+    budget = _budget(device, fraction, budget_bytes)
+    workload = {"batch": batch, "seq_len": seq_len, "dtype": dtype}
+    on = measure_device or _default_measure_device()
+    probe = dict(workload, device=on, repeats=repeats)
+    pruned_run, error = _measure_or_none(path, measure, budget_bytes=budget, **probe)
+    if error:
+        raise ProbeError(error)
+    dense_run, dense_error = _measure_or_none(dense_ref, measure, **probe)
+    p = _figures(pruned_run, shape, profile, workload)
+    d = _figures(dense_run, dense_shape, profile, workload)
+    needed = p["peak"] if p["peak"] is not None else p["analytic"].total
+    both_measured = p["peak"] is not None and d["peak"] is not None
+    d_analytic = d["analytic"].total if d["analytic"] else None
+    return {
+        "device": profile.name,
+        "budget_bytes": budget,
+        "peak_bytes": p["peak"],
+        "analytic_bytes": p["analytic"].total,
+        "fits": not p["oom"] and needed <= budget,
+        "oom": p["oom"],
+        "headroom_bytes": None if p["oom"] else budget - needed,
+        "fits_basis": "oom" if p["oom"] else ("measured" if p["peak"] is not None else "analytic"),
+        "dense_peak_bytes": d["peak"] if d["peak"] is not None else d_analytic,
+        "dense_peak_source": "measured"
+        if d["peak"] is not None
+        else ("analytic" if d_analytic else None),
+        "latency_ms": {"dense": d["latency"], "pruned": p["latency"]},
+        "reductions": {
+            "peak_memory": mm.reduction(d["peak"], p["peak"])
+            if both_measured
+            else mm.reduction(d_analytic, p["analytic"].total),
+            "latency": mm.reduction(d["latency"], p["latency"]),
+        },
+        **{
+            f"projected_{key}": {"dense": d["roof"].get(key), "pruned": p["roof"][key]}
+            for key in ("tokens_per_s", "tokens_per_s_realistic", "samples_per_s")
+        },
+        "realism_factor": mm.REALISM_FACTOR,
+        "analytic": {
+            "pruned": p["analytic"].to_dict(),
+            "dense": d["analytic"] and d["analytic"].to_dict(),
+        },
+        "workload": workload,
+        "measured_on": on if pruned_run else None,
+        "params": {"pruned": shape.params, "dense": dense_shape.params if dense_shape else None},
+        "dense_measure_error": dense_error,
+    }
+
+
+def _budget(device: str | None, fraction: float | None, budget_bytes: int | None) -> int:
+    from runner.devices import resolve_budget
+
+    return resolve_budget(device, fraction, budget_bytes)
+
+
+def _default_measure_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def validate_checkpoint(
+    path: str | Path,
+    device: str,
+    *,
+    fraction: float | None = None,
+    budget_bytes: int | None = None,
+    batch: int = 1,
+    seq_len: int = 128,
+    dense_path: str | Path | None = None,
+    measure: bool = True,
+    dtype: str | None = None,
+    measure_device: str | None = None,
+    repeats: int = 5,
+) -> dict:
+    """Fit verdict, measured/analytic peak memory, latency and roofline for one checkpoint.
+
+    Without dense_path the dense figures are analytic, from config.pruning.dense_params (the
+    dense KV cache/workspace taken equal to the pruned one's: a lower bound, so the reported
+    memory reduction is conservative); dense latency is then unknown (None).
+    """
+    meta = mm.meta_model(path)
+    mm.check_seq_len(meta, seq_len, str(path))
+    shape = mm.model_shape(meta)
+    dtype = dtype or mm.stored_dtype(meta)
+    dense_shape = None
+    if dense_path is not None:
+        dense_shape = mm.model_shape(mm.meta_model(dense_path))
+    elif (getattr(meta.config, "pruning", None) or {}).get("dense_params"):
+        dense_shape = dataclasses.replace(shape, params=int(meta.config.pruning["dense_params"]))
+    options = dict(fraction=fraction, budget_bytes=budget_bytes, batch=batch, seq_len=seq_len)
+    options |= dict(dtype=dtype, measure=measure, measure_device=measure_device, repeats=repeats)
+    return validate_model(path, shape, dense_shape, device=device, dense_ref=dense_path, **options)
+
+
+def validate_for_job(exported_model, dense_params: int, job_cfg, model_cfg) -> dict:
+    """What a job reports: workload batch 1 x model max_length in the job's dtype.
+
+    The pruned checkpoint is measured from the exported directory; the dense model from the
+    job's model reference (demo name or path) when it loads, else analytically from
+    dense_params. Set CASCADE_VALIDATE_MEASURE=0 for analytic figures only.
+    """
+    target = job_cfg.target
+    measure = os.environ.get("CASCADE_VALIDATE_MEASURE", "1") != "0"
+    shape = mm.model_shape(exported_model)
+    dense_shape = dataclasses.replace(shape, params=max(int(dense_params), shape.params))
+    common = dict(
+        device=target.device,
+        fraction=target.fraction,
+        budget_bytes=target.budget_bytes,
+        batch=1,
+        seq_len=model_cfg.max_length,
+        dtype=model_cfg.dtype,
+        dense_ref=model_cfg.ref,
+        measure=measure,
+    )
+    path = Path(str(getattr(exported_model, "name_or_path", "") or ""))
+    if (path / "config.json").is_file():
+        return validate_model(path, shape, dense_shape, **common)
+    from runner.checkpoint import save_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="cascade-validate-") as tmp:
+        saved = save_checkpoint(exported_model, None, Path(tmp) / "checkpoint")
+        return validate_model(saved, shape, dense_shape, **common)
+
+
+def check_fits(validation: dict) -> None:
+    """Raise ValidationFailed (naming the shortfall) when a validation dict says does-not-fit."""
+    if validation.get("fits", True):
+        return
+    budget = validation["budget_bytes"]
+    device = validation["device"]
+    if validation.get("oom"):
+        raise ValidationFailed(
+            f"{device}: ran out of memory under the {budget / GIB:.2f} GiB budget "
+            f"(analytic estimate {validation['analytic_bytes'] / GIB:.2f} GiB)"
+        )
+    needed = budget - validation["headroom_bytes"]
+    over = needed - budget
+    raise ValidationFailed(
+        f"{device}: model needs {needed / GIB:.3f} GiB ({validation['fits_basis']}) but the budget is "
+        f"{budget / GIB:.3f} GiB: {over / GIB:.3f} GiB ({over / budget:.1%}) over"
+    )
+
+
+def params_for_budget(model, target_cfg, job_cfg) -> int:
+    """Largest parameter count whose analytic inference memory fits the target budget.
+
+    Assumptions: batch 1 at the longest max_length of the job's models, the model's current
+    dtype, and the KV cache/workspace of the DENSE model (pruning only shrinks them, so the
+    answer is conservative). Raises ValidationFailed if even those alone exceed the budget.
+    """
+    budget = _budget(target_cfg.device, target_cfg.fraction, target_cfg.budget_bytes)
+    shape = mm.model_shape(model)
+    nbytes = next(model.parameters()).element_size()
+    seq_len = max(m.max_length for m in job_cfg.models)
+    estimate = mm.estimate_memory(shape, 1, seq_len, nbytes)
+    overhead = estimate.kv_cache + estimate.workspace + shape.buffer_bytes
+    params = mm.max_params_for_budget(budget, overhead, nbytes)
+    if params <= 0:
+        raise ValidationFailed(
+            f"target {target_cfg.device or 'budget'}: budget {budget} bytes is below the KV cache + "
+            f"activation workspace ({overhead} bytes at seq {seq_len}) before any weights"
+        )
+    return min(shape.params, params)
+
+
+# ---- measured run (child side: python -m stages.validate --probe REF ...) ---------------------
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise ProbeError(f"/proc/self/status has no {field}")
+
+
+def _load_for_probe(ref: str, dtype, device: str):
+    """A pruned checkpoint (load_pruned), a plain HF directory, or a built-in demo name."""
+    from transformers import AutoModelForSequenceClassification
+
+    from runner.checkpoint import load_pruned
+
+    config_file = Path(ref) / "config.json"
+    if config_file.is_file() and "pruning" in json.loads(config_file.read_text()):
+        return load_pruned(ref, device=device, dtype=dtype, verify=False)
+    if config_file.is_file():
+        model = AutoModelForSequenceClassification.from_pretrained(ref, dtype=dtype)
+    else:
+        from runner.models import load_model
+
+        model, _ = load_model(ref, dtype=dtype, progress=False)
+    return model.to(device).eval()
+
+
+def _probe(args) -> dict:
+    import statistics
+    import time
+
+    import torch
+    import transformers  # noqa: F401 - imported before the baseline so it is not counted
+
+    import runner.checkpoint  # noqa: F401
+    import runner.models  # noqa: F401
+    from stages.arch import get_adapter
+
+    dtype = getattr(torch, args.dtype)
+    cuda = args.device.startswith("cuda")
+    if cuda and args.budget_bytes:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_bytes / total))
+    baseline = 0 if cuda else _rss_kib("VmRSS") * 1024
+    try:
+        model = _load_for_probe(args.ref, dtype, args.device)
+        if not cuda:
+            Path("/proc/self/clear_refs").write_text(
+                "5"
+            )  # reset VmHWM: load-time copies do not count
+        gen = torch.Generator().manual_seed(0)
+        vocab, pad = model.config.vocab_size, model.config.pad_token_id
+        ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=gen)
+        if pad is not None:
+            ids[ids == pad] = (pad + 1) % vocab
+        inputs = {
+            "input_ids": ids.to(args.device),
+            "attention_mask": torch.ones_like(ids).to(args.device),
+        }
+        if get_adapter(model).family != "bert":
+            inputs["use_cache"] = True  # keep the KV cache as a generation prefill would
+        times = []
+        with torch.inference_mode():
+            for i in range(args.warmup + args.repeats):
+                start = time.perf_counter()
+                model(**inputs)
+                if cuda:
+                    torch.cuda.synchronize()
+                if i >= args.warmup:
+                    times.append((time.perf_counter() - start) * 1000.0)
+    except torch.OutOfMemoryError as exc:
+        return {
+            "oom": True,
+            "peak_bytes": None,
+            "latency_ms": None,
+            "device": args.device,
+            "error": str(exc).splitlines()[0],
+        }
+    peak = torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024 - baseline
+    return {
+        "oom": False,
+        "peak_bytes": int(peak),
+        "latency_ms": statistics.median(times),
+        "device": args.device,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _probe_main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m stages.validate")
+    parser.add_argument("--probe", dest="ref", required=True, help="checkpoint dir or demo name")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--budget-bytes", type=int)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    print(json.dumps(_probe(parser.parse_args(argv))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_probe_main())
