@@ -63,13 +63,19 @@ class LocalExecutor:
 
     def barrier(self, version: int) -> list[WorkerState]:
         if self._version != version:
-            raise StaleVersionError(f"local worker holds version {self._version}, expected {version}")
+            raise StaleVersionError(
+                f"local worker holds version {self._version}, expected {version}"
+            )
         return [WorkerState("local", version)]
 
     def estimate(self, request: EstimateRequest, version: int) -> Stats:
         if self._version != version:
-            raise StaleVersionError(f"local worker holds version {self._version}, asked for {version}")
-        return reduce_statistics([collect_statistics(self._model, self._adapter, self._batches, request)])
+            raise StaleVersionError(
+                f"local worker holds version {self._version}, asked for {version}"
+            )
+        return reduce_statistics(
+            [collect_statistics(self._model, self._adapter, self._batches, request)]
+        )
 
     def close(self) -> None:
         self._model = None

@@ -16,7 +16,14 @@ pytestmark = pytest.mark.slow
 
 REPORT_KEYS = {
     "model": {"name", "architecture", "attention", "mlp", "params"},
-    "final": {"params", "dense_params", "compression_ratio", "accuracy", "dense_accuracy", "macro_f1"},
+    "final": {
+        "params",
+        "dense_params",
+        "compression_ratio",
+        "accuracy",
+        "dense_accuracy",
+        "macro_f1",
+    },
     "timing": {"total_seconds", "per_stage"},
 }
 
@@ -34,14 +41,36 @@ def events_of(out):
 
 def test_outputs_follow_the_contract(finished_job):
     out, report = finished_job
-    for name in ("job.yaml", "events.jsonl", "report.json", "report.md", "plots/stages.png",
-                 "checkpoint/config.json", "checkpoint/manifest.json"):
+    for name in (
+        "job.yaml",
+        "events.jsonl",
+        "report.json",
+        "report.md",
+        "plots/stages.png",
+        "checkpoint/config.json",
+        "checkpoint/manifest.json",
+    ):
         assert (out / name).is_file(), name
     on_disk = json.loads((out / "report.json").read_text())
     for section, keys in REPORT_KEYS.items():
         assert keys <= set(on_disk[section]), section
-    assert {"name", "kind", "version", "params_before", "params_after", "accuracy", "seconds"} <= set(on_disk["stages"][0])
-    assert [s["kind"] for s in on_disk["stages"]] == ["layers", "recover", "heads", "recover", "channels", "recover"]
+    assert {
+        "name",
+        "kind",
+        "version",
+        "params_before",
+        "params_after",
+        "accuracy",
+        "seconds",
+    } <= set(on_disk["stages"][0])
+    assert [s["kind"] for s in on_disk["stages"]] == [
+        "layers",
+        "recover",
+        "heads",
+        "recover",
+        "channels",
+        "recover",
+    ]
     for stage_dir in ("00_layers", "02_heads", "04_channels"):
         plan = json.loads((out / "stages" / stage_dir / "plan.json").read_text())
         assert plan["scores"] and plan["params_to_remove"] > 0
@@ -71,8 +100,12 @@ def test_importance_only_after_recovery_and_barrier(finished_job):
             last_barrier_version = e["version"]
             assert all(w["version"] == e["version"] for w in e["workers"])
         if e["event"] == "estimate_start" and e["stage"] != "layers":
-            assert e["version"] == last_recover_end, "importance estimated on a model that was not recovered"
-            assert last_barrier_version == e["version"], "no barrier at this version before estimation"
+            assert e["version"] == last_recover_end, (
+                "importance estimated on a model that was not recovered"
+            )
+            assert last_barrier_version == e["version"], (
+                "no barrier at this version before estimation"
+            )
 
 
 def test_checkpoint_reloads_with_the_reported_accuracy(finished_job):
