@@ -9,36 +9,9 @@ import json
 import os
 import sys
 
+from runner.errors import user_errors
+
 EXIT_USAGE = 2
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from runner.checkpoint import CheckpointError
-    from runner.config import ConfigError
-    from runner.data import DataError
-    from runner.models import ModelError
-    from runner.pipeline import JobError
-    from stages.arch import UnsupportedArchitecture
-    from stages.guards import NumericalError
-    from stages.selection import SelectionError
-
-    errors = [
-        ConfigError,
-        JobError,
-        ModelError,
-        CheckpointError,
-        DataError,
-        UnsupportedArchitecture,
-        SelectionError,
-        NumericalError,
-    ]
-    try:
-        from stages.validate import ValidationFailed
-
-        errors.append(ValidationFailed)
-    except ImportError:
-        pass
-    return tuple(errors)
 
 
 def cmd_run(args) -> int:
@@ -192,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - top-level: known errors become one line
-        if args.debug or not isinstance(exc, _known_errors()):
+        if args.debug or not isinstance(exc, user_errors()):
             raise
         message = str(exc).strip()
         print(f"error: {message}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from runner.config import JobConfig, dump_config
+from runner.errors import user_errors
 from runner.pipeline import JobError, ModelRun
 from runner.report import write_summary
 
@@ -54,7 +56,17 @@ def run_job(
 ) -> dict:
     """Run every model of the job; returns {model_dir_name: report}."""
     out = Path(out)
+    fresh = not out.exists() or not any(out.iterdir())
     prepare_output(cfg, out, resume=resume, force=force)
+    try:
+        return _run_models(cfg, out, resume=resume, log=log)
+    except user_errors():
+        if fresh and not any(out.glob("**/stages/*/metrics.json")):
+            shutil.rmtree(out, ignore_errors=True)  # bad input: leave nothing behind
+        raise
+
+
+def _run_models(cfg: JobConfig, out: Path, *, resume: bool, log) -> dict:
     reports = {}
     single = len(cfg.models) == 1
     for model_cfg in cfg.models:
@@ -62,8 +74,6 @@ def run_job(
         model_out = out if single else out / name
         if not single and resume and (model_out / "report.json").is_file():
             log(f"[{name}] already finished, skipping")
-            import json
-
             reports[name] = json.loads((model_out / "report.json").read_text())
             continue
         log(f"[{name}] compressing {model_cfg.ref}")

@@ -19,6 +19,7 @@ from runner.config import JobConfig, ModelConfig, PruneStageConfig, RecoverStage
 from runner.data import CLASS_NAMES, build_dataset
 from runner.events import EventLog
 from runner.models import count_params, describe_model, load_model
+from runner.preflight import preflight
 from runner.stage_store import StageStore
 from stages.arch import get_adapter
 from stages.base import PrunePlan, apply_plan
@@ -85,6 +86,7 @@ class ModelRun:
             s: evaluate(self.model, self.splits[s]) for s in ("validation", "test", "heldout")
         }
         self.params_target = self._params_target()
+        preflight(cfg, self.model_cfg.ref, self.model, self.adapter, self.dense_params, self.params_target)
         if any(
             isinstance(s, RecoverStageConfig) and s.loss == "kd" and s.teacher == "dense"
             for s in cfg.stages

@@ -1,0 +1,31 @@
+"""The errors a user can fix: the CLI prints them as one line and exits 2 (docs/ERRORS.md)."""
+
+from __future__ import annotations
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from runner.checkpoint import CheckpointError
+    from runner.config import ConfigError
+    from runner.data import DataError
+    from runner.models import ModelError
+    from runner.pipeline import JobError
+    from runner.preflight import PreflightError
+    from stages.arch import UnsupportedArchitecture
+    from stages.guards import NumericalError
+    from stages.selection import SelectionError
+
+    errors: list[type[BaseException]] = [ConfigError, JobError, PreflightError, ModelError, CheckpointError,
+                                         DataError, UnsupportedArchitecture, SelectionError, NumericalError]
+    try:
+        from runner.devices import DeviceError
+
+        errors.append(DeviceError)
+    except ImportError:
+        pass
+    try:
+        from stages.validate import ValidationFailed
+
+        errors.append(ValidationFailed)
+    except ImportError:
+        pass
+    return tuple(errors)
