@@ -6,6 +6,7 @@ import time
 
 from runner.checkpoint import load_pruned, save_checkpoint
 from runner.models import count_params
+from runner.pipeline import JobError
 from runner.report import write_report
 from stages.training import evaluate
 
@@ -15,9 +16,22 @@ def finish_model_run(run, start: float) -> dict:
     ckpt_dir = run.out / "checkpoint"
     t0 = time.perf_counter()
     meta = {"job": cfg.name, "source_model": run.model_cfg.ref, "dense_params": run.dense_params}
-    save_checkpoint(
-        run.model, run.tokenizer, ckpt_dir, require_uniform=cfg.target.uniform_layout, metadata=meta
-    )
+    try:
+        save_checkpoint(
+            run.model,
+            run.tokenizer,
+            ckpt_dir,
+            require_uniform=cfg.target.uniform_layout,
+            metadata=meta,
+        )
+    except OSError as exc:
+        run.events.emit(
+            "error", version=run.version, stage="export", error=f"{type(exc).__name__}: {exc}"
+        )
+        raise JobError(
+            f"export to {ckpt_dir} failed ({exc.strerror or exc}); any previous checkpoint there is "
+            "intact and the stage models are kept: fix the cause and rerun with --resume"
+        ) from None
     run.events.emit(
         "export", version=run.version, path=str(ckpt_dir), seconds=time.perf_counter() - t0
     )
