@@ -1,7 +1,8 @@
 """Architecture adapters: where layers / attention units / FFN channels live, how to slice them.
 
 `get_adapter(model_or_config)` picks the adapter by config.model_type. The family modules hold
-the details (arch_llama: Llama/Mistral/Qwen2, arch_gpt2, arch_bert); arch_base holds the shared
+the details (arch_llama: Llama/Mistral/Qwen2, arch_qwen3, arch_phi3, arch_gpt2, arch_opt, arch_neox,
+arch_bert, arch_roberta, arch_distilbert); arch_base holds the shared
 pruning, resizing and cost logic, arch_slicing the module-level tensor surgery.
 """
 
@@ -11,13 +12,29 @@ from transformers import PretrainedConfig
 
 from stages.arch_base import ArchAdapter, LayerLayout, UnsupportedArchitecture, unwrap_model
 from stages.arch_bert import BertAdapter
+from stages.arch_distilbert import DistilBertAdapter
 from stages.arch_gpt2 import GPT2Adapter
 from stages.arch_llama import LlamaAdapter
+from stages.arch_neox import GPTNeoXAdapter
+from stages.arch_opt import OPTAdapter
+from stages.arch_phi3 import Phi3Adapter
+from stages.arch_qwen3 import Qwen3Adapter
+from stages.arch_roberta import RobertaAdapter
 from stages.arch_slicing import UnitProjection, UnsupportedModule
 
 _ADAPTERS: dict[str, type[ArchAdapter]] = {
     model_type: cls
-    for cls in (GPT2Adapter, BertAdapter, LlamaAdapter)
+    for cls in (
+        GPT2Adapter,
+        BertAdapter,
+        LlamaAdapter,
+        Qwen3Adapter,
+        Phi3Adapter,
+        OPTAdapter,
+        GPTNeoXAdapter,
+        RobertaAdapter,
+        DistilBertAdapter,
+    )
     for model_type in cls.model_types
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ADAPTERS))
@@ -43,9 +60,15 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "ArchAdapter",
     "BertAdapter",
+    "DistilBertAdapter",
     "GPT2Adapter",
+    "GPTNeoXAdapter",
     "LayerLayout",
     "LlamaAdapter",
+    "OPTAdapter",
+    "Phi3Adapter",
+    "Qwen3Adapter",
+    "RobertaAdapter",
     "UnitProjection",
     "UnsupportedArchitecture",
     "UnsupportedModule",

@@ -86,7 +86,7 @@ class LlamaAdapter(ArchAdapter):
         if config.model_type != "llama":
             raise ValueError(
                 f"bias compensation needs an output-projection bias; {config.model_type} configs "
-                "cannot express one (supported: llama, gpt2, bert)"
+                "cannot express one (supported: llama, gpt2, bert, opt, gpt_neox, qwen3 heads)"
             )
         flag = "attention_bias" if granularity == "heads" else "mlp_bias"
         for layer in self.layers(model):

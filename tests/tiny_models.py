@@ -198,3 +198,138 @@ def padded_batch(
             mask[row, :pad] = 0
     ids = ids.masked_fill(mask == 0, PAD_ID)
     return ids, mask
+
+
+# ---- more architectures (OPT, GPT-NeoX, Qwen3, RoBERTa/XLM-R, DistilBERT, Phi-3) -------------
+def _randomise_biases(model: torch.nn.Module, seed: int) -> None:
+    """Linear biases start at 0; jitter them so a bias that is sliced wrongly changes outputs."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") and param.dim() == 1:
+                param.add_(0.1 * torch.randn(param.shape, generator=gen))
+
+
+def _build_biased(cls: type[PreTrainedModel], config, seed: int) -> PreTrainedModel:
+    model = _build(cls, config, seed)
+    _randomise_biases(model, seed)
+    return model
+
+
+def tiny_opt(cls=None, *, attn_implementation: str = "eager", seed: int = 0, **overrides):
+    """OPT (pre-LN, biased q/k/v/out_proj, ReLU fc1/fc2): hidden 32, 4 heads, 3 layers, FFN 48."""
+    from transformers import OPTConfig, OPTForSequenceClassification
+
+    kwargs = dict(
+        _COMMON,
+        hidden_size=32,
+        word_embed_proj_dim=32,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        ffn_dim=48,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        dropout=0.0,
+        attention_dropout=0.0,
+        init_std=INIT_RANGE,
+        attn_implementation=attn_implementation,
+    )
+    kwargs.update(overrides)
+    return _build_biased(cls or OPTForSequenceClassification, OPTConfig(**kwargs), seed)
+
+
+def tiny_neox(cls=None, *, attn_implementation: str = "eager", seed: int = 0, **overrides):
+    """GPT-NeoX (fused per-head q|k|v, partial rotary 50%, parallel residual): like tiny_gpt2."""
+    from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
+
+    kwargs = dict(
+        _COMMON,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        rotary_pct=0.5,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation=attn_implementation,
+    )
+    kwargs.update(overrides)
+    return _build_biased(cls or GPTNeoXForSequenceClassification, GPTNeoXConfig(**kwargs), seed)
+
+
+def tiny_qwen3(cls=None, *, attn_implementation: str = "eager", seed: int = 0, **overrides):
+    """Qwen3 (GQA 4/2, q_norm/k_norm over head_dim 8): layer 0 full, layers 1-2 sliding window 4."""
+    from transformers import Qwen3Config, Qwen3ForSequenceClassification
+
+    kwargs = _llama_kwargs(4, 2, attn_implementation)
+    kwargs.update(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    kwargs.update(overrides)
+    return _build(cls or Qwen3ForSequenceClassification, Qwen3Config(**kwargs), seed)
+
+
+def _encoder_kwargs(attn_implementation: str) -> dict:
+    return dict(
+        _COMMON,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation=attn_implementation,
+    )
+
+
+def tiny_roberta(cls=None, *, attn_implementation: str = "eager", seed: int = 0, **overrides):
+    """RoBERTa (BERT modules, padding-aware positions, dense+out_proj head): like tiny_bert."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    kwargs = _encoder_kwargs(attn_implementation)
+    kwargs.update(overrides)
+    return _build_biased(cls or RobertaForSequenceClassification, RobertaConfig(**kwargs), seed)
+
+
+def tiny_xlm_roberta(cls=None, *, attn_implementation: str = "eager", seed: int = 0, **overrides):
+    """XLM-RoBERTa: RoBERTa's modules under model_type 'xlm-roberta'."""
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    kwargs = _encoder_kwargs(attn_implementation)
+    kwargs.update(overrides)
+    return _build_biased(
+        cls or XLMRobertaForSequenceClassification, XLMRobertaConfig(**kwargs), seed
+    )
+
+
+def tiny_distilbert(cls=None, *, attn_implementation: str = "eager", seed: int = 0, **overrides):
+    """DistilBERT (q_lin/k_lin/v_lin/out_lin, lin1/lin2, pre_classifier): dim 32, 4 heads, FFN 48."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    kwargs = dict(
+        _COMMON,
+        dim=32,
+        n_heads=4,
+        n_layers=3,
+        hidden_dim=48,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        seq_classif_dropout=0.0,
+        attn_implementation=attn_implementation,
+    )
+    kwargs.update(overrides)
+    return _build_biased(
+        cls or DistilBertForSequenceClassification, DistilBertConfig(**kwargs), seed
+    )
+
+
+def tiny_phi3(cls=None, *, attn_implementation: str = "eager", seed: int = 0, **overrides):
+    """Phi-3/Phi-4-mini style: fused qkv_proj (GQA 4/2) and gate_up_proj, partial rotary 0.5."""
+    from transformers import Phi3Config, Phi3ForSequenceClassification
+
+    kwargs = _llama_kwargs(4, 2, attn_implementation)
+    kwargs.update(partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0)
+    kwargs.update(overrides)
+    return _build(cls or Phi3ForSequenceClassification, Phi3Config(**kwargs), seed)

@@ -1,0 +1,15 @@
+"""RoBERTa / XLM-R adapter: BERT's module tree under a different base-model prefix.
+
+RobertaSelfAttention reads attention_head_size (unchanged by head pruning) exactly as BERT's
+does, so all slicing is inherited. family stays "bert": downstream code (memory model, device
+validation) treats that family as encoder-only, which RoBERTa is.
+"""
+
+from __future__ import annotations
+
+from stages.arch_bert import BertAdapter
+
+
+class RobertaAdapter(BertAdapter):
+    family = "bert"
+    model_types = ("roberta", "xlm-roberta")
