@@ -1,0 +1,204 @@
+"""RayExecutor equals LocalExecutor, refuses stale versions, waits at barriers, survives a crash.
+
+One embedded 2-CPU Ray and two executors (1 and 2 workers, half a CPU each) for the whole module:
+Ray and actor start-up cost ~10-20 s, so the module is marked slow (~45 s on an idle 2-core box).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+import torch
+
+from cluster.executor import LocalExecutor, StaleVersionError
+from cluster.ray_executor import BarrierTimeoutError, RayExecutor
+from cluster.workers import WorkerCore, WorkerNotLoadedError
+from runner.checkpoint import save_checkpoint
+from runner.config import ClusterConfig
+from stages.arch import get_adapter
+from stages.budget import Budget
+from stages.estimate import EstimateRequest, scores_from_statistics
+from stages.layers import plan_layer_removal
+from stages.units import plan_unit_removal
+from tests.tiny_models import NUM_LABELS, padded_batch, tiny_gpt2, tiny_llama
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REQUESTS = [
+    EstimateRequest("heads", "wanda"),
+    EstimateRequest("channels", "taylor"),
+    EstimateRequest("layers", "block_influence"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def embedded_ray():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=300 * 1024**2,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
+    yield
+    ray.shutdown()
+
+
+def calibration(n_batches: int = 5) -> list[dict]:
+    """Uneven micro-batch count (5) so the two shards differ in size."""
+    batches = []
+    for seed in range(n_batches):
+        ids, mask = padded_batch(batch=3, seq_len=9, seed=seed)
+        labels = torch.arange(3) % NUM_LABELS
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def ray_executor(workers: int) -> RayExecutor:
+    """Half a CPU per worker so the 1- and 2-worker executors (3 actors) share the 2-CPU Ray."""
+    cfg = ClusterConfig(executor="ray", workers=workers, cpus_per_worker=0.5)
+    return RayExecutor(cfg, None)
+
+
+@pytest.fixture(scope="module")
+def two_workers(embedded_ray):
+    executor = ray_executor(2)
+    yield executor
+    executor.close()
+
+
+@pytest.fixture(scope="module")
+def one_worker(embedded_ray):
+    executor = ray_executor(1)
+    yield executor
+    executor.close()
+
+
+def plan_for(model, adapter, request: EstimateRequest, stats) -> tuple:
+    scores = scores_from_statistics(model, adapter, stats, request)
+    common = dict(stage="s", criterion=request.criterion, version_in=0, params_before=0)
+    if request.granularity == "layers":
+        plan = plan_layer_removal(model, adapter, scores, Budget(units=1), **common)
+    else:
+        plan = plan_unit_removal(
+            model, adapter, request.granularity, scores, Budget(units=3), **common
+        )
+    return scores, plan
+
+
+def assert_stats_close(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-9, msg=key)
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_one_and_two_workers_match_local(build, one_worker, two_workers):
+    model = build()
+    adapter = get_adapter(model)
+    batches = calibration()
+    local = LocalExecutor(adapter)
+    local.set_calibration(batches)
+    local.load_version(0, model, None)
+    expected = {r: local.estimate(r, 0) for r in REQUESTS}
+    for executor in (one_worker, two_workers):
+        executor.set_calibration(batches)
+        executor.load_version(0, model, None)
+        states = executor.barrier(0)
+        workers = executor.workers
+        assert [(s.worker, s.version) for s in states] == [
+            (f"worker-{i}", 0) for i in range(workers)
+        ]
+        for request in REQUESTS:
+            got = executor.estimate(request, 0)
+            assert_stats_close(got, expected[request])
+            assert float(got["rows"]) == 15.0  # every micro-batch counted exactly once
+            got_scores, got_plan = plan_for(model, adapter, request, got)
+            want_scores, want_plan = plan_for(model, adapter, request, expected[request])
+            for g, w in zip(got_scores, want_scores):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-9)
+            assert got_plan.drop_layers == want_plan.drop_layers
+            assert got_plan.keep == want_plan.keep
+
+
+def test_stale_version_refused_and_barrier_waits_for_slow_worker(two_workers, tmp_path):
+    executor = two_workers
+    model = tiny_gpt2()
+    pruned = tiny_gpt2(seed=1)  # "version 11": different weights, so stale stats would differ
+    request = EstimateRequest("heads", "wanda")
+    batches = calibration()
+    local = LocalExecutor(get_adapter(pruned))
+    local.set_calibration(batches)
+    local.load_version(11, pruned, None)
+    expected = local.estimate(request, 11)
+    executor.set_calibration(batches)
+    executor.load_version(10, model, None)
+    executor.barrier(10)
+    # the driver asks for a version the workers do not hold: the worker refuses
+    with pytest.raises(StaleVersionError, match=r"worker-0 holds version 10, asked for version 11"):
+        executor.estimate(request, 11)
+    # slow reload on worker-1: a short barrier times out naming it, a longer one waits
+    ray.get(executor.actors[1].set_test_delays.remote(load_s=2.0))
+    # version 11 comes from a checkpoint directory (shared storage), not the object store
+    checkpoint = save_checkpoint(pruned, None, tmp_path / "v11")
+    executor.load_version(11, pruned, str(checkpoint))
+    try:
+        executor.barrier_timeout_s = 0.5
+        with pytest.raises(BarrierTimeoutError, match="worker-1"):
+            executor.barrier(11)
+        executor.barrier_timeout_s = 60.0
+        start = time.monotonic()
+        states = executor.barrier(11)
+        assert time.monotonic() - start > 0.5  # it really waited for the remaining load time
+    finally:
+        ray.get(executor.actors[1].set_test_delays.remote(load_s=0.0))
+    assert [s.version for s in states] == [11, 11]
+    assert ray.get([a.version.remote() for a in executor.actors]) == [11, 11]
+    assert_stats_close(executor.estimate(request, 11), expected)
+    with pytest.raises(StaleVersionError, match="driver loaded version 11"):
+        executor.barrier(10)
+
+
+def test_killed_worker_is_restarted_and_result_unchanged(two_workers):
+    executor = two_workers
+    model = tiny_llama()
+    request = EstimateRequest("channels", "taylor")
+    executor.set_calibration(calibration())
+    executor.load_version(20, model, None)
+    executor.barrier(20)
+    undisturbed = executor.estimate(request, 20)
+    victim = executor.actors[1]
+    pid = ray.get(victim.pid.remote())
+    ray.get(victim.set_test_delays.remote(estimate_s=5.0))
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(executor.estimate(request, 20)))
+    thread.start()
+    time.sleep(1.5)  # the victim is now sleeping inside estimate
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=90)
+    assert not thread.is_alive(), "estimate did not return after the worker was killed"
+    assert_stats_close(result, undisturbed)
+    assert ray.get(victim.pid.remote()) != pid  # Ray restarted the actor in a new process
+    assert ray.get(victim.version.remote()) == 20  # and the executor re-loaded the version
+    assert [s.version for s in executor.barrier(20)] == [20, 20]
+
+
+def test_worker_core_refuses_without_ray():
+    """The actor logic itself (no Ray): not loaded, stale, then correct."""
+    model = tiny_gpt2()
+    request = EstimateRequest("heads", "wanda")
+    core = WorkerCore("worker-7")
+    core.set_calibration(calibration(2))
+    with pytest.raises(WorkerNotLoadedError, match="worker-7 holds no model"):
+        core.estimate(request, 0, [0, 1])
+    assert core.load(3, None, model) == 3 and core.version() == 3
+    with pytest.raises(StaleVersionError, match="worker-7 holds version 3, asked for version 4"):
+        core.estimate(request, 4, [0])
+    stats = core.estimate(request, 3, [1])
+    assert float(stats["rows"]) == 3.0
