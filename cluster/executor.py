@@ -8,6 +8,7 @@ to the single-process value whatever the number of workers.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,6 +80,24 @@ class LocalExecutor:
 
     def close(self) -> None:
         self._model = None
+
+
+@contextmanager
+def cluster_session(cluster_cfg):
+    """One Ray runtime for a whole job (not one per model): started here, shut down at the end."""
+    if cluster_cfg.executor != "ray":
+        yield
+        return
+    import ray
+
+    from cluster.ray_executor import start_ray
+
+    started = start_ray(cluster_cfg)
+    try:
+        yield
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
 
 
 def make_executor(cluster_cfg, adapter) -> Executor:

@@ -53,7 +53,6 @@ def finish_model_run(run, start: float) -> dict:
         compression_ratio=report["final"]["compression_ratio"],
         accuracy=report["final"]["accuracy"],
     )
-    run.executor.close()
     return report
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from cluster.executor import cluster_session
 from runner.config import JobConfig, dump_config
 from runner.errors import user_errors
 from runner.pipeline import JobError, ModelRun
@@ -59,7 +60,8 @@ def run_job(
     fresh = not out.exists() or not any(out.iterdir())
     prepare_output(cfg, out, resume=resume, force=force)
     try:
-        return _run_models(cfg, out, resume=resume, log=log)
+        with cluster_session(cfg.cluster):
+            return _run_models(cfg, out, resume=resume, log=log)
     except user_errors():
         if fresh and not any(out.glob("**/stages/*/metrics.json")):
             shutil.rmtree(out, ignore_errors=True)  # bad input: leave nothing behind

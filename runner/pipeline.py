@@ -118,6 +118,14 @@ class ModelRun:
     # ---------------------------------------------------------------- main
     def run(self) -> dict:
         start = time.perf_counter()
+        try:
+            return self._run(start)
+        finally:
+            executor = getattr(self, "executor", None)
+            if executor is not None:
+                executor.close()
+
+    def _run(self, start: float) -> dict:
         self._setup()
         first = 0
         if self.resume:

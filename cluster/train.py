@@ -1,0 +1,486 @@
+"""Distributed recovery: stages.recover's LoRA recovery as a Ray Train TorchTrainer job (DDP/ZeRO).
+
+Same LoRA config, loss, optimiser and schedule as the in-process `recover`; each worker trains a
+DistributedSampler-style shard with batch ceil(batch_size / workers), so global batch and steps
+match, and DDP (gloo on CPU, nccl on GPU) averages gradients: one worker reproduces the in-process
+weights exactly (tested). The model reaches workers once (checkpoint files in the object store);
+each pass over a shard ends with a resumable checkpoint, so FailureConfig(max_failures=1) resumes
+a killed worker group. Rank 0 reports the LoRA-merged weights; the driver loads them in place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from stages.recover import RecoverySettings, cached_teacher
+from stages.training import EncodedSplit, TrainingError, kd_loss, lr_multiplier
+
+STRATEGIES = ("ddp", "deepspeed_zero2", "deepspeed_zero3")
+METHODS = ("lora", "full")
+MERGED_FILE, PROGRESS_FILE, STATE_FILE = "merged.safetensors", "progress.json", "trainer_state.pt"
+
+
+class DistributedRecoveryError(ValueError):
+    """Distributed recovery cannot run as configured (the message names the setting)."""
+
+
+# ---- sharding (pure) -----------------------------------------------------------------------------
+def shard_indices(rows: int, rank: int, world: int) -> Tensor:
+    """Rows of `rank` as DistributedSampler(shuffle=False) picks them: wrap-pad, then stride."""
+    if rows < 1 or world < 1 or not 0 <= rank < world:
+        raise DistributedRecoveryError(f"shard_indices: bad rows={rows} rank={rank} world={world}")
+    total = math.ceil(rows / world) * world
+    return (torch.arange(total) % rows)[rank:total:world]
+
+
+def per_worker_batch_size(batch_size: int, world: int) -> int:
+    return max(1, math.ceil(batch_size / world))
+
+
+def steps_per_epoch(shard_rows: int, batch_size: int) -> int:
+    return math.ceil(shard_rows / batch_size)
+
+
+def epoch_batches(shard: EncodedSplit, rows: Tensor, batch_size: int, seed: int) -> Iterator[dict]:
+    """EncodedSplit.batches(shuffle=True, seed) with "index" = each row's index in the full split."""
+    order = torch.randperm(len(shard), generator=torch.Generator().manual_seed(seed))
+    for start in range(0, len(shard), batch_size):
+        pick = order[start : start + batch_size]
+        batch = next(shard.subset(pick).batches(len(pick)))
+        yield batch | {"index": rows[pick]}
+
+
+# ---- model preparation (mirrors stages/recover.py) -----------------------------------------------
+def lora_config(adapter, settings: RecoverySettings):
+    """The exact LoraConfig that stages.recover._lora builds."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=adapter.lora_target_modules(),
+        modules_to_save=adapter.classifier_module_names(),
+        fan_in_fan_out=adapter.family == "gpt2",
+    )
+
+
+def prepare_trainable(model: nn.Module, adapter, settings: RecoverySettings):
+    """(module to train, its trainable parameters); the LoRA init is seeded by settings.seed."""
+    if settings.method == "full":
+        return model, [p.requires_grad_(True) for p in model.parameters()]
+    from peft import get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        peft_model = get_peft_model(model, lora_config(adapter, settings))
+    return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
+
+
+def merged_state(trained: nn.Module, method: str) -> dict[str, Tensor]:
+    """Plain-model state dict (LoRA merged, wrappers gone), cloned so safetensors can store it."""
+    model = trained.merge_and_unload() if method == "lora" else trained
+    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+# ---- the training loop (no Ray) ------------------------------------------------------------------
+def batch_loss(model: nn.Module, batch: dict, settings: RecoverySettings, teacher) -> Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if settings.loss == "ce":
+        return F.cross_entropy(logits.float(), batch["labels"])
+    with torch.no_grad():
+        target = teacher(batch).detach().to(logits.device)
+    t, alpha = settings.kd_temperature, settings.kd_alpha
+    return kd_loss(logits, target, batch["labels"], temperature=t, alpha=alpha)
+
+
+class TorchStepper:
+    """AdamW + warmup/cosine LambdaLR + grad clipping, as in stages.training.train_steps."""
+
+    def __init__(self, model: nn.Module, trainable: list[nn.Parameter], settings: RecoverySettings):
+        ts = settings.train_settings()
+        ts.validate()
+        self.model, self.trainable, self.clip = model, trainable, ts.grad_clip
+        self.optimizer = torch.optim.AdamW(trainable, lr=ts.lr, weight_decay=ts.weight_decay)
+        schedule = lambda s: lr_multiplier(s, ts.steps, ts.warmup_fraction, ts.schedule)  # noqa: E731
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+
+    def step(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def _inner(self) -> nn.Module:
+        return getattr(self.model, "module", self.model)  # DDP wraps the trained module
+
+    def save(self, directory: Path, rank: int) -> bool:
+        """Rank 0 writes trainable weights + optimiser + schedule; True if it wrote files."""
+        if rank != 0:
+            return False
+        weights = {
+            n: p.detach().cpu() for n, p in self._inner().named_parameters() if p.requires_grad
+        }
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        torch.save(state | {"weights": weights}, directory / STATE_FILE)
+        return True
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for name, param in self._inner().named_parameters():
+                if param.requires_grad:
+                    param.copy_(state["weights"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def final_state(self, rank: int, method: str) -> dict[str, Tensor] | None:
+        return merged_state(self._inner(), method) if rank == 0 else None
+
+
+def train_shard(
+    stepper,
+    shard: EncodedSplit,
+    rows: Tensor,
+    settings: RecoverySettings,
+    *,
+    batch_size: int,
+    resume: tuple[int, list[float]] = (0, []),
+    teacher: Callable[[dict], Tensor] | None = None,
+    average: Callable[[Tensor], float] = float,
+    on_epoch: Callable[[int, list[float]], None] | None = None,
+) -> list[float]:
+    """Train to settings.steps from resume = (step at an epoch boundary, losses so far).
+
+    Epoch e shuffles with seed + e like stages.training's endless batches, so one full shard
+    reproduces train_steps exactly. `average` turns a loss into its mean over the workers.
+    """
+    device = next(stepper.model.parameters()).device
+    per_epoch = steps_per_epoch(len(shard), batch_size)
+    step, losses = resume[0], list(resume[1])
+    if step % per_epoch and step < settings.steps:
+        raise DistributedRecoveryError(f"resume step {step} is not an epoch boundary")
+    epoch = step // per_epoch
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(settings.seed + epoch)
+        while step < settings.steps:
+            for batch in epoch_batches(shard, rows, batch_size, settings.seed + epoch):
+                batch = {k: v if k == "index" else v.to(device) for k, v in batch.items()}
+                loss = batch_loss(stepper.model, batch, settings, teacher)
+                value = average(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingError(f"recover_distributed: loss is {value} at step {step}")
+                stepper.step(loss)
+                losses.append(value)
+                step += 1
+                if step == settings.steps:
+                    break
+            epoch += 1
+            if on_epoch is not None and step < settings.steps:
+                on_epoch(step, losses)
+    return losses
+
+
+# ---- DeepSpeed (imported only when asked) --------------------------------------------------------
+def require_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise DistributedRecoveryError(
+            f"strategy deepspeed_* needs DeepSpeed, which is not installed ({err}); "
+            "install it with `pip install .[deepspeed]` or use strategy: ddp"
+        ) from None
+    return deepspeed
+
+
+class DeepSpeedStepper:
+    """ZeRO-2/3 engine around the torch AdamW (no DeepSpeed optimizer block: it needs compiled ops)."""
+
+    def __init__(self, model, trainable, settings: RecoverySettings, stage: int, batch_size: int):
+        self._deepspeed, self.stage = require_deepspeed(), stage
+        base = TorchStepper(model, trainable, settings)
+        config = {"train_micro_batch_size_per_gpu": batch_size, "gradient_clipping": base.clip,
+                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}  # fmt: skip
+        self.model = self._deepspeed.initialize(
+            model=model, optimizer=base.optimizer, lr_scheduler=base.scheduler, config=config
+        )[0]
+
+    def step(self, loss: Tensor) -> None:
+        self.model.backward(loss)
+        self.model.step()  # clips, steps the optimiser and the schedule, zeroes gradients
+
+    def save(self, directory: Path, rank: int) -> bool:
+        self.model.save_checkpoint(str(directory), tag="state")  # collective: every rank writes
+        return True
+
+    def load(self, directory: Path) -> None:
+        self.model.load_checkpoint(str(directory), tag="state")
+
+    def final_state(self, rank: int, method: str) -> dict[str, Tensor] | None:
+        module, gather = self.model.module, self._deepspeed.zero.GatheredParameters
+        with gather(list(module.parameters()), modifier_rank=None, enabled=self.stage == 3):
+            return merged_state(module, method) if rank == 0 else None
+
+
+# ---- Ray Train worker ----------------------------------------------------------------------------
+def _model_files(model: nn.Module) -> dict[str, bytes]:
+    from runner.checkpoint import save_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="cascade-train-") as tmp:
+        out = save_checkpoint(model, None, Path(tmp) / "model")
+        return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+def _model_from_files(files: dict[str, bytes], attn_implementation: str | None) -> nn.Module:
+    from runner.checkpoint import load_pruned
+
+    with tempfile.TemporaryDirectory(prefix="cascade-train-") as tmp:
+        for name, blob in files.items():
+            (Path(tmp) / name).write_bytes(blob)
+        return load_pruned(tmp, attn_implementation=attn_implementation)
+
+
+def _report(metrics: dict, directory: Path | None) -> None:
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _maybe_inject_fault(fault: dict | None, last_rank: bool, epochs_done: int) -> None:
+    """Test hook: the last worker kills its own process once, after `fault["epoch"]` epochs."""
+    if (
+        not fault
+        or not last_rank
+        or epochs_done != fault["epoch"]
+        or Path(fault["marker"]).exists()
+    ):
+        return
+    import ray.train
+
+    Path(fault["marker"]).write_text(str(epochs_done))
+    ray.train.get_all_reported_checkpoints(timeout_s=60)  # wait until the epoch's is registered
+    os._exit(1)  # a killed worker, not a Python exception
+
+
+def _make_stepper(strategy: str, trained, trainable, settings, batch_size, device, world):
+    if strategy != "ddp":
+        return DeepSpeedStepper(trained, trainable, settings, int(strategy[-1]), batch_size)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        trained = DistributedDataParallel(trained, device_ids=ids)
+    return TorchStepper(trained, trainable, settings)
+
+
+def _resume(stepper) -> tuple[int, list[float]]:
+    """(step, losses) of this run's last epoch checkpoint, loading the trainer state from it."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as directory:
+        progress = json.loads((Path(directory) / PROGRESS_FILE).read_text())
+        stepper.load(Path(directory))
+    return progress["step"], progress["losses"]
+
+
+def _worker_main(config: dict) -> None:
+    import ray
+    import ray.train
+    from ray.train.torch import get_device
+
+    from stages.arch import get_adapter
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    payload = ray.get(config["payload"])
+    settings, device, split = (
+        RecoverySettings(**payload["settings"]),
+        get_device(),
+        payload["split"],
+    )
+    model = _model_from_files(payload["model_files"], payload["attn_implementation"])
+    trained, trainable = prepare_trainable(model, get_adapter(model), settings)
+    trained.to(device).train()
+    trainable_params = sum(p.numel() for p in trainable)  # before ZeRO-3 partitions them
+    rows, batch_size = (
+        shard_indices(len(split), rank, world),
+        per_worker_batch_size(settings.batch_size, world),
+    )
+    stepper = _make_stepper(
+        config["strategy"], trained, trainable, settings, batch_size, device, world
+    )
+    resume = _resume(stepper)
+
+    def average(loss: Tensor) -> float:
+        value = loss.detach().float().reshape(1).to(device)
+        if world > 1:
+            torch.distributed.all_reduce(value)
+        return float(value) / world
+
+    def on_epoch(step: int, losses: list[float]) -> None:
+        with tempfile.TemporaryDirectory(prefix="cascade-epoch-") as tmp:
+            wrote = stepper.save(Path(tmp), rank)
+            if rank == 0:
+                (Path(tmp) / PROGRESS_FILE).write_text(json.dumps({"step": step, "losses": losses}))
+            _report({"step": step, "loss": losses[-1]}, Path(tmp) if wrote else None)
+        epochs = step // steps_per_epoch(len(rows), batch_size)
+        _maybe_inject_fault(config.get("fault"), rank == world - 1, epochs)
+
+    teacher = cached_teacher(payload["teacher"]) if payload["teacher"] is not None else None
+    losses = train_shard(stepper, split.subset(rows), rows, settings, batch_size=batch_size,
+                         resume=resume, teacher=teacher, average=average, on_epoch=on_epoch)  # fmt: skip
+    state = stepper.final_state(rank, settings.method)
+    metrics = {
+        "losses": losses,
+        "resumed_from_step": resume[0],
+        "trainable_params": trainable_params,
+    }
+    with tempfile.TemporaryDirectory(prefix="cascade-final-") as tmp:
+        if state is not None:
+            save_file(state, str(Path(tmp) / MERGED_FILE))
+        _report(metrics, Path(tmp) if state is not None else None)
+
+
+# ---- driver --------------------------------------------------------------------------------------
+def _validate(settings: RecoverySettings, teacher_logits, rows: int, strategy: str) -> None:
+    where = "recover_distributed"
+    if strategy not in STRATEGIES:
+        raise DistributedRecoveryError(f"{where}: unknown strategy {strategy!r}; use {STRATEGIES}")
+    if settings.method not in METHODS:
+        raise DistributedRecoveryError(f"{where}: method {settings.method!r} needs runner: local")
+    if settings.loss == "kd" and teacher_logits is None:
+        raise DistributedRecoveryError(f"{where}: kd recovery needs teacher logits")
+    if teacher_logits is not None and teacher_logits.shape[0] != rows:
+        raise DistributedRecoveryError(
+            f"{where}: {teacher_logits.shape[0]} teacher rows, {rows} rows"
+        )
+    settings.train_settings().validate()
+    if strategy != "ddp":
+        require_deepspeed()
+
+
+def connect_ray(cluster_cfg) -> None:
+    """Join the configured cluster (or the job's, under Ray Jobs), else start a quiet local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = getattr(cluster_cfg, "address", None)
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=False)
+        return
+    need = math.ceil(cluster_cfg.workers * cluster_cfg.cpus_per_worker)
+    ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+
+
+def _check_capacity(cluster_cfg) -> None:
+    """On an embedded Ray, fail fast instead of waiting for CPUs that other actors hold."""
+    import ray
+
+    need, free = (
+        cluster_cfg.workers * cluster_cfg.cpus_per_worker,
+        ray.available_resources().get("CPU", 0),
+    )
+    if not getattr(cluster_cfg, "address", None) and free + 1e-9 < need:
+        raise DistributedRecoveryError(
+            f"recover_distributed: {cluster_cfg.workers} Ray Train workers need {need:g} CPUs, local Ray "
+            f"has {free:g} free; lower cluster.workers / cluster.cpus_per_worker or give Ray more CPUs"
+        )
+
+
+def _fit(payload, cluster_cfg, strategy: str, fault: dict | None, storage: Path):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    gpus, cpus = cluster_cfg.gpus_per_worker, cluster_cfg.cpus_per_worker
+    resources = {"CPU": cpus} | ({"GPU": gpus} if gpus > 0 else {})
+    trainer = TorchTrainer(
+        _worker_main,
+        train_loop_config={
+            "payload": payload,
+            "strategy": strategy,
+            "fault": fault,
+            "threads": max(1, int(cpus)),
+        },
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cluster_cfg.workers, use_gpu=gpus > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name="recover",
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=1),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None or result.checkpoint is None:
+        raise DistributedRecoveryError(
+            f"recover_distributed: Ray Train run failed ({result.error})"
+        )
+    with result.checkpoint.as_directory() as directory:
+        return load_file(str(Path(directory) / MERGED_FILE)), result.metrics
+
+
+def recover_distributed(
+    model: nn.Module,
+    adapter,
+    split: EncodedSplit,
+    settings: RecoverySettings,
+    teacher_logits: Tensor | None,
+    cluster_cfg,
+    strategy: str = "ddp",
+    *,
+    fault: dict | None = None,
+) -> tuple[nn.Module, dict]:
+    """(model, metrics) like stages.recover.recover; `model` is updated in place.
+
+    fault: test hook {"epoch": e, "marker": path}: the last worker kills itself once after epoch e.
+    Checkpoints go under $CASCADE_RAY_STORAGE (shared storage on a multi-node cluster) or a local
+    temp dir, removed afterwards. `adapter` is unused: workers rebuild it from the model.
+    """
+    _validate(settings, teacher_logits, len(split), strategy)
+    started, metrics = time.perf_counter(), {"losses": [], "trainable_params": 0}
+    if settings.steps > 0:
+        import ray
+
+        connect_ray(cluster_cfg)
+        _check_capacity(cluster_cfg)
+        teacher = teacher_logits.detach().cpu() if teacher_logits is not None else None
+        attn = getattr(model.config, "_attn_implementation", None)
+        payload = ray.put({"model_files": _model_files(model), "attn_implementation": attn,
+                           "split": split, "teacher": teacher, "settings": asdict(settings)})  # fmt: skip
+        root = os.environ.get("CASCADE_RAY_STORAGE")
+        storage = Path(tempfile.mkdtemp(prefix="cascade-ray-train-", dir=root))
+        try:
+            state, metrics = _fit(payload, cluster_cfg, strategy, fault, storage)
+        finally:
+            shutil.rmtree(storage, ignore_errors=True)
+        model.load_state_dict(state, strict=True)
+    model.eval()
+    losses = list(metrics["losses"])
+    first, last = (losses[0], losses[-1]) if losses else (None, None)
+    return model, {"losses": losses, "seconds": time.perf_counter() - started, "first_loss": first,
+                   "last_loss": last, "trainable_params": metrics["trainable_params"],
+                   "workers": cluster_cfg.workers, "strategy": strategy,
+                   "resumed_from_step": metrics.get("resumed_from_step", 0)}  # fmt: skip
