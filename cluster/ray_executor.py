@@ -39,12 +39,14 @@ def start_ray(cluster_cfg) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if cluster_cfg.address:
-        ray.init(address=cluster_cfg.address, log_to_driver=False)
+    address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")  # inside a submitted Ray job
+    if address:
+        ray.init(address=address, log_to_driver=False)
         return True
+    # Importance actors and Ray Train workers must both fit: reserve every core, at least the actors'.
     wanted = math.ceil(cluster_cfg.workers * cluster_cfg.cpus_per_worker)
     ray.init(
-        num_cpus=max(wanted, 1),
+        num_cpus=max(wanted, os.cpu_count() or 1),
         include_dashboard=bool(cluster_cfg.dashboard),
         object_store_memory=OBJECT_STORE_BYTES,
         log_to_driver=False,

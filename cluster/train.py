@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from stages.recover import RecoverySettings, cached_teacher
+from stages.recover import RecoverySettings, cached_teacher, wrap_lora
 from stages.training import EncodedSplit, TrainingError, kd_loss, lr_multiplier
 
 STRATEGIES = ("ddp", "deepspeed_zero2", "deepspeed_zero3")
@@ -64,29 +64,11 @@ def epoch_batches(shard: EncodedSplit, rows: Tensor, batch_size: int, seed: int)
 
 
 # ---- model preparation (mirrors stages/recover.py) -----------------------------------------------
-def lora_config(adapter, settings: RecoverySettings):
-    """The exact LoraConfig that stages.recover._lora builds."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=settings.lora_rank,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=adapter.lora_target_modules(),
-        modules_to_save=adapter.classifier_module_names(),
-        fan_in_fan_out=adapter.family == "gpt2",
-    )
-
-
 def prepare_trainable(model: nn.Module, adapter, settings: RecoverySettings):
     """(module to train, its trainable parameters); the LoRA init is seeded by settings.seed."""
     if settings.method == "full":
         return model, [p.requires_grad_(True) for p in model.parameters()]
-    from peft import get_peft_model
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        peft_model = get_peft_model(model, lora_config(adapter, settings))
+    peft_model = wrap_lora(model, adapter, settings)
     return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
 
 

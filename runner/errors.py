@@ -14,8 +14,25 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from stages.guards import NumericalError
     from stages.selection import SelectionError
 
-    errors: list[type[BaseException]] = [ConfigError, JobError, PreflightError, ModelError, CheckpointError,
-                                         DataError, UnsupportedArchitecture, SelectionError, NumericalError]
+    errors: list[type[BaseException]] = [
+        ConfigError,
+        JobError,
+        PreflightError,
+        ModelError,
+        CheckpointError,
+        DataError,
+        UnsupportedArchitecture,
+        SelectionError,
+        NumericalError,
+    ]
+    try:  # cluster errors exist only where ray is installed
+        from cluster.shards import ShardExportError
+        from cluster.submit import SubmitError
+        from cluster.train import DistributedRecoveryError
+
+        errors += [ShardExportError, SubmitError, DistributedRecoveryError]
+    except ImportError:
+        pass
     try:
         from runner.devices import DeviceError
 

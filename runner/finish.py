@@ -17,13 +17,28 @@ def finish_model_run(run, start: float) -> dict:
     t0 = time.perf_counter()
     meta = {"job": cfg.name, "source_model": run.model_cfg.ref, "dense_params": run.dense_params}
     try:
-        save_checkpoint(
-            run.model,
-            run.tokenizer,
-            ckpt_dir,
-            require_uniform=cfg.target.uniform_layout,
-            metadata=meta,
-        )
+        if (
+            cfg.cluster.executor == "ray"
+        ):  # workers write layer-range shards, merged into one checkpoint
+            from cluster.shards import export_sharded
+
+            export_sharded(
+                run.model,
+                run.tokenizer,
+                ckpt_dir,
+                run.executor.workers,
+                run.executor,
+                require_uniform=cfg.target.uniform_layout,
+                metadata=meta,
+            )
+        else:
+            save_checkpoint(
+                run.model,
+                run.tokenizer,
+                ckpt_dir,
+                require_uniform=cfg.target.uniform_layout,
+                metadata=meta,
+            )
     except OSError as exc:
         run.events.emit(
             "error", version=run.version, stage="export", error=f"{type(exc).__name__}: {exc}"

@@ -99,10 +99,11 @@ def _train(model, split, settings, teacher_logits, params):
             p.requires_grad_(True)
 
 
-def _lora(model, adapter, split, settings, teacher_logits):
-    from peft import LoraConfig, get_peft_model
+def lora_config(adapter, settings: RecoverySettings):
+    """The LoRA setup every recovery path uses (in-process and Ray Train)."""
+    from peft import LoraConfig
 
-    config = LoraConfig(
+    return LoraConfig(
         r=settings.lora_rank,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
@@ -110,11 +111,19 @@ def _lora(model, adapter, split, settings, teacher_logits):
         modules_to_save=adapter.classifier_module_names(),
         fan_in_fan_out=adapter.family == "gpt2",
     )
+
+
+def wrap_lora(model, adapter, settings: RecoverySettings):
+    """peft-wrap with a LoRA init seeded by the stage, not the global RNG (so resume == rerun)."""
+    from peft import get_peft_model
+
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(
-            settings.seed
-        )  # LoRA init must not depend on the global RNG (resume == rerun)
-        peft_model = get_peft_model(model, config)
+        torch.manual_seed(settings.seed)
+        return get_peft_model(model, lora_config(adapter, settings))
+
+
+def _lora(model, adapter, split, settings, teacher_logits):
+    peft_model = wrap_lora(model, adapter, settings)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     peft_model.train()
     losses = train_steps(
