@@ -86,7 +86,9 @@ class ModelRun:
             s: evaluate(self.model, self.splits[s]) for s in ("validation", "test", "heldout")
         }
         self.params_target = self._params_target()
-        preflight(cfg, self.model_cfg.ref, self.model, self.adapter, self.dense_params, self.params_target)
+        preflight(
+            cfg, self.model_cfg.ref, self.model, self.adapter, self.dense_params, self.params_target
+        )
         if any(
             isinstance(s, RecoverStageConfig) and s.loss == "kd" and s.teacher == "dense"
             for s in cfg.stages

@@ -14,11 +14,17 @@ class PreflightError(ValueError):
     pass
 
 
-def preflight(cfg: JobConfig, ref: str, model, adapter, dense_params: int, params_target: int | None) -> None:
+def preflight(
+    cfg: JobConfig, ref: str, model, adapter, dense_params: int, params_target: int | None
+) -> None:
     problems = []
     n_layers = len(adapter.layers(model))
     t = cfg.target
-    min_keep = {"layers": t.min_keep_layers, "heads": t.min_keep_heads, "channels": t.min_keep_channels}
+    min_keep = {
+        "layers": t.min_keep_layers,
+        "heads": t.min_keep_heads,
+        "channels": t.min_keep_channels,
+    }
     for i, stage in enumerate(cfg.stages):
         if not isinstance(stage, PruneStageConfig) or stage.count is None:
             continue
