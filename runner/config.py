@@ -36,6 +36,10 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_length: int = Field(96, ge=8, le=8192)
+    finetune_steps: int = Field(
+        0, ge=0, description="fine-tune the dense model on the task first (pretrained models)"
+    )
+    finetune_lr: float = Field(1e-4, gt=0.0)
 
 
 class CalibrationConfig(Strict):

@@ -28,7 +28,7 @@ from stages.estimate import EstimateRequest, scores_from_statistics
 from stages.guards import NumericalError, check_finite
 from stages.layers import plan_layer_removal
 from stages.recover import RecoverySettings, recover
-from stages.training import encode_split, evaluate
+from stages.training import TrainSettings, encode_split, evaluate, train_steps
 from stages.units import plan_unit_removal, total_units
 
 SPLITS = ("train", "validation", "test", "heldout", "calibration")
@@ -79,6 +79,7 @@ class ModelRun:
         self.calibration = list(self.splits["calibration"].batches(cfg.calibration.batch_size))
         self.executor = make_executor(cfg.cluster, self.adapter)
         self.executor.set_calibration(self.calibration)
+        self._finetune_dense()
         self.dense_params = count_params(self.model)
         self.layer_origin = list(range(len(self.adapter.layers(self.model))))
         self.model_info = describe_model(self.model) | {"name": self.model_cfg.ref}
@@ -94,6 +95,18 @@ class ModelRun:
             for s in cfg.stages
         ):
             self.teacher["dense"] = self._logits(self.splits["train"])
+
+    def _finetune_dense(self) -> None:
+        """Pretrained models (e.g. MiniLM) get a task head; train the dense model before pruning."""
+        steps = self.model_cfg.finetune_steps
+        if steps == 0:
+            return
+        t0 = time.perf_counter()
+        settings = TrainSettings(steps=steps, lr=self.model_cfg.finetune_lr, batch_size=16, seed=self.cfg.seed)
+        losses = train_steps(self.model, self.splits["train"], settings)
+        self.model.eval()
+        self.log(f"fine-tuned the dense model for {steps} steps in {time.perf_counter() - t0:.1f}s "
+                 f"(loss {losses[0]:.3f} -> {losses[-1]:.3f})")
 
     def _params_target(self) -> int | None:
         target = self.cfg.target
