@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 
+class JobError(RuntimeError):
+    """The job cannot continue; the message says why and where."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     from runner.checkpoint import CheckpointError
     from runner.config import ConfigError
     from runner.data import DataError
     from runner.models import ModelError
-    from runner.pipeline import JobError
     from runner.preflight import PreflightError
     from stages.arch import UnsupportedArchitecture
     from stages.guards import NumericalError

@@ -61,6 +61,7 @@ class DemoSpec:
     description: str
     lr: float = 1e-3
     batch_size: int = 32
+    dropout: float = 0.1  # ~840 training texts: without dropout the demo models overfit
 
 
 def _spec(name: str, family: str, *shape: int, desc: str, **kw: Any) -> DemoSpec:
@@ -71,14 +72,14 @@ _SPECS = [
     # name, family, hidden, layers, heads, kv_heads, intermediate, train_steps
     _spec("demo-tiny-gpt2", "gpt2", 32, 2, 2, 2, 64, 80, desc="seconds-to-train GPT-2 for tests"),
     _spec("demo-tiny-llama", "llama", 32, 2, 4, 2, 64, 80, desc="seconds-to-train Llama for tests"),
-    _spec("demo-gpt2-mha", "gpt2", 128, 6, 4, 4, 512, 600, desc="GPT-2 style: MHA + GELU, Conv1D"),
-    _spec("demo-llama-gqa", "llama", 128, 6, 8, 2, 384, 600, desc="Llama style: GQA 8/2 + SwiGLU"),
-    _spec("demo-gpt2-s", "gpt2", 96, 4, 4, 4, 384, 500, desc="GPT-2 ladder, small"),
-    _spec("demo-gpt2-m", "gpt2", 128, 6, 4, 4, 512, 600, desc="GPT-2 ladder, medium"),
-    _spec("demo-gpt2-l", "gpt2", 192, 8, 6, 6, 768, 800, desc="GPT-2 ladder, large", lr=7e-4),
-    _spec("demo-llama-s", "llama", 96, 4, 6, 2, 288, 500, desc="Llama ladder, small"),
-    _spec("demo-llama-m", "llama", 128, 6, 8, 2, 384, 600, desc="Llama ladder, medium"),
-    _spec("demo-llama-l", "llama", 192, 8, 12, 4, 576, 800, desc="Llama ladder, large", lr=7e-4),
+    _spec("demo-gpt2-mha", "gpt2", 128, 6, 4, 4, 512, 300, desc="GPT-2 style: MHA + GELU, Conv1D"),
+    _spec("demo-llama-gqa", "llama", 128, 6, 8, 2, 384, 300, desc="Llama style: GQA 8/2 + SwiGLU"),
+    _spec("demo-gpt2-s", "gpt2", 96, 4, 4, 4, 384, 300, desc="GPT-2 ladder, small"),
+    _spec("demo-gpt2-m", "gpt2", 128, 6, 4, 4, 512, 300, desc="GPT-2 ladder, medium"),
+    _spec("demo-gpt2-l", "gpt2", 192, 8, 6, 6, 768, 400, desc="GPT-2 ladder, large", lr=7e-4),
+    _spec("demo-llama-s", "llama", 96, 4, 6, 2, 288, 300, desc="Llama ladder, small"),
+    _spec("demo-llama-m", "llama", 128, 6, 8, 2, 384, 300, desc="Llama ladder, medium"),
+    _spec("demo-llama-l", "llama", 192, 8, 12, 4, 576, 400, desc="Llama ladder, large", lr=7e-4),
 ]
 DEMO_MODELS: dict[str, DemoSpec] = {s.name: s for s in _SPECS}
 
@@ -89,7 +90,9 @@ DEMO_MODELS: dict[str, DemoSpec] = {s.name: s for s in _SPECS}
 def build_tokenizer(texts: Iterable[str], *, min_frequency: int = 1) -> PreTrainedTokenizerFast:
     """WordLevel whitespace tokenizer trained offline; ids ordered by (-count, word)."""
     counts = Counter(word for text in texts for word in text.split())
-    words = sorted((w for w, c in counts.items() if c >= min_frequency), key=lambda w: (-counts[w], w))
+    words = sorted(
+        (w for w, c in counts.items() if c >= min_frequency), key=lambda w: (-counts[w], w)
+    )
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for word in words:
         vocab.setdefault(word, len(vocab))
@@ -118,7 +121,7 @@ def build_tokenizer(texts: Iterable[str], *, min_frequency: int = 1) -> PreTrain
 def demo_config(
     spec: DemoSpec, vocab_size: int, num_labels: int, pad_token_id: int
 ) -> PretrainedConfig:
-    """GPT2Config / LlamaConfig for a demo classifier (no dropout, small vocab)."""
+    """GPT2Config / LlamaConfig for a demo classifier (small vocab, 96 positions)."""
     from runner.data import CLASS_NAMES
 
     names = list(CLASS_NAMES) if num_labels == len(CLASS_NAMES) else None
@@ -134,32 +137,18 @@ def demo_config(
     }
     if spec.family == "gpt2":
         return GPT2Config(
-            vocab_size=vocab_size,
-            n_positions=DEMO_MAX_POSITIONS,
-            n_embd=spec.hidden,
-            n_layer=spec.layers,
-            n_head=spec.heads,
-            n_inner=spec.intermediate,
-            activation_function="gelu_new",
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            summary_first_dropout=0.0,
-            **labels,
-        )
+            vocab_size=vocab_size, n_positions=DEMO_MAX_POSITIONS, n_embd=spec.hidden,
+            n_layer=spec.layers, n_head=spec.heads, n_inner=spec.intermediate,
+            activation_function="gelu_new", resid_pdrop=spec.dropout, embd_pdrop=spec.dropout,
+            attn_pdrop=spec.dropout, summary_first_dropout=0.0, **labels,
+        )  # fmt: skip
     if spec.family == "llama":
         return LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=spec.hidden,
-            intermediate_size=spec.intermediate,
-            num_hidden_layers=spec.layers,
-            num_attention_heads=spec.heads,
-            num_key_value_heads=spec.kv_heads,
-            max_position_embeddings=DEMO_MAX_POSITIONS,
-            hidden_act="silu",
-            tie_word_embeddings=False,
-            **labels,
-        )
+            vocab_size=vocab_size, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+            num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+            num_key_value_heads=spec.kv_heads, max_position_embeddings=DEMO_MAX_POSITIONS,
+            hidden_act="silu", attention_dropout=spec.dropout, tie_word_embeddings=False, **labels,
+        )  # fmt: skip
     raise ModelError(f"demo spec {spec.name!r}: unknown family {spec.family!r}")
 
 
@@ -167,14 +156,7 @@ def demo_config(
 
 
 def _demo_train_settings(spec: DemoSpec) -> TrainSettings:
-    return TrainSettings(
-        steps=spec.train_steps,
-        lr=spec.lr,
-        batch_size=spec.batch_size,
-        weight_decay=0.01,
-        warmup_fraction=0.1,
-        seed=0,
-    )
+    return TrainSettings(spec.train_steps, spec.lr, spec.batch_size, weight_decay=0.01, seed=0)
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
@@ -196,11 +178,6 @@ def demo_cache_key(spec: DemoSpec, data_cfg: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def _log(progress: bool, message: str) -> None:
-    if progress:
-        print(message, file=sys.stderr, flush=True)
-
-
 def get_demo_model(
     name: str,
     *,
@@ -217,7 +194,7 @@ def get_demo_model(
     data_cfg = data_cfg if data_cfg is not None else DataConfig()
     target = _cache_root(cache_dir) / f"{name}-{demo_cache_key(spec, data_cfg)}"
     if (target / _MARKER).is_file():
-        return _load_cached_demo(target)
+        return _load_cached_demo(target, name)
 
     data = build_dataset(data_cfg)
     tokenizer = build_tokenizer(data["train"]["text"])
@@ -232,13 +209,15 @@ def get_demo_model(
     seconds = time.perf_counter() - started
     result = evaluate(model, test, num_labels=len(CLASS_NAMES))
     model.eval()
-    _log(
-        progress,
-        f"[cascade] demo {name}: {count_params(model):,} params, trained {spec.train_steps} "
-        f"steps in {seconds:.1f}s, dense test accuracy {result.accuracy:.3f}",
-    )
+    if progress:
+        print(
+            f"[cascade] demo {name}: {count_params(model):,} params, trained {spec.train_steps} "
+            f"steps in {seconds:.1f}s, dense test accuracy {result.accuracy:.3f}",
+            file=sys.stderr,
+        )
     info = {"name": name, "train_seconds": seconds, "test_accuracy": result.accuracy}
     _save_atomically(model, tokenizer, target, info)
+    model.config.name_or_path = name
     return model, tokenizer
 
 
@@ -262,9 +241,10 @@ def _save_atomically(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_cached_demo(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_cached_demo(path: Path, name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     model = AutoModelForSequenceClassification.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    model.config.name_or_path = name  # reports show the demo name, not the cache path
     model.eval()
     return model, tokenizer
 
@@ -300,43 +280,38 @@ def load_model(
             raise ModelError(
                 f"demo model {ref!r} has {model.config.num_labels} labels, asked for {num_labels}"
             )
-        return (model.to(dtype) if dtype is not None else model), tokenizer
+        return (model.to(_as_dtype(dtype)) if dtype is not None else model), tokenizer
 
     path = Path(ref).expanduser()
     if not path.exists():
-        raise ModelError(
-            f"model {ref!r}: path does not exist and is not a built-in demo "
-            f"({', '.join(DEMO_MODELS)})"
-        )
+        demos = ", ".join(DEMO_MODELS)
+        raise ModelError(f"model {ref!r}: path does not exist and is not a demo model ({demos})")
     raw = _read_config_json(path)
     model_type = raw.get("model_type")
     remote = trust_remote_code and "auto_map" in raw
     if not model_type or (model_type not in CONFIG_MAPPING and not remote):
         raise ModelError(f"{path / 'config.json'}: unknown or missing model_type {model_type!r}")
     if trust_remote_code:
-        print(
-            f"WARNING: trust_remote_code=True: executing Python code shipped with {path}. "
-            "Only do this for checkpoints you trust.",
-            file=sys.stderr,
-            flush=True,
-        )
+        warning = f"WARNING: trust_remote_code=True runs Python code shipped with {path}"
+        print(f"{warning}; only do this for checkpoints you trust.", file=sys.stderr, flush=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if "pruning" in raw:
             from runner.checkpoint import load_pruned
 
-            model = load_pruned(path)
-            if dtype is not None:
-                model = model.to(dtype)
+            model = load_pruned(path, dtype=_as_dtype(dtype))
         else:
             kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
             if dtype is not None:
-                kwargs["dtype"] = dtype
+                kwargs["dtype"] = dtype if dtype == "auto" else _as_dtype(dtype)
             if cache_dir is not None:
                 kwargs["cache_dir"] = str(cache_dir)
-            if num_labels is not None:
+            if num_labels is not None and num_labels != _checkpoint_num_labels(raw):
+                # a new head: fresh label names, and the old head's weights are dropped
                 kwargs["num_labels"] = num_labels
-                kwargs["ignore_mismatched_sizes"] = raw.get("num_labels", num_labels) != num_labels
+                kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
+                kwargs["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+                kwargs["ignore_mismatched_sizes"] = True
             model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except ModelError:
         raise
@@ -346,6 +321,19 @@ def load_model(
     _check_vocab(model, tokenizer, path)
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
+
+
+def _checkpoint_num_labels(raw: dict) -> int | None:
+    return raw.get("num_labels") or len(raw.get("id2label") or {}) or None
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ModelError(f"unknown dtype {dtype!r} (use e.g. 'float32', 'bfloat16')")
+    return resolved
 
 
 def _check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
@@ -375,13 +363,15 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 def _fallback_kinds(config: PretrainedConfig) -> tuple[str, str]:
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    """Attention/MLP kinds from config fields alone, for when no adapter is available."""
+    heads = getattr(config, "num_attention_heads", None)
     kv = getattr(config, "num_key_value_heads", None) or heads
     attention = "mha" if kv == heads else ("mqa" if kv == 1 else "gqa")
-    act = str(getattr(config, "hidden_act", None) or getattr(config, "activation_function", ""))
-    gated = config.model_type in {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"}
-    mlp = ("swiglu" if "silu" in act or "swish" in act else "geglu") if gated else "gelu"
-    return attention, (mlp if "gelu" in act or gated else act or "unknown")
+    act = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
+    act = str(act or "unknown")
+    if config.model_type in {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"}:
+        return attention, "swiglu" if act in ("silu", "swish") else f"gated-{act}"
+    return attention, "gelu" if "gelu" in act else act
 
 
 def _adapter_kinds(model: PreTrainedModel) -> tuple[str, str] | None:
@@ -402,10 +392,6 @@ def describe_model(model: PreTrainedModel) -> dict:
     config = model.config
     attention, mlp = _adapter_kinds(model) or _fallback_kinds(config)
     architectures = getattr(config, "architectures", None) or [type(model).__name__]
-    return {
-        "name": getattr(config, "_name_or_path", "") or config.model_type,
-        "architecture": architectures[0],
-        "attention": attention,
-        "mlp": mlp,
-        "params": count_params(model),
-    }
+    name = getattr(config, "_name_or_path", "") or config.model_type
+    return {"name": name, "architecture": architectures[0], "attention": attention, "mlp": mlp,
+            "params": count_params(model)}  # fmt: skip
