@@ -61,7 +61,7 @@ class DataConfig(BaseModel, extra="forbid"):
 
     source: Literal["synthetic", "cwru"] = "synthetic"
     cwru_dir: str | None = None
-    samples_per_class_per_load: int = Field(40, ge=2)
+    samples_per_class_per_load: int = Field(80, ge=2)
     window: int = Field(4096, ge=512)
     sample_rate: int = Field(12000, ge=1000)
     snr_db: float = 0.0  # REFERENCE_FAULT_RMS over sensor-noise rms; same noise for every class

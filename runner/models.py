@@ -272,10 +272,15 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    data_cfg: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A built-in demo name, or a local HF checkpoint dir -> (classifier, tokenizer)."""
+    """A built-in demo name, or a local HF checkpoint dir -> (classifier, tokenizer).
+
+    Demo models are trained on the job's own data config (`data_cfg`), so their training rows
+    can never be the job's test rows.
+    """
     if ref in DEMO_MODELS:
-        model, tokenizer = get_demo_model(ref, cache_dir=cache_dir, progress=progress)
+        model, tokenizer = get_demo_model(ref, cache_dir=cache_dir, progress=progress, data_cfg=data_cfg)
         if num_labels is not None and num_labels != model.config.num_labels:
             raise ModelError(
                 f"demo model {ref!r} has {model.config.num_labels} labels, asked for {num_labels}"

@@ -55,6 +55,7 @@ class ModelRun(PruneStagesMixin):
             trust_remote_code=self.model_cfg.trust_remote_code,
             dtype=dtype,
             progress=cfg.output.progress,
+            data_cfg=cfg.data,
         )
         self.adapter = get_adapter(self.model)
         data = build_dataset(cfg.data)

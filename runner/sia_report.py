@@ -21,6 +21,7 @@ def sia_for_config(cfg, log=print) -> dict[str, dict]:
             trust_remote_code=model_cfg.trust_remote_code,
             dtype=getattr(torch, model_cfg.dtype),
             progress=cfg.output.progress,
+            data_cfg=cfg.data,
         )
         calibration = encode_split(data["calibration"], tokenizer, model_cfg.max_length)
         batches = list(calibration.batches(cfg.calibration.batch_size))

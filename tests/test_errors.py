@@ -4,7 +4,7 @@ import json
 
 import pytest
 import yaml
-from conftest import tiny_job
+from conftest import TINY_DATA, tiny_job
 
 from runner.cli import main
 
@@ -29,9 +29,10 @@ def fake_hf_dir(tmp_path, config: dict, name="model"):
 
 
 def saved_model(tmp_path, model, name):
+    from runner.data import DataConfig
     from runner.models import load_model
 
-    _, tokenizer = load_model("demo-tiny-gpt2", progress=False)
+    _, tokenizer = load_model("demo-tiny-gpt2", progress=False, data_cfg=DataConfig(**TINY_DATA))
     d = tmp_path / name
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)

@@ -198,14 +198,14 @@ def test_demo_tiny_model_trains_caches_and_reloads_identically(tmp_path, monkeyp
 def test_load_model_routes_demo_names_and_checks_labels(monkeypatch) -> None:
     seen: dict = {}
 
-    def fake_demo(name, *, cache_dir=None, progress=True):
-        seen.update(name=name, cache_dir=cache_dir, progress=progress)
+    def fake_demo(name, *, cache_dir=None, progress=True, data_cfg=None):
+        seen.update(name=name, cache_dir=cache_dir, progress=progress, data_cfg=data_cfg)
         cfg = demo_config(DEMO_MODELS[name], 20, len(CLASS_NAMES), 0)
         return AutoModelForSequenceClassification.from_config(cfg), build_tokenizer(TEXTS)
 
     monkeypatch.setattr(models, "get_demo_model", fake_demo)
-    model, _ = load_model("demo-tiny-gpt2", cache_dir="/x", progress=False, dtype="bfloat16")
-    assert seen == {"name": "demo-tiny-gpt2", "cache_dir": "/x", "progress": False}
+    model, _ = load_model("demo-tiny-gpt2", cache_dir="/x", progress=False, dtype="bfloat16", data_cfg="D")
+    assert seen == {"name": "demo-tiny-gpt2", "cache_dir": "/x", "progress": False, "data_cfg": "D"}
     assert model.dtype == torch.bfloat16
     with pytest.raises(ModelError, match="labels"):
         load_model("demo-tiny-gpt2", num_labels=3)

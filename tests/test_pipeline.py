@@ -115,8 +115,8 @@ def test_checkpoint_reloads_with_the_reported_accuracy(finished_job):
     from runner.data import DataConfig, build_dataset
     from runner.models import load_model
 
-    _, tokenizer = load_model("demo-tiny-gpt2", progress=False)
     cfg = parse_config(tiny_job())
+    _, tokenizer = load_model("demo-tiny-gpt2", progress=False, data_cfg=cfg.data)
     test = encode_split(build_dataset(DataConfig(**cfg.data.model_dump()))["test"], tokenizer, 96)
     assert evaluate(model, test).accuracy == pytest.approx(report["final"]["accuracy"])
 
