@@ -26,6 +26,7 @@ from runner.checkpoint import (
     _swap_into_place,
     _weights_to_save,
     _write_manifest,
+    write_metadata,
 )
 from stages.arch import get_adapter
 
@@ -110,16 +111,6 @@ def _write_shards(
     return ray.get([task.remote(ray.put(tensors), path) for tensors, path in jobs])
 
 
-def _write_metadata(model, tokenizer, config, directory: Path) -> None:
-    """config.json, generation config and tokenizer exactly as save_checkpoint writes them."""
-    config.to_json_file(str(directory / "config.json"), use_diff=True)
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None and model.can_generate():
-        generation_config.save_pretrained(str(directory))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-
-
 def export_sharded(
     model: nn.Module,
     tokenizer,
@@ -160,7 +151,7 @@ def export_sharded(
             "weight_map": weight_map,
         }
         (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
-        _write_metadata(model, tokenizer, config, tmp)
+        write_metadata(model, tokenizer, config, tmp)
         _write_manifest(tmp)
         _swap_into_place(tmp, out)
     except BaseException:

@@ -186,6 +186,16 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
+def write_metadata(model, tokenizer, config, directory: Path) -> None:
+    """config.json (with the pruning section), generation config and tokenizer files."""
+    config.to_json_file(str(directory / "config.json"), use_diff=True)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and model.can_generate():
+        generation_config.save_pretrained(str(directory))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+
+
 def save_checkpoint(
     model: PreTrainedModel,
     tokenizer,
@@ -207,12 +217,7 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         _write_weights(model, tmp, max_shard_size)
-        config.to_json_file(str(tmp / "config.json"), use_diff=True)
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None and model.can_generate():
-            generation_config.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        write_metadata(model, tokenizer, config, tmp)
         _write_manifest(tmp)
         _swap_into_place(tmp, out)
     except BaseException:

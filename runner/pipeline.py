@@ -223,19 +223,7 @@ class ModelRun(PruneStagesMixin):
         teacher = self.teacher.get(stage.teacher) if stage.loss == "kd" else None
         if stage.loss == "kd" and teacher is None:
             teacher = self.teacher.setdefault("dense", self._logits(self.splits["train"]))
-        settings = RecoverySettings(
-            method=stage.method,
-            steps=stage.steps,
-            lr=stage.lr,
-            batch_size=stage.batch_size,
-            lora_rank=stage.lora_rank,
-            lora_alpha=stage.lora_alpha,
-            lora_dropout=stage.lora_dropout,
-            loss=stage.loss,
-            kd_temperature=stage.kd_temperature,
-            kd_alpha=stage.kd_alpha,
-            seed=self.cfg.seed + idx,
-        )
+        settings = RecoverySettings.from_stage(stage, seed=self.cfg.seed + idx)
         self.events.emit(
             "recover_start",
             stage=name,

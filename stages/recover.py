@@ -8,6 +8,7 @@ mask: COMP-style mask tuning: one learnable scale per remaining head/channel, fo
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,12 @@ class RecoverySettings:
     kd_temperature: float = 2.0
     kd_alpha: float = 0.5
     seed: int = 0
+
+    @classmethod
+    def from_stage(cls, stage, *, seed: int) -> RecoverySettings:
+        """From a recover stage config (any object with these attribute names)."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "seed"]
+        return cls(**{name: getattr(stage, name) for name in names}, seed=seed)
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings(

@@ -1,0 +1,251 @@
+"""Self-contained HTML reports: job (stage table, layer picture, SIA, device fit, confusion), compare, family."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from tiny_models import tiny_gpt2
+
+from runner.checkpoint import save_checkpoint
+from runner.data import CLASS_NAMES
+from runner.models import DEMO_MODELS, count_params, demo_config
+from runner.report_html import (
+    write_compare_html,
+    write_family_html,
+    write_family_report,
+    write_job_html,
+)
+from runner.report_layout import layer_breakdown
+from stages.arch import get_adapter
+
+STAGES = ["layers", "recover1", "heads", "recover2", "channels", "recover3"]
+
+
+def fake_report(name: str = "m", *, validation: bool = False, params: int = 500) -> dict:
+    """A report.json with every key the pages read (numbers made up, shapes as written by finish.py)."""
+    stages = [
+        {
+            "index": i,
+            "name": s,
+            "kind": s.rstrip("0123456789"),
+            "version": i + 1,
+            "params_before": 1000 - 50 * i,
+            "params_after": 950 - 50 * i,
+            "accuracy": 0.9 - 0.01 * i,
+            "seconds": 1.5,
+            "criterion": None if s.startswith("recover") else "taylor",
+        }
+        for i, s in enumerate(STAGES)
+    ]
+    confusion = [
+        [3 if i == j else 0 for j in range(len(CLASS_NAMES))] for i in range(len(CLASS_NAMES))
+    ]
+    final = {
+        "params": params,
+        "dense_params": 1000,
+        "compression_ratio": 1000 / params,
+        "accuracy": 0.8,
+        "macro_f1": 0.75,
+        "heldout_accuracy": 0.7,
+        "dense_accuracy": 0.9,
+        "dense_heldout_accuracy": 0.85,
+        "confusion": confusion,
+    }
+    valid = {
+        "device": "jetson_orin_nano_8gb",
+        "budget_bytes": 2**30,
+        "peak_bytes": 2**29,
+        "fits": True,
+        "dense_peak_bytes": 2**31,
+        "latency_ms": {"dense": 3.0, "pruned": 1.0},
+    }
+    return {
+        "model": {
+            "name": name,
+            "architecture": "GPT2ForSequenceClassification",
+            "attention": "mha",
+            "mlp": "gelu",
+            "params": 1000,
+        },
+        "sia": {
+            "score": 0.9,
+            "threshold": 0.5,
+            "satisfied": False,
+            "per_granularity": {"heads": 0.9},
+            "policy": "warn",
+        },
+        "stages": stages,
+        "final": final,
+        "validation": valid if validation else None,
+        "timing": {"total_seconds": 12.0, "per_stage": {s: 1.5 for s in STAGES}},
+    }
+
+
+def assert_self_contained(page: str) -> None:
+    assert '<img alt="' in page and 'src="data:image/png;base64,' in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "external asset"
+    assert "<script" not in page and "<link" not in page
+
+
+def _pruned_gpt2(tmp_path):
+    """A tiny GPT-2 with layer 1 removed, a head and FFN channels cut; its dense twin saved too."""
+    dense = tiny_gpt2()
+    dense_dir = tmp_path / "dense"
+    dense.save_pretrained(dense_dir)
+    model = tiny_gpt2()
+    adapter = get_adapter(model)
+    adapter.remove_layers(model, [1])
+    adapter.prune_attention(model, 0, [0, 2, 3])
+    adapter.prune_mlp(model, 1, list(range(20)))
+    save_checkpoint(
+        model, None, tmp_path / "job" / "checkpoint", metadata={"source_model": str(dense_dir)}
+    )
+    return model, dense
+
+
+def test_layer_breakdown_counts_are_exact_for_pruned_and_dense(tmp_path):
+    model, dense = _pruned_gpt2(tmp_path)
+    bd = layer_breakdown(tmp_path / "job")
+
+    def total(c):
+        return c["embeddings"] + c["other"] + sum(sum(x.values()) for x in c["layers"])
+
+    assert total(bd["pruned"]) == count_params(model)
+    assert total(bd["dense"]) == count_params(dense)
+    assert [x["num_heads"] for x in bd["pruned"]["layouts"]] == [3, 4]
+    assert [x["intermediate_size"] for x in bd["pruned"]["layouts"]] == [48, 20]
+    assert len(bd["dense"]["layers"]) == 3
+    # layer 0 lost a quarter of its heads: attention shrank, MLP did not
+    assert bd["pruned"]["layers"][0]["attention"] < bd["dense"]["layers"][0]["attention"]
+    assert bd["pruned"]["layers"][0]["mlp"] == bd["dense"]["layers"][0]["mlp"]
+
+
+def test_layer_breakdown_dense_shape_of_a_builtin_demo_model(tmp_path):
+    spec = DEMO_MODELS["demo-tiny-llama"]
+    from transformers import AutoModelForSequenceClassification
+
+    dense = AutoModelForSequenceClassification.from_config(
+        demo_config(spec, 40, len(CLASS_NAMES), 0)
+    )
+    model = AutoModelForSequenceClassification.from_config(
+        demo_config(spec, 40, len(CLASS_NAMES), 0)
+    )
+    get_adapter(model).prune_attention(model, 1, [0])  # one of two KV groups
+    save_checkpoint(model, None, tmp_path / "checkpoint", metadata={"source_model": spec.name})
+    bd = layer_breakdown(tmp_path)
+    dense_total = bd["dense"]["embeddings"] + bd["dense"]["other"]
+    dense_total += sum(sum(x.values()) for x in bd["dense"]["layers"])
+    assert dense_total == count_params(dense)
+    assert [x["num_kv_heads"] for x in bd["pruned"]["layouts"]] == [2, 1]
+
+
+def test_job_html_is_self_contained_and_mentions_every_stage(tmp_path):
+    _pruned_gpt2(tmp_path)
+    job = tmp_path / "job"
+    (job / "report.json").write_text(json.dumps(fake_report("tiny-gpt2", validation=True)))
+    page = write_job_html(job).read_text()
+    assert_self_contained(page)
+    for stage in STAGES:
+        assert f"<td>{stage}</td>" in page
+    assert page.count('src="data:image/png;base64,') == 3  # stages, layer picture, confusion
+    assert "VIOLATED" in page and "jetson_orin_nano_8gb" in page and "fits" in page
+    assert "Parameters per layer" in page and "embeddings" in page
+
+
+def test_job_html_without_checkpoint_or_validation_still_renders(tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps(fake_report()))
+    page = write_job_html(tmp_path).read_text()
+    assert_self_contained(page)
+    assert "Parameters per layer" not in page and "Device fit" not in page
+    assert page.count('src="data:image/png;base64,') == 2  # stages + confusion matrix
+
+
+def test_compare_html_marks_failures_and_embeds_the_plot(tmp_path):
+    from runner.compare import plot_compare
+
+    rows = [
+        {
+            "model": "m",
+            "method": "cascade",
+            "ratio": 2.0,
+            "dir": str(tmp_path / "x"),
+            "accuracy": 0.8,
+            "macro_f1": 0.7,
+            "achieved_ratio": 2.0,
+        },
+        {
+            "model": "m",
+            "method": "flap",
+            "ratio": 2.0,
+            "dir": str(tmp_path / "y"),
+            "error": "JobError: boom",
+        },
+    ]
+    result = {
+        "name": "cmp",
+        "methods": ["cascade", "flap"],
+        "ratios": [2.0],
+        "recovery_steps": 10,
+        "rows": rows,
+    }
+    (tmp_path / "compare.json").write_text(json.dumps(result))
+    plot_compare(result, tmp_path / "compare.png")
+    page = write_compare_html(tmp_path).read_text()
+    assert_self_contained(page)
+    assert "0.8000 / 0.700 (2.0x)" in page and "JobError: boom" in page and ">failed<" in page
+
+
+@pytest.mark.parametrize("with_device", [False, True])
+def test_family_report_lists_failures_and_embeds_plots(tmp_path, with_device):
+    ok = {
+        "model": "a",
+        "ref": "a",
+        "dir": str(tmp_path / "a"),
+        "status": "done",
+        "architecture": "GPT2X",
+        "attention": "mha",
+        "mlp": "gelu",
+        "dense_params": 1000,
+        "params": 500,
+        "compression_ratio": 2.0,
+        "accuracy": 0.8,
+        "dense_accuracy": 0.9,
+        "sia_score": 0.2,
+        "sia_threshold": 0.5,
+        "sia_satisfied": True,
+        "device": "jetson_orin_nano_8gb" if with_device else None,
+        "budget_bytes": 2**30 if with_device else None,
+        "peak_bytes": 2**29 if with_device else None,
+        "fits": True if with_device else None,
+        "seconds": 3,
+    }
+    bad = {
+        "model": "gone",
+        "ref": "/no/such/gone",
+        "dir": str(tmp_path / "gone"),
+        "status": "failed",
+        "error": "ModelError: model '/no/such/gone': path does not exist",
+    }
+    summary = {
+        "name": "fam",
+        "description": "d",
+        "method": "cascade",
+        "target": {"ratio": 2.0},
+        "execution": {"mode": "sequential", "cpus_per_job": 1, "gpus_per_job": 0},
+        "seconds": 5,
+        "counts": {"done": 1, "skipped": 0, "failed": 1},
+        "models": [ok, bad],
+    }
+    (tmp_path / "family.json").write_text(json.dumps(summary))
+    write_family_report(tmp_path)
+    page = (tmp_path / "family.html").read_text()
+    assert_self_contained(page)
+    assert "path does not exist" in page and "/no/such/gone" in page
+    expected = {"size.png", "sia.png"} | ({"device.png"} if with_device else set())
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == expected
+    assert page.count('src="data:image/png;base64,') == len(expected)
+    md = (tmp_path / "family.md").read_text()
+    assert "failed: ModelError" in md and "0.8000 (0.9000)" in md
+    assert write_family_html(tmp_path).read_text() == page
