@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import logging
-import math
 import os
 import time
 import traceback
@@ -295,7 +293,20 @@ def run_batch(
     mode = "ray" if use_ray else "sequential"
     if todo and use_ray:
         address = family.job.get("cluster", {}).get("address")
-        _run_on_ray(todo, cpus, gpus, family.concurrency or len(todo), address, log)
+        from cluster.batch import dispatch_on_ray
+
+        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+        dispatch_on_ray(
+            todo,
+            run_one,
+            _log_result,
+            cpus=cpus,
+            gpus=gpus,
+            limit=family.concurrency or len(todo),
+            address=address,
+            env=env,
+            log=log,
+        )
     else:
         if todo and executor == "auto":
             log("[batch] ray is not installed: running the models one after another")
@@ -320,63 +331,6 @@ def _claim_output(out: Path, name: str) -> None:
     else:  # claim the directory now: a killed batch must still be recognised when re-run
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(marker, {"name": name, "running": True, "models": []})
-
-
-# ----------------------------------------------------------------------------- Ray dispatch
-def _run_on_ray(todo: list[Entry], cpus: float, gpus: float, limit: int, address, log) -> None:
-    """One Ray task per job, reserving the job's CPUs/GPUs; Ray queues what does not fit."""
-    import ray  # only imported when Ray runs the batch (the GPU box has none)
-
-    started_here = False
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-        kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
-        kwargs["runtime_env"] = {"env_vars": env}
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(
-                num_cpus=os.cpu_count() or 1,
-                include_dashboard=False,
-                object_store_memory=200 * 1024**2,
-                _node_ip_address="127.0.0.1",
-                **kwargs,
-            )
-        started_here = True
-    total = ray.cluster_resources()
-    cpus = min(cpus, total.get("CPU", cpus))
-    gpus = min(gpus, total.get("GPU", 0.0))
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(run_one)
-    threads = max(1, math.floor(cpus))
-    room = min(
-        total.get("CPU", 1) // cpus if cpus else limit,
-        total.get("GPU", 0) // gpus if gpus else limit,
-    )
-    log(
-        f"[batch] Ray: {len(todo)} job(s) of {cpus:g} CPU / {gpus:g} GPU; {min(limit, int(room))} at once"
-    )
-    waiting, running = list(todo), {}
-    try:
-        while waiting or running:
-            while waiting and len(running) < limit:
-                e = waiting.pop(0)
-                running[task.remote(*e.args(threads))] = e
-                log(f"[batch] {e.name}: submitted")
-            done, _ = ray.wait(list(running), num_returns=1)
-            for ref in done:
-                entry = running.pop(ref)
-                try:
-                    entry.result = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - a crashed worker fails only its model
-                    first = (str(exc).strip().splitlines() or [""])[0]
-                    entry.result = {"status": "failed", "error": f"{type(exc).__name__}: {first}"}
-                _log_result(entry, log)
-    finally:
-        for ref in running:
-            ray.cancel(ref, force=True)
-        if started_here:
-            ray.shutdown()
 
 
 # ----------------------------------------------------------------------------- summary

@@ -74,6 +74,9 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, log=print) -> dict:
     write_json_atomic(out / "compare.json", result)
     (out / "compare.md").write_text(render_compare(result))
     plot_compare(result, out / "compare.png")
+    from runner.report_html import write_compare_html
+
+    write_compare_html(out)
     return result
 
 

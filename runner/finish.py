@@ -62,6 +62,10 @@ def finish_model_run(run, start: float) -> dict:
         run.events.emit("validate", version=run.version, **validation)
     report = build_report(run, final_eval, params, validation, time.perf_counter() - start)
     write_report(run.out, report, plots=cfg.output.plots)
+    if cfg.output.plots:
+        from runner.report_html import write_job_html
+
+        write_job_html(run.out)
     run.events.emit(
         "job_end",
         version=run.version,
