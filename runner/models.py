@@ -193,6 +193,8 @@ def get_demo_model(
         raise ModelError(f"unknown demo model {name!r}; known: {', '.join(DEMO_MODELS)}")
     spec = DEMO_MODELS[name]
     data_cfg = data_cfg if data_cfg is not None else DataConfig()
+    # Calibration settings do not change the train split: one demo model serves them all.
+    data_cfg = data_cfg.model_copy(update={"calibration_size": DataConfig().calibration_size, "calibration_mix": []})
     target = _cache_root(cache_dir) / f"{name}-{demo_cache_key(spec, data_cfg)}"
     if (target / _MARKER).is_file():
         return _load_cached_demo(target, name)
