@@ -132,6 +132,39 @@ class PruneStagesMixin:
         self._sync_workers(name)
         return plan
 
+    def _max_layers_for_target(self, stage: PruneStageConfig) -> int | None:
+        """Most layers that can stay if later head/channel stages are to reach the target at all.
+
+        Each kept layer costs at least its min_keep heads and channels; without this bound a
+        coarse layer share can leave more layers than the target allows (ratio silently missed).
+        """
+        if stage.share is None or self.params_target is None:
+            return None
+        t, model, adapter = self.cfg.target, self.model, self.adapter
+        n_layers = len(adapter.layers(model))
+        later = {s.kind for s in self.cfg.stages if isinstance(s, PruneStageConfig)} - {"layers"}
+        floors = []
+        for i in range(n_layers):
+            floor = adapter.layer_cost(model, i)
+            if "heads" in later:
+                floor -= (adapter.attn_units(model, i) - t.min_keep_heads) * adapter.attn_unit_cost(
+                    model, i
+                )
+            if "channels" in later:
+                floor -= (
+                    adapter.mlp_units(model, i) - t.min_keep_channels
+                ) * adapter.mlp_unit_cost(model, i)
+            floors.append(floor)
+        fixed = count_params(model) - sum(adapter.layer_cost(model, i) for i in range(n_layers))
+        room = self.params_target - fixed
+        keep = 0
+        for floor in sorted(floors):
+            if room < floor:
+                break
+            room -= floor
+            keep += 1
+        return max(keep, t.min_keep_layers)
+
     def _plan(self, stage, name, scores, stats, budget) -> PrunePlan:
         common = dict(
             stage=name,
@@ -142,7 +175,13 @@ class PruneStagesMixin:
         t = self.cfg.target
         if stage.kind == "layers":
             return plan_layer_removal(
-                self.model, self.adapter, scores, budget, min_keep=t.min_keep_layers, **common
+                self.model,
+                self.adapter,
+                scores,
+                budget,
+                min_keep=t.min_keep_layers,
+                max_keep=self._max_layers_for_target(stage),
+                **common,
             )
         return plan_unit_removal(
             self.model,

@@ -19,8 +19,13 @@ def plan_layer_removal(
     version_in: int,
     params_before: int,
     min_keep: int = 1,
+    max_keep: int | None = None,
 ) -> PrunePlan:
-    """Remove the lowest-scoring layers (higher score = more important) up to the budget."""
+    """Remove the lowest-scoring layers (higher score = more important) up to the budget.
+
+    max_keep: drop further lowest-scoring layers until at most this many remain (a param budget
+    that later stages could not otherwise reach).
+    """
     n_layers = len(scores)
     order = sorted(range(n_layers), key=lambda i: (float(scores[i]), i))
     removable = max(0, n_layers - min_keep)
@@ -43,6 +48,11 @@ def plan_layer_removal(
                 break
             drop.append(idx)
             removed += cost
+    note = ""
+    if max_keep is not None and n_layers - len(drop) > max_keep:
+        extra = [i for i in order if i not in drop][: n_layers - len(drop) - max_keep]
+        drop += extra
+        note = f"dropped {len(extra)} more layer(s) so that the parameter target stays reachable"
     removed_params = sum(adapter.layer_cost(model, i) for i in drop)
     return PrunePlan(
         stage=stage,
@@ -53,4 +63,5 @@ def plan_layer_removal(
         params_to_remove=removed_params,
         drop_layers=sorted(drop),
         scores=[float(s) for s in scores],
+        note=note,
     )
