@@ -66,6 +66,14 @@ def finish_model_run(run, start: float) -> dict:
         from runner.report_html import write_job_html
 
         write_job_html(run.out)
+    if validation is not None:  # the report is written first, then a model that does not fit fails
+        from stages.validate import ValidationFailed, check_fits
+
+        try:
+            check_fits(validation)
+        except ValidationFailed as exc:
+            run.events.emit("error", version=run.version, stage="validate", error=str(exc))
+            raise
     run.events.emit(
         "job_end",
         version=run.version,

@@ -4,7 +4,8 @@ Pure arithmetic on a `ModelShape` (read once from a model, real or on the meta d
 workload (batch, sequence length, bytes per element). The formulas, all in elements x bytes:
 
   weights   = parameters x bytes + buffers (at their own dtype)
-  kv_cache  = sum over layers of 2 x kv_heads_l x head_dim x seq x batch   (decoders only)
+  kv_cache  = sum over layers of 2 x kv_heads_l x head_dim x seq x batch   (decoders only;
+              GPT-2's cache holds views of the fused c_attn output, so (heads_l + 2 x kv_heads_l))
   workspace = 3 x T x hidden                       residual in/out + normed input (T = batch x seq)
             + max over layers of max(attention_l, mlp_l)    (layers run one after another)
             + T x logits_width + attention mask (batch x seq^2, 1 byte unless eager)
@@ -51,6 +52,7 @@ class ModelShape:
     logits_width: int
     decoder: bool
     eager_attention: bool
+    fused_qkv_cache: bool = False  # cached K/V are views that keep the fused q|k|v output alive
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,6 +109,7 @@ def model_shape(model: nn.Module) -> ModelShape:
         logits_width=int(logits),
         decoder=adapter.family != "bert",
         eager_attention=getattr(config, "_attn_implementation", None) == "eager",
+        fused_qkv_cache=adapter.family == "gpt2",
     )
 
 
@@ -165,12 +168,18 @@ def weight_bytes(shape: ModelShape, nbytes: int) -> int:
     return shape.params * nbytes + shape.buffer_bytes
 
 
-def kv_cache_bytes(shape: ModelShape, batch: int, seq_len: int, nbytes: int) -> int:
+def kv_cache_bytes(
+    shape: ModelShape, batch: int, seq_len: int, nbytes: int, *, as_stored: bool = True
+) -> int:
+    """K/V bytes held for batch x seq_len tokens; as_stored=False: only K and V (what decode reads)."""
     if not shape.decoder:
         return 0
-    return sum(
-        2 * layer.num_kv_heads * shape.head_dim * seq_len * batch * nbytes for layer in shape.layers
+    fused = as_stored and shape.fused_qkv_cache
+    per_token = sum(
+        (2 * layer.num_kv_heads + (layer.num_heads if fused else 0)) * shape.head_dim
+        for layer in shape.layers
     )
+    return per_token * seq_len * batch * nbytes
 
 
 def workspace_bytes(shape: ModelShape, batch: int, seq_len: int, nbytes: int) -> int:
@@ -213,7 +222,7 @@ def forward_flops(shape: ModelShape, batch: int, seq_len: int) -> float:
 def bytes_read_per_step(shape: ModelShape, batch: int, seq_len: int, nbytes: int) -> int:
     """Weights a decode step streams from memory (embedding rows aside) plus the KV cache."""
     streamed = (shape.params - shape.embedding_params) * nbytes
-    return streamed + kv_cache_bytes(shape, batch, seq_len, nbytes)
+    return streamed + kv_cache_bytes(shape, batch, seq_len, nbytes, as_stored=False)
 
 
 def decode_tokens_per_s(

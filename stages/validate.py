@@ -22,6 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+from runner.devices import load_device, resolve_budget
 from stages import memory_model as mm
 
 PROBE_TIMEOUT_S = 900
@@ -66,6 +69,9 @@ def measure_inference(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     )
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # Tensors >= 1 MiB get their own mmap and go back to the OS when freed; with glibc's dynamic
+    # threshold freed blocks stay in the heap and the RSS peak grows with every forward pass.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     try:
         done = subprocess.run(
             cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=root
@@ -93,11 +99,8 @@ def _figures(run: dict | None, shape: mm.ModelShape | None, profile, workload: d
     """One model's side of the comparison: measured run (if any), analytic estimate, roofline."""
     if shape is None:
         return {"peak": None, "oom": False, "latency": None, "analytic": None, "roof": {}}
-    batch, seq_len, nbytes = (
-        workload["batch"],
-        workload["seq_len"],
-        mm.dtype_bytes(workload["dtype"]),
-    )
+    batch, seq_len = workload["batch"], workload["seq_len"]
+    nbytes = mm.dtype_bytes(workload["dtype"])
     ok = run is not None and not run["oom"]
     return {
         "peak": run["peak_bytes"] if ok else None,
@@ -127,12 +130,10 @@ def validate_model(
     repeats: int = 5,
 ) -> dict:
     """Core of validate_checkpoint / validate_for_job once the shapes are known."""
-    from runner.devices import load_device
-
     profile = load_device(device)
-    budget = _budget(device, fraction, budget_bytes)
+    budget = resolve_budget(device, fraction, budget_bytes)
     workload = {"batch": batch, "seq_len": seq_len, "dtype": dtype}
-    on = measure_device or _default_measure_device()
+    on = measure_device or ("cuda" if torch.cuda.is_available() else "cpu")
     probe = dict(workload, device=on, repeats=repeats)
     pruned_run, error = _measure_or_none(path, measure, budget_bytes=budget, **probe)
     if error:
@@ -146,7 +147,8 @@ def validate_model(
     return {
         "device": profile.name,
         "budget_bytes": budget,
-        "peak_bytes": p["peak"],
+        "peak_bytes": p["peak"] if p["peak"] is not None else p["analytic"].total,
+        "measured_peak_bytes": p["peak"],
         "analytic_bytes": p["analytic"].total,
         "fits": not p["oom"] and needed <= budget,
         "oom": p["oom"],
@@ -179,18 +181,6 @@ def validate_model(
     }
 
 
-def _budget(device: str | None, fraction: float | None, budget_bytes: int | None) -> int:
-    from runner.devices import resolve_budget
-
-    return resolve_budget(device, fraction, budget_bytes)
-
-
-def _default_measure_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def validate_checkpoint(
     path: str | Path,
     device: str,
@@ -211,6 +201,7 @@ def validate_checkpoint(
     dense KV cache/workspace taken equal to the pruned one's: a lower bound, so the reported
     memory reduction is conservative); dense latency is then unknown (None).
     """
+    resolve_budget(device, fraction, budget_bytes)  # fail fast on an unknown device or a bad budget
     meta = mm.meta_model(path)
     mm.check_seq_len(meta, seq_len, str(path))
     shape = mm.model_shape(meta)
@@ -282,7 +273,7 @@ def params_for_budget(model, target_cfg, job_cfg) -> int:
     dtype, and the KV cache/workspace of the DENSE model (pruning only shrinks them, so the
     answer is conservative). Raises ValidationFailed if even those alone exceed the budget.
     """
-    budget = _budget(target_cfg.device, target_cfg.fraction, target_cfg.budget_bytes)
+    budget = resolve_budget(target_cfg.device, target_cfg.fraction, target_cfg.budget_bytes)
     shape = mm.model_shape(model)
     nbytes = next(model.parameters()).element_size()
     seq_len = max(m.max_length for m in job_cfg.models)
@@ -328,11 +319,9 @@ def _probe(args) -> dict:
     import statistics
     import time
 
-    import torch
     import transformers  # noqa: F401 - imported before the baseline so it is not counted
 
     import runner.checkpoint  # noqa: F401
-    import runner.models  # noqa: F401
     from stages.arch import get_adapter
 
     dtype = getattr(torch, args.dtype)
@@ -340,13 +329,14 @@ def _probe(args) -> dict:
     if cuda and args.budget_bytes:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_bytes / total))
+    if not (Path(args.ref) / "config.json").is_file():
+        import runner.models  # noqa: F401 - demo models: loader imported before the baseline
     baseline = 0 if cuda else _rss_kib("VmRSS") * 1024
     try:
         model = _load_for_probe(args.ref, dtype, args.device)
         if not cuda:
-            Path("/proc/self/clear_refs").write_text(
-                "5"
-            )  # reset VmHWM: load-time copies do not count
+            # reset VmHWM so load-time copies do not count, only weights + inference
+            Path("/proc/self/clear_refs").write_text("5")
         gen = torch.Generator().manual_seed(0)
         vocab, pad = model.config.vocab_size, model.config.pad_token_id
         ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=gen)

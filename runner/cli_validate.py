@@ -1,0 +1,138 @@
+"""`cascade validate CHECKPOINT --device NAME`: does a checkpoint fit an edge device?
+
+Exit status: 0 fits, 3 does not fit (measured peak or analytic estimate above the budget, or
+out of memory under the budget on CUDA), 2 bad input (unknown device, unreadable checkpoint,
+conflicting options, failed measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_FITS = 0
+EXIT_BAD_INPUT = 2
+EXIT_DOES_NOT_FIT = 3
+GIB = 1024**3
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `validate` sub-command to a `cascade` sub-parser set."""
+    parser = subparsers.add_parser(
+        "validate",
+        help="check a pruned checkpoint against an edge device memory budget",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="checkpoint directory (cascade output or plain HF)")
+    parser.add_argument("--device", required=True, help="device profile name or YAML path")
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("--fraction", type=float, help="share of the device's usable memory")
+    amount.add_argument("--budget-bytes", type=int, help="explicit budget in bytes")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--dtype", help="inference dtype (default: the checkpoint's)")
+    parser.add_argument("--dense", help="dense checkpoint to compare against (measured too)")
+    parser.add_argument("--analytic-only", action="store_true", help="skip the measured run")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(func=cmd_validate)
+    return parser
+
+
+def _known_input_errors() -> tuple[type[BaseException], ...]:
+    from runner.checkpoint import CheckpointError
+    from runner.devices import DeviceError
+    from stages.arch import UnsupportedArchitecture
+    from stages.validate import ProbeError
+
+    return (DeviceError, CheckpointError, UnsupportedArchitecture, ProbeError, ValueError, OSError)
+
+
+def cmd_validate(args) -> int:
+    from stages.validate import validate_checkpoint
+
+    if args.batch < 1 or args.seq_len < 1:
+        print("error: --batch and --seq-len must be >= 1", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        result = validate_checkpoint(
+            args.checkpoint,
+            args.device,
+            fraction=args.fraction,
+            budget_bytes=args.budget_bytes,
+            batch=args.batch,
+            seq_len=args.seq_len,
+            dense_path=args.dense,
+            measure=not args.analytic_only,
+            dtype=args.dtype,
+        )
+    except _known_input_errors() as exc:
+        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(result, indent=1, default=str) if args.json else format_table(result))
+    return EXIT_FITS if result["fits"] else EXIT_DOES_NOT_FIT
+
+
+def _gib(value) -> str:
+    return "-" if value is None else f"{value / GIB:.3f} GiB"
+
+
+def _num(value, unit: str = "", digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}{unit}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"-{value:.1%}" if value >= 0 else f"+{-value:.1%}"
+
+
+def format_table(result: dict) -> str:
+    """Human-readable summary of a validate_checkpoint result."""
+    w = result["workload"]
+    verdict = "FITS" if result["fits"] else ("OUT OF MEMORY" if result["oom"] else "DOES NOT FIT")
+    rows = [
+        ("device", result["device"]),
+        ("workload", f"batch {w['batch']} x seq {w['seq_len']} ({w['dtype']})"),
+        ("budget", _gib(result["budget_bytes"])),
+        (
+            "peak (measured)",
+            f"{_gib(result['measured_peak_bytes'])} on {result['measured_on'] or '-'}",
+        ),
+        ("peak (analytic)", _gib(result["analytic_bytes"])),
+        ("headroom", _gib(result["headroom_bytes"])),
+        ("verdict", f"{verdict} (basis: {result['fits_basis']})"),
+    ]
+    lines = [f"{k:<18} {v}" for k, v in rows]
+    lat, red = result["latency_ms"], result["reductions"]
+    pairs = [
+        (
+            "peak memory",
+            _gib(result["dense_peak_bytes"]),
+            _gib(result["peak_bytes"]),
+            _pct(red["peak_memory"]),
+        ),
+        ("latency", _num(lat["dense"], " ms"), _num(lat["pruned"], " ms"), _pct(red["latency"])),
+    ]
+    for key, label in (
+        ("tokens_per_s", "decode tok/s bound"),
+        ("tokens_per_s_realistic", "decode tok/s x0.6"),
+        ("samples_per_s", "samples/s bound"),
+    ):
+        values = result[f"projected_{key}"]
+        pairs.append((label, _num(values["dense"]), _num(values["pruned"]), ""))
+    lines.append("")
+    lines.append(f"{'':<20}{'dense':>16}{'pruned':>16}{'change':>10}")
+    lines += [f"{name:<20}{d:>16}{p:>16}{c:>10}" for name, d, p, c in pairs]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (python -m runner.cli_validate ...), same as `cascade validate`."""
+    parser = argparse.ArgumentParser(prog="cascade")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["validate", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
