@@ -31,7 +31,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     amount.add_argument("--fraction", type=float, help="share of the device's usable memory")
     amount.add_argument("--budget-bytes", type=int, help="explicit budget in bytes")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, help="default: the model's positions, at most 128")
     parser.add_argument("--dtype", help="inference dtype (default: the checkpoint's)")
     parser.add_argument("--dense", help="dense checkpoint to compare against (measured too)")
     parser.add_argument("--analytic-only", action="store_true", help="skip the measured run")
@@ -49,9 +49,23 @@ def _known_input_errors() -> tuple[type[BaseException], ...]:
     return (DeviceError, CheckpointError, UnsupportedArchitecture, ProbeError, ValueError, OSError)
 
 
+def _default_seq_len(checkpoint: str, cap: int = 128) -> int:
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return cap  # the validation itself reports the unreadable checkpoint
+    positions = config.get("n_positions") or config.get("max_position_embeddings") or cap
+    return min(cap, int(positions))
+
+
 def cmd_validate(args) -> int:
     from stages.validate import validate_checkpoint
 
+    if args.seq_len is None:
+        args.seq_len = _default_seq_len(args.checkpoint)
     if args.batch < 1 or args.seq_len < 1:
         print("error: --batch and --seq-len must be >= 1", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -104,11 +118,13 @@ def format_table(result: dict) -> str:
     ]
     lines = [f"{k:<18} {v}" for k, v in rows]
     lat, red = result["latency_ms"], result["reductions"]
+    both_measured = result["dense_peak_source"] == "measured" and result["measured_peak_bytes"] is not None
+    pruned_peak = result["peak_bytes"] if both_measured else result["analytic_bytes"]
     pairs = [
         (
-            "peak memory",
-            _gib(result["dense_peak_bytes"]),
-            _gib(result["peak_bytes"]),
+            "peak memory" + ("" if both_measured else " (analytic)"),
+            _gib(result["dense_peak_bytes"] if both_measured else (result["analytic"]["dense"] or {}).get("total")),
+            _gib(pruned_peak),
             _pct(red["peak_memory"]),
         ),
         ("latency", _num(lat["dense"], " ms"), _num(lat["pruned"], " ms"), _pct(red["latency"])),
