@@ -6,6 +6,11 @@ VENV=.venv
 PY="$VENV/bin/python"
 STAMP="$VENV/.installed"
 
+pip_install() {
+  # This machine's pip config names local index folders that may not exist: drop that noise only.
+  "$PY" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+
 setup() {
   [ -x "$PY" ] || python3 -m venv "$VENV"
   local want
@@ -13,16 +18,16 @@ setup() {
   if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
     return 0  # already installed for this pyproject.toml: install nothing
   fi
-  "$PY" -m pip install -q --upgrade pip
+  pip_install --upgrade pip
   if ! "$PY" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-      "$PY" -m pip install -q torch
+      pip_install torch
     else
       # CPU machine: pin the CPU build so no multi-GB CUDA wheel is pulled.
-      "$PY" -m pip install -q "torch==2.13.0"
+      pip_install "torch==2.13.0"
     fi
   fi
-  "$PY" -m pip install -q -e ".[dev]"
+  pip_install -e ".[dev]"
   echo "$want" > "$STAMP"
 }
 
