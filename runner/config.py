@@ -146,7 +146,14 @@ class OutputConfig(Strict):
 
 
 class GuardConfig(Strict):
-    max_accuracy_drop: float = Field(0.5, gt=0.0, le=1.0)
+    """After each prune step: NaN/Inf check, and optionally an accuracy-collapse bound.
+
+    max_accuracy_drop: largest validation-accuracy drop one prune step may cause (before its
+    recovery); beyond it the step is rolled back and retried smaller. None = no bound (pruning
+    before recovery normally costs accuracy, and baselines must be measured as they are).
+    """
+
+    max_accuracy_drop: float | None = Field(None, gt=0.0, le=1.0)
     retries: int = Field(1, ge=0)
     retry_shrink: float = Field(0.5, gt=0.0, lt=1.0)
 

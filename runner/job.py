@@ -63,8 +63,8 @@ def run_job(
         with cluster_session(cfg.cluster):
             return _run_models(cfg, out, resume=resume, log=log)
     except user_errors():
-        if fresh and not any(out.glob("**/stages/*/metrics.json")):
-            shutil.rmtree(out, ignore_errors=True)  # bad input: leave nothing behind
+        if fresh and not any(out.glob("**/events.jsonl")):
+            shutil.rmtree(out, ignore_errors=True)  # rejected before it started: leave nothing behind
         raise
 
 

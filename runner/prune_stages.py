@@ -103,18 +103,21 @@ class PruneStagesMixin:
             scores = scores_from_statistics(self.model, self.adapter, stats, request)
             self.events.emit("estimate_end", stage=name, version=self.version)
         plan = self._plan(stage, name, scores, stats, budget)
-        for attempt in range(self.cfg.guards.retries + 1):
+        guards = self.cfg.guards
+        accuracy_before = self._val_accuracy() if guards.max_accuracy_drop is not None else None
+        for attempt in range(guards.retries + 1):
             backup = copy.deepcopy(self.model)
             apply_plan(self.model, self.adapter, plan)
             try:
                 check_finite(self.model, self.calibration[0])
+                self._check_accuracy_drop(accuracy_before)
                 break
             except NumericalError as exc:
                 self.events.emit("error", stage=name, version=self.version, error=str(exc))
                 self.model = backup
-                if attempt == self.cfg.guards.retries:
+                if attempt == guards.retries:
                     raise JobError(f"stage {name}: {exc}; no retries left") from None
-                budget = budget.scaled(self.cfg.guards.retry_shrink)
+                budget = budget.scaled(guards.retry_shrink)
                 self.events.emit("retry", stage=name, version=self.version, budget=budget.__dict__)
                 plan = self._plan(stage, name, scores, stats, budget)
         if plan.granularity == "layers":
@@ -131,6 +134,21 @@ class PruneStagesMixin:
         )
         self._sync_workers(name)
         return plan
+
+    def _val_accuracy(self) -> float:
+        from stages.training import evaluate
+
+        return evaluate(self.model, self.splits["validation"]).accuracy
+
+    def _check_accuracy_drop(self, accuracy_before: float | None) -> None:
+        if accuracy_before is None:
+            return
+        after = self._val_accuracy()
+        if accuracy_before - after > self.cfg.guards.max_accuracy_drop:
+            raise NumericalError(
+                f"validation accuracy collapsed from {accuracy_before:.3f} to {after:.3f} "
+                f"(guards.max_accuracy_drop={self.cfg.guards.max_accuracy_drop})"
+            )
 
     def _max_layers_for_target(self, stage: PruneStageConfig) -> int | None:
         """Most layers that can stay if later head/channel stages are to reach the target at all.

@@ -154,3 +154,14 @@ def test_resume_after_a_crash_gives_the_same_checkpoint(tmp_path, finished_job, 
     assert resumed.keys() == reference.keys()
     for key in reference:
         assert torch.equal(resumed[key], reference[key]), key
+
+
+def test_accuracy_collapse_guard_rolls_back_retries_then_fails(tmp_path):
+    raw = tiny_job(guards={"max_accuracy_drop": 1e-6, "retries": 1, "retry_shrink": 0.5})
+    raw["stages"] = [{"kind": "channels", "criterion": "l2", "ratio": 0.9}]
+    with pytest.raises(JobError, match="collapsed"):
+        run_job(parse_config(raw), tmp_path, log=lambda m: None)
+    events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds.count("error") == 2 and "retry" in kinds
+    assert "prune" not in kinds  # nothing collapsed was kept
