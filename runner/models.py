@@ -167,11 +167,21 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "cascade"
 
 
+def _training_data_cfg(data_cfg: Any) -> Any:
+    """Calibration settings do not change the train split: one demo model serves them all."""
+    from runner.data import DataConfig
+
+    defaults = DataConfig()
+    return data_cfg.model_copy(
+        update={"calibration_size": defaults.calibration_size, "calibration_mix": []}
+    )
+
+
 def demo_cache_key(spec: DemoSpec, data_cfg: Any) -> str:
     """12 hex chars of sha256 over spec, data config, training settings and CODE_VERSION."""
     payload = {
         "spec": asdict(spec),
-        "data": data_cfg.model_dump(mode="json"),
+        "data": _training_data_cfg(data_cfg).model_dump(mode="json"),
         "train": asdict(_demo_train_settings(spec)),
         "code": CODE_VERSION,
     }
@@ -192,9 +202,7 @@ def get_demo_model(
     if name not in DEMO_MODELS:
         raise ModelError(f"unknown demo model {name!r}; known: {', '.join(DEMO_MODELS)}")
     spec = DEMO_MODELS[name]
-    data_cfg = data_cfg if data_cfg is not None else DataConfig()
-    # Calibration settings do not change the train split: one demo model serves them all.
-    data_cfg = data_cfg.model_copy(update={"calibration_size": DataConfig().calibration_size, "calibration_mix": []})
+    data_cfg = _training_data_cfg(data_cfg if data_cfg is not None else DataConfig())
     target = _cache_root(cache_dir) / f"{name}-{demo_cache_key(spec, data_cfg)}"
     if (target / _MARKER).is_file():
         return _load_cached_demo(target, name)
