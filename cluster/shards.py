@@ -23,9 +23,8 @@ from torch import Tensor, nn
 from runner.checkpoint import (
     INDEX,
     _pruning_config,
-    _swap_into_place,
     _weights_to_save,
-    _write_manifest,
+    atomic_directory,
     write_metadata,
 )
 from stages.arch import get_adapter
@@ -131,32 +130,26 @@ def export_sharded(
     state = _weights_to_save(model)
     n_layers = len(get_adapter(model).layers(model))
     plan = assign_tensors(list(state), layers_prefix(model), n_layers, workers)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging = out.with_name(f".{out.name}.staging-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    out.parent.mkdir(parents=True, exist_ok=True)
     staging.mkdir()
     try:
-        written = _write_shards(state, plan, staging, executor)
-        weight_map = {}
-        for info, names in zip(written, plan):
-            if info["tensors"] != sorted(names):
-                raise ShardExportError(
-                    f"{out}: shard {info['file']} holds other tensors than planned"
-                )
-            os.replace(staging / info["file"], tmp / info["file"])
-            weight_map.update({name: info["file"] for name in names})
-        index = {
-            "metadata": {"total_size": sum(i["data_bytes"] for i in written)},
-            "weight_map": weight_map,
-        }
-        (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
-        write_metadata(model, tokenizer, config, tmp)
-        _write_manifest(tmp)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(out) as tmp:
+            written = _write_shards(state, plan, staging, executor)
+            weight_map = {}
+            for info, names in zip(written, plan):
+                if info["tensors"] != sorted(names):
+                    raise ShardExportError(
+                        f"{out}: shard {info['file']} holds other tensors than planned"
+                    )
+                os.replace(staging / info["file"], tmp / info["file"])
+                weight_map.update({name: info["file"] for name in names})
+            index = {
+                "metadata": {"total_size": sum(i["data_bytes"] for i in written)},
+                "weight_map": weight_map,
+            }
+            (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+            write_metadata(model, tokenizer, config, tmp)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

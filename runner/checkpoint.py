@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -186,6 +187,24 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
+@contextmanager
+def atomic_directory(out: Path):
+    """A sibling temp dir to fill; then a manifest is written LAST and it replaces `out`.
+
+    On any failure the temp dir is removed and whatever was at `out` stays as it was.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _write_manifest(tmp)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_metadata(model, tokenizer, config, directory: Path) -> None:
     """config.json (with the pruning section), generation config and tokenizer files."""
     config.to_json_file(str(directory / "config.json"), use_diff=True)
@@ -212,17 +231,9 @@ def save_checkpoint(
             f"{out}: model carries peft adapters; merge them (merge_and_unload) before saving"
         )
     config = _pruning_config(model, require_uniform, metadata, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with atomic_directory(out) as tmp:
         _write_weights(model, tmp, max_shard_size)
         write_metadata(model, tokenizer, config, tmp)
-        _write_manifest(tmp)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -25,16 +25,6 @@ from runner.models import (
     load_model,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from 2 threads, and a busy 2-core box makes them ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TEXTS = ["rms 0.3 kurt 14 env 4.7x", "rms 0.19 kurt 3.5", "rms 0.3 hf 0.84"]
 
 

@@ -24,15 +24,6 @@ from stages.training import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from 2 threads, and a busy 2-core box makes them ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class LookupModel(nn.Module):
     """Logits are a fixed table row chosen by the first token id: outputs are known exactly."""
 
