@@ -20,6 +20,7 @@ from runner.errors import JobError
 from runner.events import EventLog
 from runner.models import count_params, describe_model, load_model
 from runner.preflight import preflight
+from runner.progress import step_bar
 from runner.prune_stages import PruneStagesMixin
 from runner.stage_store import StageStore
 from stages.arch import get_adapter
@@ -98,7 +99,9 @@ class ModelRun(PruneStagesMixin):
         settings = TrainSettings(
             steps=steps, lr=self.model_cfg.finetune_lr, batch_size=16, seed=self.cfg.seed
         )
-        losses = train_steps(self.model, self.splits["train"], settings)
+        label = f"{self.model_cfg.ref} fine-tune"
+        with step_bar(steps, label, self.cfg.output.progress) as on_step:
+            losses = train_steps(self.model, self.splits["train"], settings, on_step=on_step)
         self.model.eval()
         self.log(
             f"fine-tuned the dense model for {steps} steps in {time.perf_counter() - t0:.1f}s "
@@ -245,9 +248,11 @@ class ModelRun(PruneStagesMixin):
                 stage.strategy,
             )
         else:
-            self.model, metrics = recover(
-                self.model, self.adapter, self.splits["train"], settings, teacher
-            )
+            label = f"{self.model_cfg.ref} {name}"
+            with step_bar(settings.steps, label, self.cfg.output.progress) as on_step:
+                self.model, metrics = recover(
+                    self.model, self.adapter, self.splits["train"], settings, teacher, on_step
+                )
         check_finite(self.model, self.calibration[0])
         self.version += 1
         self.events.emit(

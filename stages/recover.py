@@ -59,7 +59,14 @@ def cached_teacher(logits: torch.Tensor):
     return lookup
 
 
-def recover(model, adapter, split: EncodedSplit, settings: RecoverySettings, teacher_logits=None):
+def recover(
+    model,
+    adapter,
+    split: EncodedSplit,
+    settings: RecoverySettings,
+    teacher_logits=None,
+    on_step=None,
+):
     """Returns (model, metrics). The returned model holds merged weights and no LoRA modules.
 
     teacher_logits: a [rows, classes] tensor aligned with `split` (kd only).
@@ -73,12 +80,12 @@ def recover(model, adapter, split: EncodedSplit, settings: RecoverySettings, tea
     if settings.steps == 0:
         return model, {"losses": [], "seconds": 0.0, "trainable_params": 0}
     if settings.method == "lora":
-        model, losses, trainable = _lora(model, adapter, split, settings, teacher_logits)
+        model, losses, trainable = _lora(model, adapter, split, settings, teacher_logits, on_step)
     elif settings.method == "full":
         trainable = sum(p.numel() for p in model.parameters())
-        losses = _train(model, split, settings, teacher_logits, params=list(model.parameters()))
+        losses = _train(model, split, settings, teacher_logits, list(model.parameters()), on_step)
     elif settings.method == "mask":
-        losses, trainable = _mask_tuning(model, adapter, split, settings, teacher_logits)
+        losses, trainable = _mask_tuning(model, adapter, split, settings, teacher_logits, on_step)
     else:
         raise ValueError(f"unknown recovery method {settings.method!r}")
     model.eval()
@@ -91,7 +98,7 @@ def recover(model, adapter, split: EncodedSplit, settings: RecoverySettings, tea
     }
 
 
-def _train(model, split, settings, teacher_logits, params):
+def _train(model, split, settings, teacher_logits, params, on_step=None):
     model.train()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -99,7 +106,12 @@ def _train(model, split, settings, teacher_logits, params):
         p.requires_grad_(True)
     try:
         return train_steps(
-            model, split, settings.train_settings(), teacher_logits=teacher_logits, params=params
+            model,
+            split,
+            settings.train_settings(),
+            teacher_logits=teacher_logits,
+            params=params,
+            on_step=on_step,
         )
     finally:
         for p in model.parameters():
@@ -129,7 +141,7 @@ def wrap_lora(model, adapter, settings: RecoverySettings):
         return get_peft_model(model, lora_config(adapter, settings))
 
 
-def _lora(model, adapter, split, settings, teacher_logits):
+def _lora(model, adapter, split, settings, teacher_logits, on_step):
     peft_model = wrap_lora(model, adapter, settings)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     peft_model.train()
@@ -139,6 +151,7 @@ def _lora(model, adapter, split, settings, teacher_logits):
         settings.train_settings(),
         teacher_logits=teacher_logits,
         params=trainable,
+        on_step=on_step,
     )
     merged = peft_model.merge_and_unload()
     for p in merged.parameters():
@@ -146,7 +159,7 @@ def _lora(model, adapter, split, settings, teacher_logits):
     return merged, losses, sum(p.numel() for p in trainable)
 
 
-def _mask_tuning(model, adapter, split, settings, teacher_logits):
+def _mask_tuning(model, adapter, split, settings, teacher_logits, on_step=None):
     n_layers = len(adapter.layers(model))
     device = next(model.parameters()).device
     attn = {
@@ -159,7 +172,7 @@ def _mask_tuning(model, adapter, split, settings, teacher_logits):
     }
     params = list(attn.values()) + list(mlp.values())
     with unit_masks(model, adapter, attn=attn, mlp=mlp):
-        losses = _train(model, split, settings, teacher_logits, params=params)
+        losses = _train(model, split, settings, teacher_logits, params, on_step)
     _fold_masks(model, adapter, attn, mlp)
     return losses, sum(p.numel() for p in params)
 
