@@ -11,6 +11,7 @@ re-sends calibration + the current version and re-runs the (idempotent) task.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import time
@@ -41,7 +42,7 @@ def start_ray(cluster_cfg) -> bool:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")  # inside a submitted Ray job
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         return True
     # Importance actors and Ray Train workers must both fit: reserve every core, at least the actors'.
     wanted = math.ceil(cluster_cfg.workers * cluster_cfg.cpus_per_worker)
@@ -50,6 +51,7 @@ def start_ray(cluster_cfg) -> bool:
         include_dashboard=bool(cluster_cfg.dashboard),
         object_store_memory=OBJECT_STORE_BYTES,
         log_to_driver=False,
+        logging_level=logging.WARNING,
         _node_ip_address="127.0.0.1",
     )
     return True
