@@ -133,10 +133,13 @@ def render_compare(result: dict) -> str:
     for model in dict.fromkeys(r["model"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["model"] == model]
         ok = next((r for r in rows if "error" not in r), {})
+        score = ok.get("sia_score")
+        sia = "SIA not measured" if score is None else (
+            f"SIA score {score:.3f}, {'satisfied' if ok.get('sia_satisfied') else 'VIOLATED'}"
+        )
         lines += [
             f"## {model} ({ok.get('attention', '?')} + {ok.get('mlp', '?')}; dense accuracy "
-            f"{ok.get('dense_accuracy', float('nan')):.4f}; SIA score {ok.get('sia_score') or float('nan'):.3f}, "
-            f"satisfied={ok.get('sia_satisfied')})",
+            f"{ok.get('dense_accuracy', float('nan')):.4f}; {sia})",
             "",
         ]
         lines.append("| method | " + " | ".join(f"{r:g}x" for r in result["ratios"]) + " |")
