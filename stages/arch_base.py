@@ -193,6 +193,25 @@ class ArchAdapter:
     def mlp_unit_cost(self, model: nn.Module, layer_idx: int) -> int:
         return sum(t.shape[1] for t in self.mlp_unit_weights(model, layer_idx))
 
+    # ---- one granularity ("heads" = attention units, "channels" = FFN channels) --------------
+    def out_proj(self, layer: nn.Module, granularity: str) -> nn.Module:
+        """The module whose input columns are grouped by this granularity's units."""
+        return self.attn_out_proj(layer) if granularity == "heads" else self.mlp_out_proj(layer)
+
+    def unit_width(self, model: nn.Module, granularity: str) -> int:
+        """Input columns of the out-projection per unit."""
+        return self.head_dim(model) * self.heads_per_unit(model) if granularity == "heads" else 1
+
+    def units(self, model: nn.Module, layer_idx: int, granularity: str) -> int:
+        if granularity == "heads":
+            return self.attn_units(model, layer_idx)
+        return self.mlp_units(model, layer_idx)
+
+    def unit_cost(self, model: nn.Module, layer_idx: int, granularity: str) -> int:
+        if granularity == "heads":
+            return self.attn_unit_cost(model, layer_idx)
+        return self.mlp_unit_cost(model, layer_idx)
+
     def layer_cost(self, model: nn.Module, layer_idx: int) -> int:
         return sum(p.numel() for p in self._layer(model, layer_idx).parameters())
 

@@ -66,12 +66,7 @@ def apply_plan(model: torch.nn.Module, adapter, plan: PrunePlan) -> None:
         _add_out_proj_bias(adapter, model, layers[layer_idx], plan.granularity, deltas)
     for layer_idx in sorted(plan.keep):
         keep = plan.keep[layer_idx]
-        units = (
-            adapter.attn_units(model, layer_idx)
-            if plan.granularity == "heads"
-            else adapter.mlp_units(model, layer_idx)
-        )
-        if len(keep) == units:
+        if len(keep) == adapter.units(model, layer_idx, plan.granularity):
             continue
         if plan.granularity == "heads":
             adapter.prune_attention(model, layer_idx, keep)
@@ -81,7 +76,7 @@ def apply_plan(model: torch.nn.Module, adapter, plan: PrunePlan) -> None:
 
 def _add_out_proj_bias(adapter, model, layer, granularity: str, deltas: list[float]) -> None:
     """FLAP bias compensation: fold the removed columns' mean contribution into the bias."""
-    module = adapter.attn_out_proj(layer) if granularity == "heads" else adapter.mlp_out_proj(layer)
+    module = adapter.out_proj(layer, granularity)
     if getattr(module, "bias", None) is None:
         adapter.ensure_out_proj_bias(model, granularity)
     bias = module.bias

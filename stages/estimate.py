@@ -30,22 +30,6 @@ class EstimateRequest:
     criterion: str
 
 
-def _out_proj(adapter, layer, granularity: str):
-    return adapter.attn_out_proj(layer) if granularity == "heads" else adapter.mlp_out_proj(layer)
-
-
-def _unit_width(adapter, model, granularity: str) -> int:
-    if granularity == "heads":
-        return adapter.head_dim(model) * adapter.heads_per_unit(model)
-    return 1
-
-
-def _units(adapter, model, layer_idx: int, granularity: str) -> int:
-    if granularity == "heads":
-        return adapter.attn_units(model, layer_idx)
-    return adapter.mlp_units(model, layer_idx)
-
-
 def _token_mask(batch: dict) -> torch.Tensor:
     return batch["attention_mask"].bool()
 
@@ -110,7 +94,7 @@ def _taylor_batch(model, adapter, batch, granularity: str, stats: Stats) -> None
     device = next(model.parameters()).device
     masks = {
         layer: torch.ones(
-            _units(adapter, model, layer, granularity), device=device, requires_grad=True
+            adapter.units(model, layer, granularity), device=device, requires_grad=True
         )
         for layer in range(n_layers)
     }
@@ -145,7 +129,7 @@ def _input_stats_batch(model, adapter, batch, request: EstimateRequest, stats: S
 
     with ExitStack() as stack, torch.no_grad():
         for idx, layer in enumerate(layers):
-            handle = _out_proj(adapter, layer, request.granularity).register_forward_pre_hook(
+            handle = adapter.out_proj(layer, request.granularity).register_forward_pre_hook(
                 make_hook(idx)
             )
             stack.callback(handle.remove)
@@ -174,7 +158,7 @@ def scores_from_statistics(model, adapter, stats: Stats, request: EstimateReques
         return torch.stack(
             [(stats[f"{i}.skip_loss_sum"] - base) / stats["rows"] for i in range(n_layers)]
         )
-    width = _unit_width(adapter, model, request.granularity)
+    width = adapter.unit_width(model, request.granularity)
     layers = adapter.layers(model)
     scores = []
     for i in range(n_layers):
@@ -189,7 +173,7 @@ def scores_from_statistics(model, adapter, stats: Stats, request: EstimateReques
         elif crit == "taylor":
             score = stats[f"{i}.mask_grad"].abs()
         else:
-            weight = adapter.out_proj_weight(_out_proj(adapter, layers[i], request.granularity))
+            weight = adapter.out_proj_weight(adapter.out_proj(layers[i], request.granularity))
             count = stats["tokens"]
             if crit == "wanda":
                 score = imp.wanda(weight, stats[f"{i}.x_sq_sum"], count, width)

@@ -179,14 +179,12 @@ def _mask_tuning(model, adapter, split, settings, teacher_logits, on_step=None):
 
 def _fold_masks(model, adapter, attn, mlp) -> None:
     """Scale each unit's out-projection input columns by its learned mask (exactly equivalent)."""
-    width = adapter.head_dim(model) * adapter.heads_per_unit(model)
     layers = adapter.layers(model)
     with torch.no_grad():
         for i, layer in enumerate(layers):
-            for module, mask, w in (
-                (adapter.attn_out_proj(layer), attn[i], width),
-                (adapter.mlp_out_proj(layer), mlp[i], 1),
-            ):
+            for granularity, mask in (("heads", attn[i]), ("channels", mlp[i])):
+                module = adapter.out_proj(layer, granularity)
+                w = adapter.unit_width(model, granularity)
                 weight = adapter.out_proj_weight(module)  # [out, in] view
                 scale = mask.detach().repeat_interleave(w).to(weight.dtype)
                 weight.mul_(scale.unsqueeze(0))

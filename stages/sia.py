@@ -95,11 +95,7 @@ def component_masks(model, adapter, granularity: str, masks: dict[int, torch.Ten
     layers = adapter.layers(model)
     with ExitStack() as stack:
         for layer_idx, mask in masks.items():
-            module = (
-                adapter.attn_out_proj(layers[layer_idx])
-                if granularity == "heads"
-                else adapter.mlp_out_proj(layers[layer_idx])
-            )
+            module = adapter.out_proj(layers[layer_idx], granularity)
 
             def hook(_m, args, mask=mask):
                 scale = mask.repeat_interleave(width).to(args[0].dtype)

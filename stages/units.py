@@ -11,19 +11,14 @@ from stages.selection import select_by_cost, select_global
 
 
 def unit_costs(model, adapter, granularity: str) -> list[int]:
-    n_layers = len(adapter.layers(model))
-    if granularity == "heads":
-        return [adapter.attn_unit_cost(model, i) for i in range(n_layers)]
-    return [adapter.mlp_unit_cost(model, i) for i in range(n_layers)]
+    return [adapter.unit_cost(model, i, granularity) for i in range(len(adapter.layers(model)))]
 
 
 def total_units(model, adapter, granularity: str) -> int:
     n_layers = len(adapter.layers(model))
     if granularity == "layers":
         return n_layers
-    if granularity == "heads":
-        return sum(adapter.attn_units(model, i) for i in range(n_layers))
-    return sum(adapter.mlp_units(model, i) for i in range(n_layers))
+    return sum(adapter.units(model, i, granularity) for i in range(n_layers))
 
 
 def plan_unit_removal(
@@ -80,17 +75,13 @@ def plan_unit_removal(
 def _bias_deltas(
     model, adapter, granularity, removed: list[list[int]], stats
 ) -> dict[int, list[float]]:
-    width = adapter.head_dim(model) * adapter.heads_per_unit(model) if granularity == "heads" else 1
+    width = adapter.unit_width(model, granularity)
     layers = adapter.layers(model)
     deltas = {}
     for i, units in enumerate(removed):
         if not units:
             continue
-        module = (
-            adapter.attn_out_proj(layers[i])
-            if granularity == "heads"
-            else adapter.mlp_out_proj(layers[i])
-        )
+        module = adapter.out_proj(layers[i], granularity)
         cols = torch.cat([torch.arange(u * width, (u + 1) * width) for u in units])
         delta = imp.bias_compensation(
             adapter.out_proj_weight(module).detach(), stats[f"{i}.x_sum"], stats["tokens"], cols
