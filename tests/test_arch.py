@@ -9,7 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import init_empty_weights
-from tiny_models import padded_batch, tiny_bert, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2
+from tiny_models import (
+    padded_batch,
+    prune_units,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_mistral,
+    tiny_qwen2,
+)
 from transformers import (
     BertModel,
     GPT2LMHeadModel,
@@ -79,18 +87,8 @@ def _slicing_matches_masking(model, side):
     attn, mlp = _masks(adapter, model, attn_keep, mlp_keep)
     with unit_masks(model, adapter, attn=attn, mlp=mlp):
         masked = run(model, ids, mask)
-    expected_drop = sum(
-        (adapter.attn_units(model, i) - len(k)) * adapter.attn_unit_cost(model, i)
-        for i, k in attn_keep.items()
-    ) + sum(
-        (adapter.mlp_units(model, i) - len(k)) * adapter.mlp_unit_cost(model, i)
-        for i, k in mlp_keep.items()
-    )
     before = n_params(model)
-    for i, keep in attn_keep.items():
-        adapter.prune_attention(model, i, keep)
-    for i, keep in mlp_keep.items():
-        adapter.prune_mlp(model, i, keep)
+    expected_drop = prune_units(adapter, model, attn_keep, mlp_keep)
     sliced = run(model, ids, mask)
     assert (dense - masked).abs().max() > 1e-3  # the masked units mattered
     torch.testing.assert_close(sliced, masked, atol=1e-5, rtol=0)

@@ -16,6 +16,8 @@ import pytest
 import torch
 from tiny_models import (
     padded_batch,
+    prune_uniformly,
+    prune_units,
     tiny_distilbert,
     tiny_neox,
     tiny_opt,
@@ -93,18 +95,8 @@ def test_slicing_equals_zero_masking(family, impl):
     dense = run(model, side)
     with unit_masks(model, adapter, attn=attn, mlp=mlp):
         masked = run(model, side)
-    expected_drop = sum(
-        (adapter.attn_units(model, i) - len(k)) * adapter.attn_unit_cost(model, i)
-        for i, k in attn_keep.items()
-    ) + sum(
-        (adapter.mlp_units(model, i) - len(k)) * adapter.mlp_unit_cost(model, i)
-        for i, k in mlp_keep.items()
-    )
     before = n_params(model)
-    for i, keep in attn_keep.items():
-        adapter.prune_attention(model, i, keep)
-    for i, keep in mlp_keep.items():
-        adapter.prune_mlp(model, i, keep)
+    expected_drop = prune_units(adapter, model, attn_keep, mlp_keep)
     assert (dense - masked).abs().max() > 1e-3  # the masked units mattered
     torch.testing.assert_close(run(model, side), masked, atol=1e-5, rtol=0)
     assert before - n_params(model) == expected_drop
@@ -206,21 +198,11 @@ def test_heterogeneous_checkpoint_round_trips(family, tmp_path):
     assert pruning["vanilla_loadable"] is False and len(pruning["layout"]) == 2
 
 
-def _uniform(model, heads: bool):
-    adapter = get_adapter(model)
-    for i in range(3):
-        if heads:
-            adapter.prune_attention(model, i, [1])
-        adapter.prune_mlp(model, i, list(range(5, 37)))
-    adapter.remove_layers(model, [2])
-    return model
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_uniform_checkpoint_loads_with_plain_transformers(family, tmp_path):
     """FFN + depth always; heads too where the config has an explicit head_dim (GQA here)."""
     side, gqa = FAMILIES[family][1], FAMILIES[family][3]
-    model = _uniform(build(family), heads=gqa)
+    model = prune_uniformly(build(family), heads=gqa)
     path = save_checkpoint(model, None, tmp_path / "ckpt", require_uniform=True)
     plain = AutoModelForSequenceClassification.from_pretrained(
         path, attn_implementation="eager"

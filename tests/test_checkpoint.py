@@ -6,7 +6,15 @@ import json
 
 import pytest
 import torch
-from tiny_models import padded_batch, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen2, tiny_tokenizer
+from tiny_models import (
+    padded_batch,
+    prune_uniformly,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_qwen2,
+    tiny_tokenizer,
+)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaForCausalLM
 
 import runner.checkpoint as ckpt
@@ -38,16 +46,6 @@ def heterogeneous(model):
     return model
 
 
-def uniform(model, *, heads: bool):
-    adapter = get_adapter(model)
-    for i in range(3):
-        if heads:
-            adapter.prune_attention(model, i, [1])
-        adapter.prune_mlp(model, i, list(range(5, 37)))
-    adapter.remove_layers(model, [2])
-    return model
-
-
 @pytest.mark.parametrize("family", list(BUILDERS))
 def test_heterogeneous_layout_round_trips(family, tmp_path):
     model = heterogeneous(BUILDERS[family]())
@@ -75,7 +73,7 @@ def test_heterogeneous_layout_round_trips(family, tmp_path):
     ("family", "heads"), [("llama", True), ("qwen2", True), ("gpt2", False), ("bert", False)]
 )
 def test_uniform_layout_loads_with_plain_transformers(family, heads, tmp_path):
-    model = uniform(BUILDERS[family](), heads=heads)
+    model = prune_uniformly(BUILDERS[family](), heads=heads)
     path = save_checkpoint(model, None, tmp_path / "ckpt", require_uniform=True)
     assert json.loads((path / "config.json").read_text())["pruning"]["vanilla_loadable"] is True
     plain = AutoModelForSequenceClassification.from_pretrained(
@@ -111,7 +109,7 @@ def test_tied_causal_lm_sharded_round_trip(tmp_path):
 
 
 def test_uniform_tied_causal_lm_loads_plainly(tmp_path):
-    model = uniform(tiny_llama(LlamaForCausalLM, tie_word_embeddings=True), heads=True)
+    model = prune_uniformly(tiny_llama(LlamaForCausalLM, tie_word_embeddings=True), heads=True)
     path = save_checkpoint(
         model, None, tmp_path / "ckpt", require_uniform=True, max_shard_size="10KB"
     )

@@ -333,3 +333,32 @@ def tiny_phi3(cls=None, *, attn_implementation: str = "eager", seed: int = 0, **
     kwargs.update(partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0)
     kwargs.update(overrides)
     return _build(cls or Phi3ForSequenceClassification, Phi3Config(**kwargs), seed)
+
+
+def prune_uniformly(model, *, heads: bool):
+    """Every layer the same shape: keep head/unit 1 (if heads), channels 5..36, drop layer 2."""
+    from stages.arch import get_adapter
+
+    adapter = get_adapter(model)
+    for i in range(3):
+        if heads:
+            adapter.prune_attention(model, i, [1])
+        adapter.prune_mlp(model, i, list(range(5, 37)))
+    adapter.remove_layers(model, [2])
+    return model
+
+
+def prune_units(adapter, model, attn_keep: dict, mlp_keep: dict) -> int:
+    """Slice the kept units per layer; returns the parameter drop the adapter's unit costs predict."""
+    expected = sum(
+        (adapter.attn_units(model, i) - len(k)) * adapter.attn_unit_cost(model, i)
+        for i, k in attn_keep.items()
+    ) + sum(
+        (adapter.mlp_units(model, i) - len(k)) * adapter.mlp_unit_cost(model, i)
+        for i, k in mlp_keep.items()
+    )
+    for i, keep in attn_keep.items():
+        adapter.prune_attention(model, i, keep)
+    for i, keep in mlp_keep.items():
+        adapter.prune_mlp(model, i, keep)
+    return expected
