@@ -21,10 +21,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from stages.objective import model_outputs, task_loss
 from stages.recover import RecoverySettings, cached_teacher, wrap_lora
 from stages.training import EncodedSplit, TrainingError, kd_loss, lr_multiplier
 
@@ -80,9 +80,9 @@ def merged_state(trained: nn.Module, method: str) -> dict[str, Tensor]:
 
 # ---- the training loop (no Ray) ------------------------------------------------------------------
 def batch_loss(model: nn.Module, batch: dict, settings: RecoverySettings, teacher) -> Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model_outputs(model, batch)
     if settings.loss == "ce":
-        return F.cross_entropy(logits.float(), batch["labels"])
+        return task_loss(logits, batch)
     with torch.no_grad():
         target = teacher(batch).detach().to(logits.device)
     t, alpha = settings.kd_temperature, settings.kd_alpha

@@ -89,7 +89,7 @@ def _pruning_config(
     return config
 
 
-def _tied_pairs(model: nn.Module) -> dict[str, str]:
+def tied_pairs(model: nn.Module) -> dict[str, str]:
     """{tied parameter: the parameter it shares} as transformers declares it for this model."""
     pairs = getattr(model, "all_tied_weights_keys", None)
     if pairs is None and hasattr(model, "get_expanded_tied_weights_keys"):
@@ -104,7 +104,7 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _weights_to_save(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """state_dict without tied copies (they are re-tied on load); other aliases are cloned."""
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    for target, source in _tied_pairs(model).items():
+    for target, source in tied_pairs(model).items():
         if target in state and source in state and _same_storage(state[target], state[source]):
             del state[target]
     seen: set[int] = set()
@@ -294,7 +294,7 @@ def _build_empty(
 
 
 def _assign_weights(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
-    for target, source in _tied_pairs(model).items():
+    for target, source in tied_pairs(model).items():
         if target not in state and source in state:
             state[target] = state[source]
     try:
@@ -330,7 +330,12 @@ def load_pruned(
     if pruning:
         layouts = [LayerLayout(**entry) for entry in pruning["layout"]]
         get_adapter(model).resize_to_layout(model, layouts)
-    _assign_weights(model, _read_state(directory), directory)
+    state = _read_state(directory)
+    if getattr(model, "pooler", None) is not None and not any(
+        k.startswith("pooler.") for k in state
+    ):
+        model.pooler = None  # an encoder exported without its (unused) pooler, e.g. for embeddings
+    _assign_weights(model, state, directory)
     model.tie_weights()
     on_meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
     if on_meta:

@@ -118,12 +118,18 @@ def format_table(result: dict) -> str:
     ]
     lines = [f"{k:<18} {v}" for k, v in rows]
     lat, red = result["latency_ms"], result["reductions"]
-    both_measured = result["dense_peak_source"] == "measured" and result["measured_peak_bytes"] is not None
+    both_measured = (
+        result["dense_peak_source"] == "measured" and result["measured_peak_bytes"] is not None
+    )
     pruned_peak = result["peak_bytes"] if both_measured else result["analytic_bytes"]
     pairs = [
         (
             "peak memory" + ("" if both_measured else " (analytic)"),
-            _gib(result["dense_peak_bytes"] if both_measured else (result["analytic"]["dense"] or {}).get("total")),
+            _gib(
+                result["dense_peak_bytes"]
+                if both_measured
+                else (result["analytic"]["dense"] or {}).get("total")
+            ),
             _gib(pruned_peak),
             _pct(red["peak_memory"]),
         ),

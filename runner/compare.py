@@ -134,8 +134,12 @@ def render_compare(result: dict) -> str:
         rows = [r for r in result["rows"] if r["model"] == model]
         ok = next((r for r in rows if "error" not in r), {})
         score = ok.get("sia_score")
-        sia = "SIA not measured" if score is None else (
-            f"SIA score {score:.3f}, {'satisfied' if ok.get('sia_satisfied') else 'VIOLATED'}"
+        sia = (
+            "SIA not measured"
+            if score is None
+            else (
+                f"SIA score {score:.3f}, {'satisfied' if ok.get('sia_satisfied') else 'VIOLATED'}"
+            )
         )
         lines += [
             f"## {model} ({ok.get('attention', '?')} + {ok.get('mlp', '?')}; dense accuracy "

@@ -158,9 +158,30 @@ class GuardConfig(Strict):
     retry_shrink: float = Field(0.5, gt=0.0, lt=1.0)
 
 
+class EvaluationConfig(Strict):
+    """Extra measurements of the dense model and of the exported checkpoint."""
+
+    perplexity_file: str | None = Field(
+        None, description="local UTF-8 text file: perplexity of a causal LM's backbone + LM head"
+    )
+    perplexity_window: int = Field(256, ge=2, description="tokens per non-overlapping window")
+    perplexity_max_tokens: int = Field(50_000, ge=2)
+
+    @field_validator("perplexity_file")
+    @classmethod
+    def _file_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+
 class JobConfig(Strict):
     name: str = Field("job", min_length=1)
     seed: int = 0
+    task: Literal["classification", "embedding"] = Field(
+        "classification",
+        description="embedding: a bare encoder whose mean-pooled embeddings are distilled from the dense model",
+    )
     models: list[ModelConfig] = Field(min_length=1)
     data: DataConfig = Field(default_factory=DataConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
@@ -169,6 +190,7 @@ class JobConfig(Strict):
     sia: SIAConfig = Field(default_factory=SIAConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     guards: GuardConfig = Field(default_factory=GuardConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @field_validator("models", mode="before")
@@ -194,9 +216,33 @@ class JobConfig(Strict):
                 problems.append("stages use share but target has no ratio, device or budget_bytes")
         if not any(isinstance(s, PruneStageConfig) for s in self.stages):
             problems.append("stages: at least one layers/heads/channels stage is required")
+        if self.task == "embedding":
+            problems += _embedding_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _embedding_problems(cfg: JobConfig) -> list[str]:
+    """Options that mean nothing for an embedding model (no task head, the teacher is fixed)."""
+    names = stage_names(cfg.stages)
+    problems = [
+        f"stages.{i} ({names[i]}): loss kd needs class logits; embedding recovery always "
+        "distils the dense model's embeddings, so leave loss at its default"
+        for i, s in enumerate(cfg.stages)
+        if isinstance(s, RecoverStageConfig) and s.loss == "kd"
+    ]
+    problems += [
+        f"models.{i}.finetune_steps: fine-tuning trains a classification head, which the "
+        "embedding task does not have"
+        for i, m in enumerate(cfg.models)
+        if m.finetune_steps
+    ]
+    if cfg.evaluation.perplexity_file is not None:
+        problems.append(
+            "evaluation.perplexity_file: perplexity needs a causal LM, not an embedding encoder"
+        )
+    return problems
 
 
 def stage_names(stages: list) -> list[str]:

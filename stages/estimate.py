@@ -13,10 +13,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from stages import importance as imp
 from stages.masking import capture_layer_io, skip_layers, unit_masks
+from stages.objective import summed_loss as _summed_loss
 
 Stats = dict[str, torch.Tensor]
 
@@ -37,11 +37,6 @@ def _token_mask(batch: dict) -> torch.Tensor:
 def _add(stats: Stats, key: str, value: torch.Tensor) -> None:
     value = value.detach().to(torch.float64).cpu()
     stats[key] = stats[key] + value if key in stats else value
-
-
-def _summed_loss(model, batch: dict) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return F.cross_entropy(out.logits.float(), batch["labels"], reduction="sum")
 
 
 def _to_device(batch: dict, device) -> dict:

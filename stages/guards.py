@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from stages.objective import model_outputs
+
 
 class NumericalError(RuntimeError):
     pass
@@ -20,10 +22,8 @@ def check_finite(model, batch: dict | None = None) -> None:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        logits = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-        ).logits
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+        logits = model_outputs(model, inputs)
     model.train(was_training)
     if not torch.isfinite(logits).all():
         raise NumericalError("non-finite logits on a calibration batch")

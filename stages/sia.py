@@ -18,9 +18,9 @@ from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 
 import torch
-import torch.nn.functional as F
 
 from stages.importance import normalised_interaction, spearman
+from stages.objective import summed_loss
 
 Component = tuple[int, int]  # (layer, component index)
 LossFn = Callable[[list[Component]], float]  # loss with these components removed
@@ -108,8 +108,7 @@ def component_masks(model, adapter, granularity: str, masks: dict[int, torch.Ten
 def _loss(model, batches) -> torch.Tensor:
     total = 0.0
     for b in batches:
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-        total = total + F.cross_entropy(logits, b["labels"], reduction="sum")
+        total = total + summed_loss(model, b)
     return total
 
 

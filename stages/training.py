@@ -15,6 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stages.objective import (
+    cosine_to_targets,
+    embedding_loss,
+    model_outputs,
+    nearest_neighbour_predictions,
+    task_loss,
+)
+
 __all__ = [
     "EncodedSplit",
     "EvalResult",
@@ -26,6 +34,7 @@ __all__ = [
     "lr_multiplier",
     "macro_f1",
     "confusion_matrix",
+    "predict",
     "train_steps",
 ]
 
@@ -44,14 +53,21 @@ class EncodedSplit:
     input_ids: Tensor
     attention_mask: Tensor
     labels: Tensor
+    targets: Tensor | None = None  # dense-model embeddings per row (embedding task)
 
     def __post_init__(self) -> None:
         n = self.input_ids.shape[0]
-        if self.attention_mask.shape != self.input_ids.shape or self.labels.shape != (n,):
+        bad_targets = self.targets is not None and self.targets.shape[0] != n
+        if (
+            self.attention_mask.shape != self.input_ids.shape
+            or self.labels.shape != (n,)
+            or bad_targets
+        ):
             raise TrainingError(
                 "EncodedSplit: shapes disagree "
                 f"(input_ids {tuple(self.input_ids.shape)}, attention_mask "
-                f"{tuple(self.attention_mask.shape)}, labels {tuple(self.labels.shape)})"
+                f"{tuple(self.attention_mask.shape)}, labels {tuple(self.labels.shape)}"
+                + (f", targets {tuple(self.targets.shape)})" if self.targets is not None else ")")
             )
 
     def __len__(self) -> int:
@@ -61,7 +77,14 @@ class EncodedSplit:
         """Rows `idx` (indices, bool mask or slice) as a new split."""
         if not isinstance(idx, (Tensor, slice)):
             idx = torch.as_tensor(list(idx), dtype=torch.long)
-        return EncodedSplit(self.input_ids[idx], self.attention_mask[idx], self.labels[idx])
+        targets = self.targets[idx] if self.targets is not None else None
+        return EncodedSplit(
+            self.input_ids[idx], self.attention_mask[idx], self.labels[idx], targets
+        )
+
+    def with_targets(self, targets: Tensor) -> EncodedSplit:
+        """The same rows, carrying the dense model's embeddings (switches losses to distillation)."""
+        return EncodedSplit(self.input_ids, self.attention_mask, self.labels, targets)
 
     def batches(
         self, batch_size: int, *, shuffle: bool = False, seed: int = 0
@@ -79,12 +102,15 @@ class EncodedSplit:
             mask = self.attention_mask[rows]
             used = mask.any(dim=0).nonzero()
             lo, hi = (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, mask.shape[1])
-            yield {
+            batch = {
                 "input_ids": self.input_ids[rows, lo:hi],
                 "attention_mask": mask[:, lo:hi],
                 "labels": self.labels[rows],
                 "index": rows,  # row positions in this split (cached teacher logits use them)
             }
+            if self.targets is not None:
+                batch["targets"] = self.targets[rows]
+            yield batch
 
 
 def encode_split(dataset: Any, tokenizer: Any, max_length: int = 96) -> EncodedSplit:
@@ -112,13 +138,18 @@ def encode_split(dataset: Any, tokenizer: Any, max_length: int = 96) -> EncodedS
 
 @dataclass
 class EvalResult:
-    """Classification metrics of one model on one split."""
+    """Metrics of one model on one split.
+
+    Embedding task: accuracy/macro-F1/confusion are leave-one-out 1-NN fault classification with
+    the embeddings, and `cosine` is the mean cosine similarity to the dense model's embeddings.
+    """
 
     accuracy: float
     macro_f1: float
     loss: float
     confusion: list[list[int]]  # confusion[true][predicted]
     n: int
+    cosine: float | None = None
 
 
 def confusion_matrix(labels: Tensor, preds: Tensor, num_labels: int) -> Tensor:
@@ -162,22 +193,10 @@ def evaluate(
     """Accuracy, macro-F1, mean CE loss and confusion matrix; restores the model's mode."""
     if len(split) == 0:
         raise TrainingError("evaluate: split is empty")
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    all_logits: list[Tensor] = []
-    try:
-        with torch.no_grad():
-            for batch in split.batches(batch_size):
-                out = model(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                )
-                all_logits.append(out.logits.float().cpu())
-    finally:
-        model.train(was_training)
-    logits = torch.cat(all_logits)
+    logits = predict(model, split, batch_size=batch_size)
     labels = split.labels
+    if split.targets is not None:
+        return _evaluate_embeddings(logits, split)
     k = _num_labels(model, num_labels, logits.shape[-1])
     preds = logits.argmax(dim=-1)
     conf = confusion_matrix(labels, preds, max(k, int(labels.max()) + 1, logits.shape[-1]))
@@ -187,6 +206,37 @@ def evaluate(
         loss=float(F.cross_entropy(logits, labels)),
         confusion=conf.tolist(),
         n=len(split),
+    )
+
+
+def predict(model: nn.Module, split: EncodedSplit, *, batch_size: int = 64) -> Tensor:
+    """Logits (classifier) or normalised embeddings (bare encoder) for every row, on the CPU."""
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    outputs: list[Tensor] = []
+    try:
+        with torch.no_grad():
+            for batch in split.batches(batch_size):
+                batch = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+                outputs.append(model_outputs(model, batch).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs)
+
+
+def _evaluate_embeddings(embeddings: Tensor, split: EncodedSplit) -> EvalResult:
+    assert split.targets is not None
+    labels = split.labels
+    preds = nearest_neighbour_predictions(embeddings, labels)
+    conf = confusion_matrix(labels, preds, int(labels.max()) + 1)
+    return EvalResult(
+        accuracy=float((preds == labels).double().mean()),
+        macro_f1=macro_f1(conf),
+        loss=float(embedding_loss(embeddings, split.targets)),
+        confusion=conf.tolist(),
+        n=len(split),
+        cosine=float(cosine_to_targets(embeddings, split.targets).mean()),
     )
 
 
@@ -336,9 +386,9 @@ def _batch_loss(
     settings: TrainSettings,
     teacher_logits: Callable[[dict], Tensor] | None,
 ) -> Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model_outputs(model, batch)
     if settings.loss == "ce":
-        return F.cross_entropy(logits.float(), batch["labels"])
+        return task_loss(logits, batch)
     assert teacher_logits is not None
     with torch.no_grad():
         target = teacher_logits(batch).detach().to(logits.device)

@@ -42,7 +42,9 @@ def saved_model(tmp_path, model, name):
 def case_unsupported_architecture(tmp_path):
     from transformers import T5Config, T5ForSequenceClassification
 
-    cfg = T5Config(vocab_size=400, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, num_labels=10)
+    cfg = T5Config(
+        vocab_size=400, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, num_labels=10
+    )
     return str(saved_model(tmp_path, T5ForSequenceClassification(cfg), "t5")), "supported"
 
 
@@ -56,13 +58,28 @@ def case_vocab_mismatch(tmp_path):
 CASES = {
     # name: (override dict or callable(tmp_path) -> (model ref, expected words), expected words)
     "unknown key": ({"bogus_key": 1}, "bogus_key"),
-    "fraction out of range": ({"stages": [{"kind": "layers", "criterion": "block_influence", "ratio": 1.5}]}, "stages.0.ratio"),
-    "zero ratio": ({"stages": [{"kind": "heads", "criterion": "wanda", "ratio": 0}]}, "stages.0.ratio"),
-    "remove every layer": ({"stages": [{"kind": "layers", "criterion": "block_influence", "count": 99}]}, "would leave fewer"),
+    "fraction out of range": (
+        {"stages": [{"kind": "layers", "criterion": "block_influence", "ratio": 1.5}]},
+        "stages.0.ratio",
+    ),
+    "zero ratio": (
+        {"stages": [{"kind": "heads", "criterion": "wanda", "ratio": 0}]},
+        "stages.0.ratio",
+    ),
+    "remove every layer": (
+        {"stages": [{"kind": "layers", "criterion": "block_influence", "count": 99}]},
+        "would leave fewer",
+    ),
     "unreachable target": ({"target": {"ratio": 1000.0}}, "unprunable"),
     "model path missing": ({"models": ["/nonexistent/model/dir"]}, "does not exist"),
-    "calibration too small": ({"data": {"samples_per_class_per_load": 6, "calibration_size": 2}}, "calibration"),
-    "unknown criterion": ({"stages": [{"kind": "channels", "criterion": "vibes", "count": 1}]}, "criterion"),
+    "calibration too small": (
+        {"data": {"samples_per_class_per_load": 6, "calibration_size": 2}},
+        "calibration",
+    ),
+    "unknown criterion": (
+        {"stages": [{"kind": "channels", "criterion": "vibes", "count": 1}]},
+        "criterion",
+    ),
 }
 
 
@@ -77,7 +94,9 @@ def test_bad_job_input_is_one_line_exit_2_and_writes_nothing(name, tmp_path, cap
     assert not out.exists(), "a failed bad-input run left files behind"
 
 
-@pytest.mark.parametrize("make", [case_unsupported_architecture, case_vocab_mismatch], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "make", [case_unsupported_architecture, case_vocab_mismatch], ids=lambda f: f.__name__
+)
 def test_bad_model_directories(make, tmp_path, capsys):
     ref, expected = make(tmp_path)
     out = tmp_path / "out"
@@ -90,7 +109,9 @@ def test_directory_that_is_not_a_hf_model(tmp_path, capsys):
     d = tmp_path / "not_a_model"
     d.mkdir()
     (d / "notes.txt").write_text("hello")
-    code, err = run_cli(["run", str(write_job(tmp_path, models=[str(d)])), "-o", str(tmp_path / "o")], capsys)
+    code, err = run_cli(
+        ["run", str(write_job(tmp_path, models=[str(d)])), "-o", str(tmp_path / "o")], capsys
+    )
     assert code == 2 and "config.json" in err
 
 
@@ -102,7 +123,9 @@ def test_malformed_yaml(tmp_path, capsys):
 
 
 def test_check_lists_every_problem(tmp_path, capsys):
-    path = write_job(tmp_path, bogus=1, seed="x", stages=[{"kind": "heads", "criterion": "l2", "ratio": 2}])
+    path = write_job(
+        tmp_path, bogus=1, seed="x", stages=[{"kind": "heads", "criterion": "l2", "ratio": 2}]
+    )
     code, err = run_cli(["check", str(path)], capsys)
     assert code == 2
     for where in ("bogus", "seed", "stages.0.ratio"):

@@ -50,14 +50,18 @@ def test_sigkilled_driver_resumes_to_the_identical_checkpoint(tmp_path, referenc
     job.write_text(yaml.safe_dump(tiny_job()))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "runner.cli", "run", str(job), "-o", str(out), "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
             if any(e["event"] == "prune" and e["stage"] == "heads" for e in events(out)):
                 break
             if proc.poll() is not None:
-                pytest.fail(f"job ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+                pytest.fail(
+                    f"job ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+                )
             time.sleep(0.05)
         else:
             pytest.fail("job never reached the heads stage")
@@ -89,4 +93,6 @@ def test_disk_full_during_export_keeps_the_previous_checkpoint(tmp_path, referen
     assert after == before
     verify_manifest(out / "checkpoint")
     assert events(out)[-1]["event"] == "error" and events(out)[-1]["stage"] == "export"
-    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary export dirs left behind"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], (
+        "temporary export dirs left behind"
+    )

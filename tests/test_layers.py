@@ -27,8 +27,22 @@ def test_param_budget_takes_the_closest_number_of_layers(model):
     adapter = get_adapter(model)
     cost = adapter.layer_cost(model, 0)
     scores = torch.zeros(len(adapter.layers(model)), dtype=torch.float64)
-    assert len(plan_layer_removal(model, adapter, scores, Budget(params=int(cost * 1.4)), **COMMON).drop_layers) == 1
-    assert len(plan_layer_removal(model, adapter, scores, Budget(params=int(cost * 1.6)), **COMMON).drop_layers) == 2
+    assert (
+        len(
+            plan_layer_removal(
+                model, adapter, scores, Budget(params=int(cost * 1.4)), **COMMON
+            ).drop_layers
+        )
+        == 1
+    )
+    assert (
+        len(
+            plan_layer_removal(
+                model, adapter, scores, Budget(params=int(cost * 1.6)), **COMMON
+            ).drop_layers
+        )
+        == 2
+    )
 
 
 def test_max_keep_drops_more_layers_and_says_so(model):

@@ -13,20 +13,29 @@ pytestmark = pytest.mark.slow
 
 
 def test_minilm_classifier_is_fine_tuned_pruned_and_reloadable(tmp_path):
-    cfg = parse_config({
-        "name": "minilm-test",
-        "models": [{"ref": "all-minilm-l6-v2", "finetune_steps": 15, "finetune_lr": 5e-4, "max_length": 64}],
-        "data": dict(TINY_DATA),
-        "calibration": {"batch_size": 8},
-        "stages": [
-            {"kind": "layers", "criterion": "block_influence", "count": 2},
-            {"kind": "heads", "criterion": "wanda", "ratio": 0.25},
-            {"kind": "channels", "criterion": "wanda", "ratio": 0.5},
-            {"kind": "recover", "steps": 3, "batch_size": 8},
-        ],
-        "sia": {"enabled": False},
-        "output": {"save_stage_models": False, "plots": False, "progress": False},
-    })
+    cfg = parse_config(
+        {
+            "name": "minilm-test",
+            "models": [
+                {
+                    "ref": "all-minilm-l6-v2",
+                    "finetune_steps": 15,
+                    "finetune_lr": 5e-4,
+                    "max_length": 64,
+                }
+            ],
+            "data": dict(TINY_DATA),
+            "calibration": {"batch_size": 8},
+            "stages": [
+                {"kind": "layers", "criterion": "block_influence", "count": 2},
+                {"kind": "heads", "criterion": "wanda", "ratio": 0.25},
+                {"kind": "channels", "criterion": "wanda", "ratio": 0.5},
+                {"kind": "recover", "steps": 3, "batch_size": 8},
+            ],
+            "sia": {"enabled": False},
+            "output": {"save_stage_models": False, "plots": False, "progress": False},
+        }
+    )
     report = run_job(cfg, tmp_path, log=lambda m: None)["all-minilm-l6-v2"]
     assert report["model"]["architecture"] == "BertForSequenceClassification"
     assert report["final"]["params"] < report["final"]["dense_params"] - 4_000_000

@@ -194,7 +194,9 @@ def test_load_model_routes_demo_names_and_checks_labels(monkeypatch) -> None:
         return AutoModelForSequenceClassification.from_config(cfg), build_tokenizer(TEXTS)
 
     monkeypatch.setattr(models, "get_demo_model", fake_demo)
-    model, _ = load_model("demo-tiny-gpt2", cache_dir="/x", progress=False, dtype="bfloat16", data_cfg="D")
+    model, _ = load_model(
+        "demo-tiny-gpt2", cache_dir="/x", progress=False, dtype="bfloat16", data_cfg="D"
+    )
     assert seen == {"name": "demo-tiny-gpt2", "cache_dir": "/x", "progress": False, "data_cfg": "D"}
     assert model.dtype == torch.bfloat16
     with pytest.raises(ModelError, match="labels"):

@@ -15,7 +15,11 @@ def test_ray_job_matches_local_job_and_orders_barriers(tmp_path):
     local = tmp_path / "local"
     distributed = tmp_path / "ray"
     run_job(parse_config(tiny_job()), local, log=lambda m: None)
-    run_job(parse_config(tiny_job(cluster={"executor": "ray", "workers": 2})), distributed, log=lambda m: None)
+    run_job(
+        parse_config(tiny_job(cluster={"executor": "ray", "workers": 2})),
+        distributed,
+        log=lambda m: None,
+    )
     for stage in ("00_layers", "02_heads", "04_channels"):
         a = json.loads((local / "stages" / stage / "plan.json").read_text())
         b = json.loads((distributed / "stages" / stage / "plan.json").read_text())

@@ -1,0 +1,125 @@
+"""Perplexity on a local text file: the source checkpoint's LM head + the file's token ids.
+
+Only the head's tensors are read from the checkpoint (safetensors, by name), never a second copy
+of the model. A head tied to the input embeddings is read from the model being measured, so a
+recovery that changed the embeddings is measured as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
+from torch import Tensor
+
+from runner.checkpoint import tied_pairs
+from runner.errors import JobError
+from stages.lm_eval import perplexity
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+@dataclass
+class LMHead:
+    """weight None = tied to the measured model's input embeddings."""
+
+    weight: Tensor | None
+    bias: Tensor | None = None
+
+    def bind(self, model):
+        weight = self.weight if self.weight is not None else model.get_input_embeddings().weight
+
+        def head(hidden: Tensor) -> Tensor:
+            w = weight.to(hidden.device, hidden.dtype)
+            logits = hidden @ w.T
+            return logits + self.bias.to(logits) if self.bias is not None else logits
+
+        return head
+
+
+def _causal_class(path: Path, ref: str):
+    raw = json.loads((path / "config.json").read_text())
+    names = raw.get("architectures") or []
+    causal = [n for n in names if n.endswith(CAUSAL_SUFFIXES)]
+    cls = getattr(transformers, causal[0], None) if causal else None
+    if cls is None:
+        raise JobError(
+            f"evaluation.perplexity_file: model {ref!r} is not a causal-LM checkpoint "
+            f"(config.json architectures {names} has no *ForCausalLM / *LMHeadModel), so it has "
+            "no language-model head to measure perplexity with"
+        )
+    return cls
+
+
+def _read_tensors(path: Path, names: list[str]) -> dict[str, Tensor]:
+    if (path / INDEX).is_file():
+        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        files = {name: weight_map.get(name) for name in names}
+    else:
+        files = {name: SINGLE for name in names}
+    out = {}
+    for name, filename in files.items():
+        if filename is None or not (path / filename).is_file():
+            continue
+        with safe_open(str(path / filename), framework="pt", device="cpu") as handle:
+            if name in handle.keys():
+                out[name] = handle.get_tensor(name)
+    return out
+
+
+def load_lm_head(path: Path, ref: str) -> LMHead:
+    """The output-embedding tensors of a local causal-LM checkpoint (or None when tied)."""
+    from accelerate import init_empty_weights
+
+    cls = _causal_class(path, ref)
+    config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    with init_empty_weights(include_buffers=False):
+        lm = cls._from_config(config)
+    out = lm.get_output_embeddings()
+    names = {id(p): n for n, p in lm.named_parameters(remove_duplicate=False)}
+    wanted = [names[id(out.weight)]] + ([names[id(out.bias)]] if out.bias is not None else [])
+    if out.weight is lm.get_input_embeddings().weight or wanted[0] in tied_pairs(lm):
+        return LMHead(weight=None)
+    found = _read_tensors(path, wanted)
+    if wanted[0] not in found:
+        raise JobError(
+            f"evaluation.perplexity_file: {path} has no weights for its LM head ({wanted[0]})"
+        )
+    bias = found.get(wanted[1]) if len(wanted) > 1 else None
+    return LMHead(weight=found[wanted[0]].float(), bias=bias.float() if bias is not None else None)
+
+
+def read_token_ids(file: Path, tokenizer, max_tokens: int) -> Tensor:
+    """The whole file as one token stream (BOS first when the tokenizer has one), capped."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobError(
+            f"evaluation.perplexity_file: cannot read {file} as UTF-8 text ({exc})"
+        ) from None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id, *ids]
+    if len(ids) < 2:
+        raise JobError(f"evaluation.perplexity_file: {file} has fewer than 2 tokens")
+    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+
+
+class PerplexityProbe:
+    """Everything needed to measure one model family member on one file, prepared once."""
+
+    def __init__(self, evaluation, source: Path, ref: str, tokenizer):
+        self.file = Path(evaluation.perplexity_file)
+        self.window = evaluation.perplexity_window
+        self.head = load_lm_head(source, ref)
+        self.ids = read_token_ids(self.file, tokenizer, evaluation.perplexity_max_tokens)
+
+    def measure(self, model) -> dict:
+        result = perplexity(model, self.head.bind(model), self.ids, window=self.window)
+        return result | {"file": str(self.file), "window": self.window}
