@@ -44,10 +44,11 @@ def start_ray(cluster_cfg) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         return True
-    # Importance actors and Ray Train workers must both fit: reserve every core, at least the actors'.
+    # The importance actors stay alive (idle) while a Ray Train group of the same size recovers:
+    # advertise room for both, or ray_train recovery could never start on a small machine.
     wanted = math.ceil(cluster_cfg.workers * cluster_cfg.cpus_per_worker)
     ray.init(
-        num_cpus=max(wanted, os.cpu_count() or 1),
+        num_cpus=max(2 * wanted, os.cpu_count() or 1),
         include_dashboard=bool(cluster_cfg.dashboard),
         object_store_memory=OBJECT_STORE_BYTES,
         log_to_driver=False,

@@ -85,6 +85,24 @@ def _breakdown_table(bd: dict) -> str:
     return _table(["part", "dense", "pruned"], rows)
 
 
+def _extra_metrics_html(f: dict) -> list[str]:
+    """Embedding agreement and perplexity, when the job measured them."""
+    out = []
+    if f.get("cosine") is not None:
+        out.append(
+            f"<p>Embedding model: mean cosine similarity to the dense embeddings <b>{_num(f['cosine'])}</b> "
+            f"on test sentences, {_num(f.get('heldout_cosine'))} on held-out-load sentences. Accuracy is "
+            "leave-one-out 1-NN fault classification with the embeddings.</p>"
+        )
+    if f.get("perplexity"):
+        p = f["perplexity"]
+        out.append(
+            f"<p>Perplexity on {escape(str(p['file']))} ({p['tokens']:,} tokens): "
+            f"<b>{p['perplexity']:.2f}</b> (dense {p['dense']:.2f}).</p>"
+        )
+    return out
+
+
 def job_html(report: dict, breakdown: dict | None) -> str:
     m, f, sia = report["model"], report["final"], report.get("sia") or {}
     body = [
@@ -94,6 +112,7 @@ def job_html(report: dict, breakdown: dict | None) -> str:
         f"(dense {_num(f['dense_accuracy'])}), macro-F1 {_num(f.get('macro_f1'))}, held-out loads "
         f"{_num(f.get('heldout_accuracy'))} (dense {_num(f.get('dense_heldout_accuracy'))}). "
         "Final figures are measured on the exported checkpoint reloaded from disk.</p>",
+        *_extra_metrics_html(f),
         "<h2>Structural Independence Assumption</h2>",
     ]
     if sia:

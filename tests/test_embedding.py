@@ -132,5 +132,24 @@ def test_embedding_job_distils_and_reports_cosine(tmp_path) -> None:
     assert isinstance(exported, BertModel)
     md = (tmp_path / "out" / "report.md").read_text()
     assert "cosine similarity to the dense embeddings" in md
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert f"{final['cosine']:.4f}" in html
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["final"]["cosine"] == pytest.approx(final["cosine"])
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_embedding_job_on_ray_matches_local_scores(tmp_path) -> None:
+    """Dense targets travel with the calibration shards and the Ray Train split."""
+    path = save_tiny_encoder(tmp_path / "enc")
+    local = tmp_path / "local"
+    run_job(parse_config(tiny_job(str(path), task="embedding")), local, log=lambda m: None)
+    raw = tiny_job(str(path), task="embedding", cluster={"executor": "ray", "workers": 2})
+    raw["stages"][-1] |= {"runner": "ray_train"}
+    (report,) = run_job(parse_config(raw), tmp_path / "ray", log=lambda m: None).values()
+    for stage in ("00_layers", "02_heads", "04_channels"):
+        a = json.loads((local / "stages" / stage / "plan.json").read_text())
+        b = json.loads((tmp_path / "ray" / "stages" / stage / "plan.json").read_text())
+        assert a["keep"] == b["keep"] and a["drop_layers"] == b["drop_layers"], stage
+    assert 0.0 < report["final"]["cosine"] < 1.0

@@ -130,6 +130,7 @@ def test_job_reports_dense_and_final_perplexity(tmp_path) -> None:
     assert ppl["tokens"] > 100 and ppl["window"] == WINDOW
     assert math.isfinite(ppl["perplexity"]) and ppl["perplexity"] != pytest.approx(ppl["dense"])
     assert "Perplexity on" in (tmp_path / "out" / "report.md").read_text()
+    assert f"{ppl['perplexity']:.2f}" in (tmp_path / "out" / "report.html").read_text()
     demo = tiny_job(evaluation={"perplexity_file": str(_text_file(tmp_path))})
     with pytest.raises(JobError, match="no language-model head"):
         run_job(parse_config(demo), tmp_path / "demo", log=lambda m: None)
