@@ -8,11 +8,14 @@ to the single-process value whatever the number of workers.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 from stages.estimate import EstimateRequest, Stats, collect_statistics, reduce_statistics
+
+Progress = Callable[[int], None]  # called with the number of units done so far
 
 
 class StaleVersionError(RuntimeError):
@@ -34,7 +37,13 @@ class Executor(Protocol):
 
     def barrier(self, version: int) -> list[WorkerState]: ...
 
-    def estimate(self, request: EstimateRequest, version: int) -> Stats: ...
+    def estimate(
+        self, request: EstimateRequest, version: int, on_progress: Progress | None = None
+    ) -> Stats: ...
+
+    def progress_units(self) -> int:
+        """How many on_progress calls one estimate makes (batches here, shards on Ray)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -42,6 +51,13 @@ class Executor(Protocol):
 def shard_batches(batches: list, workers: int) -> list[list]:
     """Round-robin whole micro-batches over workers (deterministic)."""
     return [batches[i::workers] for i in range(workers)]
+
+
+def _counted(items: list, on_progress: Progress | None) -> Iterator:
+    for done, item in enumerate(items, 1):
+        yield item
+        if on_progress is not None:
+            on_progress(done)
 
 
 class LocalExecutor:
@@ -69,14 +85,23 @@ class LocalExecutor:
             )
         return [WorkerState("local", version)]
 
-    def estimate(self, request: EstimateRequest, version: int) -> Stats:
+    def estimate(
+        self, request: EstimateRequest, version: int, on_progress: Progress | None = None
+    ) -> Stats:
         if self._version != version:
             raise StaleVersionError(
                 f"local worker holds version {self._version}, asked for {version}"
             )
         return reduce_statistics(
-            [collect_statistics(self._model, self._adapter, self._batches, request)]
+            [
+                collect_statistics(
+                    self._model, self._adapter, _counted(self._batches, on_progress), request
+                )
+            ]
         )
+
+    def progress_units(self) -> int:
+        return len(self._batches)
 
     def close(self) -> None:
         self._model = None

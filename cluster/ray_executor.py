@@ -156,7 +156,10 @@ class RayExecutor:
         names = ", ".join(self._slots[i].name for i in lagging)
         raise RayExecutorError(f"barrier for version {version}: {names} kept losing the model")
 
-    def estimate(self, request: EstimateRequest, version: int) -> Stats:
+    def progress_units(self) -> int:
+        return self.workers
+
+    def estimate(self, request: EstimateRequest, version: int, on_progress=None) -> Stats:
         if self._calibration_ref is None:
             raise RayExecutorError(
                 "estimate before set_calibration: the workers have no calibration data"
@@ -169,7 +172,12 @@ class RayExecutor:
                 i: self._slots[i].actor.estimate.remote(request, version, self._shards[i])
                 for i in todo
             }
-            todo = [i for i, ref in refs.items() if not self._collect(i, ref, results)]
+            todo = []
+            for i, ref in refs.items():  # ray.get in worker order: each arrival ticks the bar
+                if not self._collect(i, ref, results):
+                    todo.append(i)
+                elif on_progress is not None:
+                    on_progress(len(results))
             if not todo:
                 return reduce_statistics([results[i] for i in range(self.workers)])
             if attempt < self.max_recoveries:

@@ -35,6 +35,7 @@ from runner.config import (
 from runner.errors import JobError
 from runner.job import model_dir_name, run_job
 from runner.methods import compose, load_method
+from runner.progress import step_bar
 from runner.stage_store import write_json_atomic
 
 FAMILY_JSON = "family.json"
@@ -291,6 +292,23 @@ def run_batch(
         raise BatchError("run_batch: executor='ray' but ray is not installed")
     cpus, gpus = job_resources(family)
     mode = "ray" if use_ray else "sequential"
+    enabled = bool(family.job.get("output", {}).get("progress", True))
+    with step_bar(len(todo), f"{family.name} jobs", enabled, "job") as tick:
+        _dispatch(family, todo, use_ray, executor, cpus, gpus, log, tick)
+    summary = build_summary(family, entries, mode, cpus, gpus, time.perf_counter() - started)
+    write_json_atomic(out / FAMILY_JSON, summary)
+    from runner.report_html import write_family_report
+
+    write_family_report(out)
+    return summary
+
+
+def _dispatch(family, todo, use_ray, executor, cpus, gpus, log, tick) -> None:
+    def on_result(entry: Entry, log) -> None:
+        _log_result(entry, log)
+        if tick is not None:
+            tick(0)
+
     if todo and use_ray:
         address = family.job.get("cluster", {}).get("address")
         from cluster.batch import dispatch_on_ray
@@ -299,7 +317,7 @@ def run_batch(
         dispatch_on_ray(
             todo,
             run_one,
-            _log_result,
+            on_result,
             cpus=cpus,
             gpus=gpus,
             limit=family.concurrency or len(todo),
@@ -313,13 +331,7 @@ def run_batch(
         for entry in todo:
             log(f"[batch] {entry.name}: running in-process ...")
             entry.result = run_one(*entry.args(os.cpu_count() or 1))
-            _log_result(entry, log)
-    summary = build_summary(family, entries, mode, cpus, gpus, time.perf_counter() - started)
-    write_json_atomic(out / FAMILY_JSON, summary)
-    from runner.report_html import write_family_report
-
-    write_family_report(out)
-    return summary
+            on_result(entry, log)
 
 
 def _claim_output(out: Path, name: str) -> None:

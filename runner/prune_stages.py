@@ -10,6 +10,7 @@ import copy
 from runner.config import PruneStageConfig, RecoverStageConfig, stage_names
 from runner.errors import JobError
 from runner.models import count_params
+from runner.progress import count_bar
 from stages.base import PrunePlan, apply_plan
 from stages.budget import Budget, stage_budget
 from stages.estimate import EstimateRequest, scores_from_statistics
@@ -82,10 +83,17 @@ class PruneStagesMixin:
                     criterion=stage.criterion,
                     dense=True,
                 )
-                stats = self.executor.estimate(request, self.version)
+                stats = self._estimate(request, names[idx])
                 scores = scores_from_statistics(self.model, self.adapter, stats, request)
                 self.events.emit("estimate_end", stage=names[idx], version=self.version)
                 self.dense_estimates[key] = (scores, stats)
+
+    def _estimate(self, request: EstimateRequest, name: str):
+        """One calibration pass on every worker, with a bar over batches (or Ray shards)."""
+        label = f"{self.model_cfg.ref} {name} {request.criterion}"
+        units = self.executor.progress_units()
+        with count_bar(units, label, self.cfg.output.progress, "batch") as on_progress:
+            return self.executor.estimate(request, self.version, on_progress)
 
     def _prune_step(self, stage: PruneStageConfig, name: str, budget: Budget) -> PrunePlan:
         request = EstimateRequest(stage.kind, stage.criterion)
@@ -99,7 +107,7 @@ class PruneStagesMixin:
                 workers=self.executor.workers,
                 criterion=stage.criterion,
             )
-            stats = self.executor.estimate(request, self.version)
+            stats = self._estimate(request, name)
             scores = scores_from_statistics(self.model, self.adapter, stats, request)
             self.events.emit("estimate_end", stage=name, version=self.version)
         plan = self._plan(stage, name, scores, stats, budget)

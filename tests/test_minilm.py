@@ -46,21 +46,23 @@ def test_minilm_classifier_is_fine_tuned_pruned_and_reloadable(tmp_path):
 
 
 def test_minilm_embedding_is_distilled_and_reports_cosine(tmp_path):
-    cfg = parse_config({
-        "name": "minilm-embedding-test",
-        "task": "embedding",
-        "models": [{"ref": "all-minilm-l6-v2", "max_length": 128}],
-        "data": dict(TINY_DATA, text_style="sentences"),
-        "calibration": {"batch_size": 8},
-        "stages": [
-            {"kind": "layers", "criterion": "block_influence", "count": 2},
-            {"kind": "recover", "steps": 4, "batch_size": 8, "lr": 5e-4},
-            {"kind": "channels", "criterion": "wanda", "ratio": 0.25},
-            {"kind": "recover", "steps": 4, "batch_size": 8, "lr": 5e-4},
-        ],
-        "sia": {"enabled": False},
-        "output": {"save_stage_models": False, "plots": False, "progress": False},
-    })
+    cfg = parse_config(
+        {
+            "name": "minilm-embedding-test",
+            "task": "embedding",
+            "models": [{"ref": "all-minilm-l6-v2", "max_length": 128}],
+            "data": dict(TINY_DATA, text_style="sentences"),
+            "calibration": {"batch_size": 8},
+            "stages": [
+                {"kind": "layers", "criterion": "block_influence", "count": 2},
+                {"kind": "recover", "steps": 4, "batch_size": 8, "lr": 5e-4},
+                {"kind": "channels", "criterion": "wanda", "ratio": 0.25},
+                {"kind": "recover", "steps": 4, "batch_size": 8, "lr": 5e-4},
+            ],
+            "sia": {"enabled": False},
+            "output": {"save_stage_models": False, "plots": False, "progress": False},
+        }
+    )
     report = run_job(cfg, tmp_path, log=lambda m: None)["all-minilm-l6-v2"]
     final = report["final"]
     assert report["model"]["architecture"] == "BertModel"

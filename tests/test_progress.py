@@ -2,6 +2,8 @@
 
 import io
 
+import torch
+
 from runner.progress import step_bar
 
 
@@ -26,3 +28,49 @@ def test_bar_counts_steps_on_a_terminal(monkeypatch):
         for step in range(3):
             on_step(step, 0.5)
     assert "recover1" in fake.getvalue() and "/3" in fake.getvalue()
+
+
+def test_count_bar_ticks_up_to_the_reported_count(monkeypatch):
+    from contextlib import contextmanager
+
+    from runner import progress
+
+    ticks = []
+
+    @contextmanager
+    def recording_bar(total, description, enabled, unit):
+        assert (total, unit) == (4, "batch")
+        yield lambda step, loss=None: ticks.append(step)
+
+    monkeypatch.setattr(progress, "step_bar", recording_bar)
+    with progress.count_bar(4, "heads taylor", enabled=True, unit="batch") as on_progress:
+        on_progress(1)
+        on_progress(3)  # several units finished at once (e.g. Ray shards)
+        on_progress(3)
+        on_progress(4)
+    assert ticks == [1, 2, 3, 4]
+
+
+def test_local_estimate_reports_every_calibration_batch():
+    from tiny_models import tiny_gpt2
+
+    from cluster.executor import LocalExecutor
+    from stages.arch import get_adapter
+    from stages.estimate import EstimateRequest
+
+    model = tiny_gpt2()
+    adapter = get_adapter(model)
+    executor = LocalExecutor(adapter)
+    ids = torch.randint(3, 100, (4, 6))
+    batches = [
+        {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": torch.tensor([0, 1, 2, 0]),
+        }
+    ] * 3
+    executor.set_calibration(batches)
+    executor.load_version(0, model)
+    seen = []
+    executor.estimate(EstimateRequest("channels", "wanda"), 0, seen.append)
+    assert seen == [1, 2, 3] and executor.progress_units() == 3
