@@ -8,7 +8,7 @@ from runner.data import CLASS_NAMES, build_dataset
 from runner.models import describe_model, load_model
 from stages.arch import get_adapter
 from stages.sia import run_sia
-from stages.training import encode_split
+from stages.training import encode_split, predict
 
 
 def sia_for_config(cfg, log=print) -> dict[str, dict]:
@@ -22,8 +22,11 @@ def sia_for_config(cfg, log=print) -> dict[str, dict]:
             dtype=getattr(torch, model_cfg.dtype),
             progress=cfg.output.progress,
             data_cfg=cfg.data,
+            task=cfg.task,
         )
         calibration = encode_split(data["calibration"], tokenizer, model_cfg.max_length)
+        if cfg.task == "embedding":  # the loss SIA perturbs is the distillation loss
+            calibration = calibration.with_targets(predict(model, calibration))
         batches = list(calibration.batches(cfg.calibration.batch_size))
         result = run_sia(model, get_adapter(model), batches, cfg.sia, seed=cfg.seed)
         info = describe_model(model)

@@ -153,3 +153,16 @@ def test_embedding_job_on_ray_matches_local_scores(tmp_path) -> None:
         b = json.loads((tmp_path / "ray" / "stages" / stage / "plan.json").read_text())
         assert a["keep"] == b["keep"] and a["drop_layers"] == b["drop_layers"], stage
     assert 0.0 < report["final"]["cosine"] < 1.0
+
+
+def test_sia_command_measures_the_distillation_loss(tmp_path) -> None:
+    import math
+
+    from runner.sia_report import sia_for_config
+
+    path = save_tiny_encoder(tmp_path / "enc")
+    cfg = parse_config(tiny_job(str(path), task="embedding"))
+    (result,) = sia_for_config(cfg, log=lambda m: None).values()
+    assert result["model"]["architecture"] == "BertModel"
+    assert math.isfinite(result["score"])
+    assert set(result["per_granularity"]) == {"heads", "channels"}
