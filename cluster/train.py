@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from cluster.train_loop import (  # noqa: F401 - batch_loss/epoch_batches/merged_state re-exported
+from cluster.train_loop import (
     MERGED_FILE,
     METHODS,
     PROGRESS_FILE,
@@ -31,9 +31,6 @@ from cluster.train_loop import (  # noqa: F401 - batch_loss/epoch_batches/merged
     DeepSpeedStepper,
     DistributedRecoveryError,
     TorchStepper,
-    batch_loss,
-    epoch_batches,
-    merged_state,
     per_worker_batch_size,
     prepare_trainable,
     require_deepspeed,

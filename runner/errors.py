@@ -31,7 +31,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     try:  # cluster errors exist only where ray is installed
         from cluster.shards import ShardExportError
         from cluster.submit import SubmitError
-        from cluster.train import DistributedRecoveryError
+        from cluster.train_loop import DistributedRecoveryError
 
         errors += [ShardExportError, SubmitError, DistributedRecoveryError]
     except ImportError:

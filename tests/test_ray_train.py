@@ -10,7 +10,8 @@ import pytest
 import torch
 from tiny_models import tiny_gpt2, tiny_llama
 
-from cluster.train import (
+from cluster.train import recover_distributed
+from cluster.train_loop import (
     DistributedRecoveryError,
     TorchStepper,
     batch_loss,
@@ -18,7 +19,6 @@ from cluster.train import (
     merged_state,
     per_worker_batch_size,
     prepare_trainable,
-    recover_distributed,
     shard_indices,
     steps_per_epoch,
     train_shard,
