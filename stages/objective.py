@@ -8,7 +8,8 @@ Embedding loss = mean(1 - cos(student, dense)) + contrastive term. The cosine te
 flat at the dense model (its gradient is exactly zero there), which would make first-order
 (Taylor) importance and the SIA stability check meaningless; the contrastive term -- each row
 must pick its own dense embedding among the batch's -- is not, and it keeps the geometry that
-retrieval relies on.
+retrieval relies on. The negatives are the other rows of the same batch: under Ray Train DDP that
+is each worker's share of the global batch, so N workers see N-times fewer negatives per row.
 """
 
 from __future__ import annotations
