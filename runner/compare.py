@@ -59,11 +59,10 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, log=print) -> dict:
     rows = []
     models = cfg.job.get("models") or []
     for model in models:
-        ref = model if isinstance(model, str) else model["ref"]
         for method in cfg.methods:
             preset = load_method(method)
             for ratio in cfg.ratios:
-                rows.append(_run_one(cfg, out, ref, preset, ratio, log))
+                rows.append(_run_one(cfg, out, model, preset, ratio, log))
     result = {
         "name": cfg.name,
         "methods": cfg.methods,
@@ -80,14 +79,16 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, log=print) -> dict:
     return result
 
 
-def _run_one(cfg: CompareConfig, out: Path, ref: str, preset, ratio: float, log) -> dict:
+def _run_one(cfg: CompareConfig, out: Path, model, preset, ratio: float, log) -> dict:
+    """One method at one ratio; `model` is the job's entry as written (a ref, or a dict with settings)."""
+    ref = model if isinstance(model, str) else model["ref"]
     run_dir = out / model_dir_name(ref) / preset.name / f"{ratio:g}x"
     row = {"model": ref, "method": preset.name, "ratio": ratio, "dir": str(run_dir)}
     report_path = run_dir / "report.json"
     if report_path.is_file():
         log(f"[compare] {ref} {preset.name} {ratio:g}x: finished earlier, reusing")
         return row | _summary(json.loads(report_path.read_text()))
-    base = dict(cfg.job, models=[ref], name=cfg.name)
+    base = dict(cfg.job, models=[model], name=cfg.name)
     job = compose(base, preset, ratio=ratio, recovery_steps=cfg.recovery_steps)
     log(f"[compare] {ref} {preset.name} {ratio:g}x ...")
     t0 = time.perf_counter()

@@ -145,3 +145,28 @@ def test_overrides_apply_and_are_validated(tmp_path):
     assert "cluster.wrkers" in dict(info.value.problems)
     with pytest.raises(ConfigError):
         load_config(path, ["stages.9.count=1"])
+
+
+def test_compare_keeps_each_models_settings(tmp_path, monkeypatch):
+    """A model given as a mapping (fine-tuning, max_length) reaches every compared job intact."""
+    import runner.compare as compare
+
+    seen = []
+
+    def fake_run_job(job, out, **kwargs):
+        seen.append(job.models[0])
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(compare, "run_job", fake_run_job)
+    cfg = compare.CompareConfig(
+        name="keep",
+        methods=["cascade", "one_shot"],
+        ratios=[1.5],
+        recovery_steps=6,
+        job={"models": [{"ref": "demo-tiny-gpt2", "finetune_steps": 7, "max_length": 40}]},
+    )
+    result = compare.run_compare(cfg, tmp_path, log=lambda m: None)
+    assert len(seen) == 2 and all(m.finetune_steps == 7 and m.max_length == 40 for m in seen)
+    assert all(
+        row["model"] == "demo-tiny-gpt2" and "stop here" in row["error"] for row in result["rows"]
+    )
