@@ -31,6 +31,22 @@ from stages.training import TrainSettings, encode_split, evaluate, predict, trai
 SPLITS = ("train", "validation", "test", "heldout", "calibration")
 
 
+def finetune_dense(model, train_split, model_cfg, seed: int, progress: bool, log) -> None:
+    """Pretrained models (e.g. MiniLM) get a task head; train the dense model before pruning."""
+    steps = model_cfg.finetune_steps
+    if steps == 0:
+        return
+    t0 = time.perf_counter()
+    settings = TrainSettings(steps=steps, lr=model_cfg.finetune_lr, batch_size=16, seed=seed)
+    with step_bar(steps, f"{model_cfg.ref} fine-tune", progress) as on_step:
+        losses = train_steps(model, train_split, settings, on_step=on_step)
+    model.eval()
+    log(
+        f"fine-tuned the dense model for {steps} steps in {time.perf_counter() - t0:.1f}s "
+        f"(loss {losses[0]:.3f} -> {losses[-1]:.3f})"
+    )
+
+
 class ModelRun(PruneStagesMixin):
     def __init__(self, cfg: JobConfig, model_cfg: ModelConfig, out_dir: Path, *, resume: bool, log):
         self.cfg = cfg
@@ -98,22 +114,10 @@ class ModelRun(PruneStagesMixin):
             self.teacher["dense"] = self._logits(self.splits["train"])
 
     def _finetune_dense(self) -> None:
-        """Pretrained models (e.g. MiniLM) get a task head; train the dense model before pruning."""
-        steps = self.model_cfg.finetune_steps
-        if steps == 0:
-            return
-        t0 = time.perf_counter()
-        settings = TrainSettings(
-            steps=steps, lr=self.model_cfg.finetune_lr, batch_size=16, seed=self.cfg.seed
-        )
-        label = f"{self.model_cfg.ref} fine-tune"
-        with step_bar(steps, label, self.cfg.output.progress) as on_step:
-            losses = train_steps(self.model, self.splits["train"], settings, on_step=on_step)
-        self.model.eval()
-        self.log(
-            f"fine-tuned the dense model for {steps} steps in {time.perf_counter() - t0:.1f}s "
-            f"(loss {losses[0]:.3f} -> {losses[-1]:.3f})"
-        )
+        finetune_dense(
+            self.model, self.splits["train"], self.model_cfg, self.cfg.seed,
+            self.cfg.output.progress, self.log,
+        )  # fmt: skip
 
     def _perplexity_probe(self):
         if self.cfg.evaluation.perplexity_file is None:

@@ -102,3 +102,26 @@ def test_run_sia_on_a_real_model_reports_both_granularities(build):
     assert all(
         torch.equal(a, b) for a, b in zip(before, model.parameters())
     )  # measurement changes nothing
+
+
+@pytest.mark.slow
+def test_sia_command_measures_the_model_the_job_prunes(tmp_path):
+    """With finetune_steps, `cascade sia` fine-tunes first, exactly as the job does before its SIA check."""
+    import json
+
+    from conftest import tiny_job
+
+    from runner.config import parse_config
+    from runner.job import run_job
+    from runner.sia_report import sia_for_config
+
+    raw = tiny_job(models=[{"ref": "demo-tiny-gpt2", "finetune_steps": 3}])
+    raw["stages"] = raw["stages"][:1]
+    cfg = parse_config(raw)
+    (standalone,) = sia_for_config(cfg, log=lambda m: None).values()
+    run_job(cfg, tmp_path / "job", log=lambda m: None)
+    events = [
+        json.loads(line) for line in (tmp_path / "job" / "events.jsonl").read_text().splitlines()
+    ]
+    (in_job,) = [e for e in events if e["event"] == "sia"]
+    assert standalone["score"] == pytest.approx(in_job["score"], rel=1e-6)
