@@ -312,12 +312,27 @@ def load_model(
     progress: bool = True,
     data_cfg: Any = None,
     task: str = "classification",
+    seed: int | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A built-in demo name, or a local HF checkpoint dir -> (classifier, tokenizer).
 
     Demo models are trained on the job's own data config (`data_cfg`), so their training rows
     can never be the job's test rows. task="embedding" loads the bare encoder (no head, no pooler).
+    `seed` fixes the initialisation of whatever the checkpoint lacks (a new classification head),
+    without touching the caller's RNG: the same job gets the same dense model in any process.
     """
+    if seed is None:
+        return _load_model(
+            ref, num_labels, trust_remote_code, dtype, cache_dir, progress, data_cfg, task
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _load_model(
+            ref, num_labels, trust_remote_code, dtype, cache_dir, progress, data_cfg, task
+        )
+
+
+def _load_model(ref, num_labels, trust_remote_code, dtype, cache_dir, progress, data_cfg, task):
     if task == "embedding" and ref in DEMO_MODELS:
         raise ModelError(
             f"model {ref!r}: the built-in demo models are classifiers; the embedding task needs "

@@ -74,6 +74,7 @@ class ModelRun(PruneStagesMixin):
             progress=cfg.output.progress,
             data_cfg=cfg.data,
             task=cfg.task,
+            seed=cfg.seed,
         )
         self.adapter = get_adapter(self.model)
         data = build_dataset(cfg.data)

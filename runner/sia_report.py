@@ -23,6 +23,7 @@ def sia_for_config(cfg, log=print) -> dict[str, dict]:
             progress=cfg.output.progress,
             data_cfg=cfg.data,
             task=cfg.task,
+            seed=cfg.seed,
         )
         if model_cfg.finetune_steps:  # measure the model the job would prune, not a random head
             from runner.pipeline import finetune_dense

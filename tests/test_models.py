@@ -217,3 +217,17 @@ def test_atomic_save_tolerates_a_racing_writer(tmp_path: Path) -> None:
 def test_unknown_demo_name_is_a_model_error() -> None:
     with pytest.raises(ModelError, match="unknown demo model"):
         get_demo_model("demo-nope")
+
+
+def test_new_head_init_depends_on_the_seed_not_on_the_callers_rng(tmp_path: Path) -> None:
+    _save_tiny_gpt2(tmp_path)
+    heads = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # whatever ran before in this process
+        model, _ = load_model(str(tmp_path), num_labels=5, seed=0)
+        heads.append(model.score.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
+    before = torch.random.get_rng_state()
+    other, _ = load_model(str(tmp_path), num_labels=5, seed=1)
+    assert torch.equal(before, torch.random.get_rng_state())  # the caller's RNG is untouched
+    assert not torch.equal(heads[0], other.score.weight)
