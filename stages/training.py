@@ -190,7 +190,10 @@ def _num_labels(model: nn.Module, explicit: int | None, logits_width: int) -> in
 def evaluate(
     model: nn.Module, split: EncodedSplit, *, batch_size: int = 64, num_labels: int | None = None
 ) -> EvalResult:
-    """Accuracy, macro-F1, mean CE loss and confusion matrix; restores the model's mode."""
+    """Accuracy, macro-F1, mean loss and confusion matrix; restores the model's mode.
+
+    A split carrying dense embeddings (`targets`) is scored as an embedding model (see EvalResult).
+    """
     if len(split) == 0:
         raise TrainingError("evaluate: split is empty")
     logits = predict(model, split, batch_size=batch_size)
