@@ -238,6 +238,22 @@ def _embedding_problems(cfg: JobConfig) -> list[str]:
         for i, m in enumerate(cfg.models)
         if m.finetune_steps
     ]
+    if cfg.calibration.batch_size < 2:
+        problems.append(
+            "calibration.batch_size: the embedding importance loss compares rows within a batch; "
+            "use at least 2"
+        )
+    for i, s in enumerate(cfg.stages):
+        if not isinstance(s, RecoverStageConfig):
+            continue
+        per_worker = (
+            -(-s.batch_size // cfg.cluster.workers) if s.runner == "ray_train" else s.batch_size
+        )
+        if per_worker < 2:
+            problems.append(
+                f"stages.{i}.batch_size: embedding distillation compares rows within a batch; each "
+                f"{'Ray Train worker' if s.runner == 'ray_train' else 'step'} gets {per_worker}, needs >= 2"
+            )
     if cfg.evaluation.perplexity_file is not None:
         problems.append(
             "evaluation.perplexity_file: perplexity needs a causal LM, not an embedding encoder"

@@ -33,12 +33,15 @@ class LMHead:
     bias: Tensor | None = None
 
     def bind(self, model):
-        weight = self.weight if self.weight is not None else model.get_input_embeddings().weight
+        """hidden -> logits for `model` (the head moved to its device and dtype once)."""
+        embeddings = model.get_input_embeddings().weight
+        weight = self.weight if self.weight is not None else embeddings
+        weight = weight.to(embeddings.device, embeddings.dtype)
+        bias = self.bias.to(embeddings.device, embeddings.dtype) if self.bias is not None else None
 
         def head(hidden: Tensor) -> Tensor:
-            w = weight.to(hidden.device, hidden.dtype)
-            logits = hidden @ w.T
-            return logits + self.bias.to(logits) if self.bias is not None else logits
+            logits = hidden @ weight.T
+            return logits + bias if bias is not None else logits
 
         return head
 
@@ -89,14 +92,15 @@ def load_lm_head(path: Path, ref: str) -> LMHead:
     found = _read_tensors(path, wanted)
     if wanted[0] not in found:
         raise JobError(
-            f"evaluation.perplexity_file: {path} has no weights for its LM head ({wanted[0]})"
+            f"evaluation.perplexity_file: {path} has no weights for its LM head ({wanted[0]}) in "
+            "its safetensors files (only safetensors checkpoints are read)"
         )
     bias = found.get(wanted[1]) if len(wanted) > 1 else None
     return LMHead(weight=found[wanted[0]].float(), bias=bias.float() if bias is not None else None)
 
 
 def read_token_ids(file: Path, tokenizer, max_tokens: int) -> Tensor:
-    """The whole file as one token stream (BOS first when the tokenizer has one), capped."""
+    """The whole file as one token stream (no special tokens), capped."""
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -104,8 +108,6 @@ def read_token_ids(file: Path, tokenizer, max_tokens: int) -> Tensor:
             f"evaluation.perplexity_file: cannot read {file} as UTF-8 text ({exc})"
         ) from None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id, *ids]
     if len(ids) < 2:
         raise JobError(f"evaluation.perplexity_file: {file} has fewer than 2 tokens")
     return torch.tensor(ids[:max_tokens], dtype=torch.long)
@@ -114,12 +116,28 @@ def read_token_ids(file: Path, tokenizer, max_tokens: int) -> Tensor:
 class PerplexityProbe:
     """Everything needed to measure one model family member on one file, prepared once."""
 
-    def __init__(self, evaluation, source: Path, ref: str, tokenizer):
-        self.file = Path(evaluation.perplexity_file)
+    def __init__(self, evaluation, source: Path, ref: str, tokenizer, model):
+        self.file = Path(evaluation.perplexity_file).expanduser()
         self.window = evaluation.perplexity_window
+        positions = _max_positions(model.config)
+        if positions is not None and self.window > positions:
+            raise JobError(
+                f"evaluation.perplexity_window: {self.window} tokens exceed model {ref!r}'s "
+                f"{positions} positions"
+            )
         self.head = load_lm_head(source, ref)
+        self.bos = tokenizer.bos_token_id
         self.ids = read_token_ids(self.file, tokenizer, evaluation.perplexity_max_tokens)
 
     def measure(self, model) -> dict:
-        result = perplexity(model, self.head.bind(model), self.ids, window=self.window)
+        head = self.head.bind(model)
+        result = perplexity(model, head, self.ids, window=self.window, bos=self.bos)
         return result | {"file": str(self.file), "window": self.window}
+
+
+def _max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -388,9 +388,24 @@ def _load_model(ref, num_labels, trust_remote_code, dtype, cache_dir, progress, 
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"could not load model from {str(path)!r}: {first}") from exc
+    _check_task(model, task, path)
     _check_vocab(model, tokenizer, path)
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
+
+
+def _check_task(model: PreTrainedModel, task: str, path: Path) -> None:
+    """A pruned export is loaded as the class it was saved as: it must suit the job's task."""
+    from stages.arch_base import backbone
+
+    bare = backbone(model) is model
+    if bare != (task == "embedding"):
+        has = (
+            "is a bare encoder (no task head)"
+            if bare
+            else f"has a task head ({type(model).__name__})"
+        )
+        raise ModelError(f"{str(path)!r} {has}, which does not fit task {task!r}")
 
 
 def _load_encoder(path: Path, raw: dict, kwargs: dict) -> PreTrainedModel:

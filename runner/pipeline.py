@@ -131,7 +131,9 @@ class ModelRun(PruneStagesMixin):
             )
         from runner.lm_head import PerplexityProbe
 
-        return PerplexityProbe(self.cfg.evaluation, source, self.model_cfg.ref, self.tokenizer)
+        return PerplexityProbe(
+            self.cfg.evaluation, source, self.model_cfg.ref, self.tokenizer, self.model
+        )
 
     def _params_target(self) -> int | None:
         target = self.cfg.target

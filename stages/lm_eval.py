@@ -17,11 +17,17 @@ from torch import Tensor
 from stages.arch_base import backbone
 
 
-def token_windows(ids: Tensor, window: int) -> list[Tensor]:
-    """Non-overlapping chunks of `window` tokens; a last chunk shorter than 2 tokens predicts nothing."""
-    if window < 2:
-        raise ValueError(f"perplexity window must be >= 2 tokens, got {window}")
-    chunks = [ids[start : start + window] for start in range(0, ids.numel(), window)]
+def token_windows(ids: Tensor, window: int, bos: int | None = None) -> list[Tensor]:
+    """Non-overlapping windows of `window` tokens, each opened by `bos` when given (as a model
+    sees the start of a document); a window with fewer than 2 tokens predicts nothing."""
+    if window < 2 + (bos is not None):
+        raise ValueError(
+            f"perplexity window must be >= {2 + (bos is not None)} tokens, got {window}"
+        )
+    step = window - (bos is not None)
+    chunks = [ids[start : start + step] for start in range(0, ids.numel(), step)]
+    if bos is not None:
+        chunks = [torch.cat([torch.tensor([bos], dtype=ids.dtype), c]) for c in chunks]
     return [c for c in chunks if c.numel() >= 2]
 
 
@@ -32,10 +38,16 @@ def next_token_nll(logits: Tensor, ids: Tensor) -> tuple[float, int]:
 
 
 def perplexity(
-    model, head: Callable[[Tensor], Tensor], ids: Tensor, *, window: int, batch_size: int = 8
+    model,
+    head: Callable[[Tensor], Tensor],
+    ids: Tensor,
+    *,
+    window: int,
+    bos: int | None = None,
+    batch_size: int = 8,
 ) -> dict:
-    """exp(mean next-token NLL) over non-overlapping windows (each window starts without context)."""
-    chunks = token_windows(ids, window)
+    """exp(mean next-token NLL) over non-overlapping windows (no context carried between them)."""
+    chunks = token_windows(ids, window, bos)
     if not chunks:
         raise ValueError("perplexity: the text has fewer than 2 tokens")
     body = backbone(model)

@@ -85,6 +85,7 @@ def dtype_bytes(dtype: torch.dtype | str) -> int:
 def model_shape(model: nn.Module) -> ModelShape:
     """Read the shape facts from a model (works on the meta device: no data is touched)."""
     from stages.arch import get_adapter
+    from stages.arch_base import backbone
 
     adapter = get_adapter(model)
     config = model.config
@@ -94,7 +95,10 @@ def model_shape(model: nn.Module) -> ModelShape:
         for m in model.modules()
         if isinstance(m, nn.Embedding) and not _is_tied_output(model, m)
     }
-    logits = getattr(model, "num_labels", None) or getattr(config, "vocab_size", 1)
+    if backbone(model) is model:  # a bare encoder outputs hidden states, not logits
+        logits = int(config.hidden_size)
+    else:
+        logits = getattr(model, "num_labels", None) or getattr(config, "vocab_size", 1)
     return ModelShape(
         family=adapter.family,
         params=sum(p.numel() for p in params.values()),

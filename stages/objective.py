@@ -1,15 +1,20 @@
 """What a model is asked to do: classify (logits vs labels) or embed (match the dense embeddings).
 
-Every loss the runner takes a gradient of (importance, SIA, recovery, Ray Train) goes through
-`task_loss`, so a batch carrying "targets" (the dense model's embeddings) switches the whole
-cascade to embedding distillation without any stage knowing the task.
+A batch carrying "targets" (the dense model's embeddings) switches every loss to the embedding
+task without any stage knowing the task. Two objectives, because one cannot serve both uses:
 
-Embedding loss = mean(1 - cos(student, dense)) + contrastive term. The cosine term alone is
-flat at the dense model (its gradient is exactly zero there), which would make first-order
-(Taylor) importance and the SIA stability check meaningless; the contrastive term -- each row
-must pick its own dense embedding among the batch's -- is not, and it keeps the geometry that
-retrieval relies on. The negatives are the other rows of the same batch: under Ray Train DDP that
-is each worker's share of the global batch, so N workers see N-times fewer negatives per row.
+* `task_loss` (recovery, evaluation): mean(1 - cos(student, dense)) + KL between the dense and the
+  student in-batch similarity distributions. Both terms are zero exactly at the dense model, so
+  recovery pulls the student towards the dense embeddings and nowhere else.
+* `summed_loss` (importance, SIA, loss_delta): the cosine gap + an in-batch contrastive term (each
+  row must pick its own dense embedding among the batch's). Any loss minimised at the dense model
+  has a zero gradient there, which would make first-order (Taylor) scores and the SIA stability
+  check meaningless; the contrastive term is not flat, and its gradient says which components keep
+  sentences distinguishable. It is not used for training: a student can beat the dense model on it
+  by spreading sentences the dense model keeps close, i.e. by moving away from it.
+
+The in-batch terms need >= 2 rows per batch (checked by the job config). Under Ray Train DDP the
+batch is each worker's share of the global batch.
 """
 
 from __future__ import annotations
@@ -37,28 +42,51 @@ def model_outputs(model, batch: dict) -> Tensor:
     return F.normalize(pooled, dim=-1)
 
 
-def embedding_loss(student: Tensor, dense: Tensor, *, reduction: str = "mean") -> Tensor:
-    """(1 - cosine to the dense embedding) + in-batch contrastive distillation, per row."""
+def _unit_pair(student: Tensor, dense: Tensor) -> tuple[Tensor, Tensor]:
     student = F.normalize(student.float(), dim=-1)
-    dense = F.normalize(dense.float().to(student.device), dim=-1)
-    cosine_gap = 1.0 - (student * dense).sum(dim=-1)
-    similarities = student @ dense.T / CONTRASTIVE_TEMPERATURE
-    own = torch.arange(student.shape[0], device=student.device)
-    contrastive = F.cross_entropy(similarities, own, reduction="none")
-    per_row = cosine_gap + contrastive
+    return student, F.normalize(dense.float().to(student.device), dim=-1)
+
+
+def _reduce(per_row: Tensor, reduction: str) -> Tensor:
     return per_row.sum() if reduction == "sum" else per_row.mean()
 
 
+def embedding_loss(student: Tensor, dense: Tensor, *, reduction: str = "mean") -> Tensor:
+    """Distillation, zero exactly at the dense embeddings: cosine gap + relational KL, per row."""
+    student, dense = _unit_pair(student, dense)
+    cosine_gap = 1.0 - (student * dense).sum(dim=-1)
+    teacher = F.log_softmax(dense @ dense.T / CONTRASTIVE_TEMPERATURE, dim=-1)
+    mimic = F.log_softmax(student @ dense.T / CONTRASTIVE_TEMPERATURE, dim=-1)
+    relational = (teacher.exp() * (teacher - mimic)).sum(dim=-1)
+    return _reduce(cosine_gap + relational, reduction)
+
+
+def embedding_sensitivity_loss(
+    student: Tensor, dense: Tensor, *, reduction: str = "mean"
+) -> Tensor:
+    """Importance objective, not flat at the dense model: cosine gap + in-batch contrastive, per row."""
+    student, dense = _unit_pair(student, dense)
+    cosine_gap = 1.0 - (student * dense).sum(dim=-1)
+    own = torch.arange(student.shape[0], device=student.device)
+    contrastive = F.cross_entropy(
+        student @ dense.T / CONTRASTIVE_TEMPERATURE, own, reduction="none"
+    )
+    return _reduce(cosine_gap + contrastive, reduction)
+
+
 def task_loss(outputs: Tensor, batch: dict, *, reduction: str = "mean") -> Tensor:
-    """Embedding distillation when the batch has dense "targets", else cross-entropy on labels."""
+    """Training/evaluation loss: embedding distillation with dense "targets", else CE on labels."""
     if "targets" in batch:
         return embedding_loss(outputs, batch["targets"], reduction=reduction)
     return F.cross_entropy(outputs.float(), batch["labels"], reduction=reduction)
 
 
 def summed_loss(model, batch: dict) -> Tensor:
-    """Loss summed over the batch's rows (shards of fixed micro-batches add up exactly)."""
-    return task_loss(model_outputs(model, batch), batch, reduction="sum")
+    """Importance loss summed over the batch's rows (shards of fixed micro-batches add up exactly)."""
+    outputs = model_outputs(model, batch)
+    if "targets" in batch:
+        return embedding_sensitivity_loss(outputs, batch["targets"], reduction="sum")
+    return F.cross_entropy(outputs.float(), batch["labels"], reduction="sum")
 
 
 def cosine_to_targets(embeddings: Tensor, targets: Tensor) -> Tensor:
@@ -68,8 +96,6 @@ def cosine_to_targets(embeddings: Tensor, targets: Tensor) -> Tensor:
 
 def nearest_neighbour_predictions(embeddings: Tensor, labels: Tensor) -> Tensor:
     """Leave-one-out 1-NN: each row gets the label of its most similar other row (cosine)."""
-    if embeddings.shape[0] < 2:
-        raise ValueError("nearest-neighbour accuracy needs at least 2 rows")
     unit = F.normalize(embeddings.float(), dim=-1)
     similarity = unit @ unit.T
     similarity.fill_diagonal_(float("-inf"))

@@ -230,6 +230,8 @@ def predict(model: nn.Module, split: EncodedSplit, *, batch_size: int = 64) -> T
 
 def _evaluate_embeddings(embeddings: Tensor, split: EncodedSplit) -> EvalResult:
     assert split.targets is not None
+    if len(split) < 2:
+        raise TrainingError("evaluate: an embedding split needs at least 2 rows (1-NN accuracy)")
     labels = split.labels
     preds = nearest_neighbour_predictions(embeddings, labels)
     conf = confusion_matrix(labels, preds, int(labels.max()) + 1)

@@ -18,6 +18,7 @@ from runner.job import run_job
 from runner.models import ModelError, build_tokenizer, load_model
 from stages.objective import (
     embedding_loss,
+    embedding_sensitivity_loss,
     mean_pool,
     nearest_neighbour_predictions,
     summed_loss,
@@ -33,18 +34,46 @@ def test_mean_pool_ignores_padding() -> None:
     assert torch.allclose(mean_pool(hidden, mask), torch.tensor([[2.0, 3.0]]))
 
 
-def test_embedding_loss_is_minimal_at_the_teacher_but_not_flat() -> None:
-    torch.manual_seed(0)
-    dense = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+def _clustered_unit_vectors(rows: int = 8, dim: int = 16) -> torch.Tensor:
+    """Embeddings close together (mean cosine ~0.8), like a sentence encoder's on one domain."""
+    gen = torch.Generator().manual_seed(0)
+    centre = torch.randn(dim, generator=gen)
+    return torch.nn.functional.normalize(
+        centre + 0.5 * torch.randn(rows, dim, generator=gen), dim=-1
+    )
+
+
+def test_training_loss_is_minimised_exactly_at_the_dense_embeddings() -> None:
+    dense = _clustered_unit_vectors()
+    at_teacher = embedding_loss(dense, dense)
+    assert float(at_teacher) == pytest.approx(0.0, abs=1e-5)
+    # optimising freely from the dense embeddings must not wander off (a contrastive training
+    # loss would: it rewards spreading rows the dense model keeps close)
     student = dense.clone().requires_grad_(True)
-    at_teacher = embedding_loss(student, dense)
-    at_teacher.backward()
-    # the contrastive term keeps a gradient at the dense model (Taylor importance needs one)
-    assert student.grad.abs().sum() > 0
-    shuffled = dense[torch.tensor([1, 0, 3, 2, 5, 4])]
-    assert embedding_loss(shuffled, dense) > at_teacher + 1.0
-    rows = embedding_loss(dense, dense, reduction="sum")
-    assert torch.isclose(rows, at_teacher.detach() * 6, rtol=1e-5)
+    optimiser = torch.optim.SGD([student], lr=0.5)
+    noise = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        student.add_(0.05 * torch.randn(dense.shape, generator=noise))
+    for _ in range(200):
+        optimiser.zero_grad()
+        embedding_loss(student, dense).backward()
+        optimiser.step()
+    cosine = torch.nn.functional.cosine_similarity(student.detach(), dense).mean()
+    assert cosine > 0.999
+    shuffled = dense[torch.tensor([1, 0, 3, 2, 5, 4, 7, 6])]
+    assert embedding_loss(shuffled, dense) > 0.1
+    rows = embedding_loss(shuffled, dense, reduction="sum")
+    assert torch.isclose(rows, embedding_loss(shuffled, dense) * 8, rtol=1e-5)
+
+
+def test_importance_loss_has_a_gradient_at_the_dense_embeddings() -> None:
+    dense = _clustered_unit_vectors()
+    student = dense.clone().requires_grad_(True)
+    embedding_loss(student, dense).backward()
+    assert student.grad.abs().max() < 1e-5  # the training loss is flat there: Taylor would see 0
+    student.grad = None
+    embedding_sensitivity_loss(student, dense).backward()
+    assert student.grad.abs().sum() > 1e-2
 
 
 def test_task_loss_switches_on_targets() -> None:
@@ -114,6 +143,27 @@ def test_embedding_config_rejects_classifier_options() -> None:
         parse_config(raw)
     text = str(err.value)
     assert "stages.1 (recover1): loss kd" in text and "models.0.finetune_steps" in text
+    tiny_batches = tiny_job(
+        "x", task="embedding", calibration={"batch_size": 1}, cluster={"workers": 3}
+    )
+    tiny_batches["stages"][3] |= {"runner": "ray_train", "batch_size": 4}  # 2 per worker: fine
+    tiny_batches["stages"][5] |= {"runner": "ray_train", "batch_size": 3}  # 1 per worker
+    with pytest.raises(ConfigError) as err:
+        parse_config(tiny_batches)
+    text = str(err.value)
+    assert "calibration.batch_size" in text and "stages.5.batch_size" in text
+    assert "stages.3.batch_size" not in text
+
+
+def test_a_pruned_export_must_suit_the_task(tmp_path) -> None:
+    from runner.checkpoint import save_checkpoint
+
+    path = save_tiny_encoder(tmp_path / "enc")
+    encoder, tok = load_model(str(path), task="embedding")
+    save_checkpoint(encoder, tok, tmp_path / "export")
+    with pytest.raises(ModelError, match="bare encoder .* does not fit task 'classification'"):
+        load_model(str(tmp_path / "export"), num_labels=10)
+    assert isinstance(load_model(str(tmp_path / "export"), task="embedding")[0], BertModel)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -166,3 +216,10 @@ def test_sia_command_measures_the_distillation_loss(tmp_path) -> None:
     assert result["model"]["architecture"] == "BertModel"
     assert math.isfinite(result["score"])
     assert set(result["per_granularity"]) == {"heads", "channels"}
+
+
+def test_memory_model_sizes_an_encoder_output_by_its_hidden_width() -> None:
+    from stages.memory_model import model_shape
+
+    assert model_shape(tiny_bert(BertModel)).logits_width == 32  # not the 100-token vocabulary
+    assert model_shape(tiny_bert()).logits_width == 3  # a classifier: its labels

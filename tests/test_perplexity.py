@@ -70,6 +70,8 @@ def test_token_windows_and_nll() -> None:
     assert len(token_windows(torch.arange(9), 4)) == 2  # a 1-token tail predicts nothing
     with pytest.raises(ValueError, match=">= 2"):
         token_windows(ids, 1)
+    with_bos = token_windows(torch.arange(1, 8), 4, bos=0)  # every window opens with BOS
+    assert [c.tolist() for c in with_bos] == [[0, 1, 2, 3], [0, 4, 5, 6], [0, 7]]
     uniform = torch.zeros(5, 7)
     nll, n = next_token_nll(uniform, torch.tensor([1, 2, 3, 4, 5]))
     assert n == 4 and nll == pytest.approx(4 * math.log(7))
@@ -84,10 +86,10 @@ def test_perplexity_matches_the_causal_lm_itself(tmp_path, family) -> None:
     assert (head.weight is None) == (family == "gpt2")
     tok = build_tokenizer(_texts())
     ids = read_token_ids(_text_file(tmp_path), tok, 10_000)
-    ours = perplexity(classifier, head.bind(classifier), ids, window=WINDOW)
+    ours = perplexity(classifier, head.bind(classifier), ids, window=WINDOW, bos=tok.bos_token_id)
     total, count = 0.0, 0
     with torch.no_grad():
-        for chunk in token_windows(ids, WINDOW):
+        for chunk in token_windows(ids, WINDOW, tok.bos_token_id):
             loss = lm(input_ids=chunk[None], labels=chunk[None]).loss
             total, count = total + float(loss) * (chunk.numel() - 1), count + chunk.numel() - 1
     assert ours["tokens"] == count
@@ -131,6 +133,12 @@ def test_job_reports_dense_and_final_perplexity(tmp_path) -> None:
     assert math.isfinite(ppl["perplexity"]) and ppl["perplexity"] != pytest.approx(ppl["dense"])
     assert "Perplexity on" in (tmp_path / "out" / "report.md").read_text()
     assert f"{ppl['perplexity']:.2f}" in (tmp_path / "out" / "report.html").read_text()
+    too_wide = tiny_job(
+        str(path),
+        evaluation={"perplexity_file": str(_text_file(tmp_path)), "perplexity_window": 65},
+    )
+    with pytest.raises(JobError, match="exceed model .* 64 positions"):
+        run_job(parse_config(too_wide), tmp_path / "wide", log=lambda m: None)
     demo = tiny_job(evaluation={"perplexity_file": str(_text_file(tmp_path))})
     with pytest.raises(JobError, match="no language-model head"):
         run_job(parse_config(demo), tmp_path / "demo", log=lambda m: None)
