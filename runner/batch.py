@@ -262,6 +262,8 @@ def _log_result(entry: Entry, log) -> None:
             f"[batch] {entry.name}: done in {r['seconds']:.0f}s: {f['compression_ratio']:.2f}x, "
             f"accuracy {f['accuracy']:.4f} (dense {f['dense_accuracy']:.4f})"
         )
+        for warning in r["report"].get("warnings") or []:
+            log(f"[batch] {entry.name}: WARNING: {warning}")
 
 
 def ray_available() -> bool:

@@ -100,6 +100,7 @@ def build_report(run, final_eval, params: int, validation, total_seconds: float)
     return {
         "model": run.model_info,
         "sia": run.sia,
+        "warnings": run.warnings,
         "stages": run.records,
         "final": {
             "params": params,
@@ -112,6 +113,7 @@ def build_report(run, final_eval, params: int, validation, total_seconds: float)
             "dense_macro_f1": dense_test.macro_f1,
             "dense_heldout_accuracy": run.dense_eval["heldout"].accuracy,
             "confusion": test.confusion,
+            "dense_finetune": run.finetune,
             **embedding,
             "checkpoint": str(run.out / "checkpoint"),
         },

@@ -18,6 +18,7 @@ from runner.config import JobConfig, ModelConfig, PruneStageConfig, RecoverStage
 from runner.data import CLASS_NAMES, build_dataset
 from runner.errors import JobError
 from runner.events import EventLog
+from runner.finetune import finetune_dense
 from runner.models import count_params, describe_model, load_model, source_dir
 from runner.preflight import preflight
 from runner.progress import step_bar
@@ -26,24 +27,20 @@ from runner.stage_store import StageStore
 from stages.arch import get_adapter
 from stages.guards import check_finite
 from stages.recover import RecoverySettings, recover
-from stages.training import TrainSettings, encode_split, evaluate, predict, train_steps
+from stages.training import encode_split, evaluate, predict
 
 SPLITS = ("train", "validation", "test", "heldout", "calibration")
 
 
-def finetune_dense(model, train_split, model_cfg, seed: int, progress: bool, log) -> None:
-    """Pretrained models (e.g. MiniLM) get a task head; train the dense model before pruning."""
-    steps = model_cfg.finetune_steps
-    if steps == 0:
-        return
-    t0 = time.perf_counter()
-    settings = TrainSettings(steps=steps, lr=model_cfg.finetune_lr, batch_size=16, seed=seed)
-    with step_bar(steps, f"{model_cfg.ref} fine-tune", progress) as on_step:
-        losses = train_steps(model, train_split, settings, on_step=on_step)
-    model.eval()
-    log(
-        f"fine-tuned the dense model for {steps} steps in {time.perf_counter() - t0:.1f}s "
-        f"(loss {losses[0]:.3f} -> {losses[-1]:.3f})"
+def chance_level_warning(accuracy: float, classes: int, what: str) -> str | None:
+    """A dense model no better than guessing makes every pruning figure meaningless: say so loudly."""
+    chance = 1.0 / max(classes, 1)
+    if classes < 2 or accuracy > 1.5 * chance:
+        return None
+    return (
+        f"the dense model's {what} test accuracy {accuracy:.4f} is at chance level ({chance:.4f} for "
+        f"{classes} classes): compression figures say nothing about it; check the model, the data "
+        "and, for a fine-tuned head, finetune_steps/finetune_lr"
     )
 
 
@@ -95,13 +92,14 @@ class ModelRun(PruneStagesMixin):
         self.calibration = list(self.splits["calibration"].batches(cfg.calibration.batch_size))
         self.executor = make_executor(cfg.cluster, self.adapter)
         self.executor.set_calibration(self.calibration)
-        self._finetune_dense()
+        self.finetune = self._finetune_dense()
         self.dense_params = count_params(self.model)
         self.layer_origin = list(range(len(self.adapter.layers(self.model))))
         self.model_info = describe_model(self.model) | {"name": self.model_cfg.ref}
         self.dense_eval = {
             s: evaluate(self.model, self.splits[s]) for s in ("validation", "test", "heldout")
         }
+        self.warnings = self._dense_warnings()
         self.perplexity = self._perplexity_probe()
         self.dense_perplexity = self.perplexity.measure(self.model) if self.perplexity else None
         self.params_target = self._params_target()
@@ -114,10 +112,19 @@ class ModelRun(PruneStagesMixin):
         ):
             self.teacher["dense"] = self._logits(self.splits["train"])
 
-    def _finetune_dense(self) -> None:
-        finetune_dense(
+    def _dense_warnings(self) -> list[str]:
+        test = self.dense_eval["test"]
+        what = "1-NN" if test.cosine is not None else "classification"
+        warning = chance_level_warning(test.accuracy, len(test.confusion), what)
+        if warning is None:
+            return []
+        self.log(f"WARNING: {warning}")
+        return [warning]
+
+    def _finetune_dense(self) -> dict | None:
+        return finetune_dense(
             self.model, self.splits["train"], self.model_cfg, self.cfg.seed,
-            self.cfg.output.progress, self.log,
+            self.cfg.output.progress, self.log, data_cfg=self.cfg.data,
         )  # fmt: skip
 
     def _perplexity_probe(self):
@@ -170,6 +177,8 @@ class ModelRun(PruneStagesMixin):
                 model=self.model_info,
                 dense_params=self.dense_params,
                 dense_accuracy=self.dense_eval["test"].accuracy,
+                finetune=self.finetune,
+                warnings=self.warnings,
             )
         self._sync_workers(stage=None)
         if first == 0:

@@ -32,6 +32,15 @@ def render_markdown(report: dict, images: list[str]) -> str:
         "Final figures are measured on the exported checkpoint reloaded from disk.",
         "",
     ]
+    lines += [f"**WARNING:** {w}." for w in report.get("warnings") or []]
+    lines += [""] if report.get("warnings") else []
+    tune = f.get("dense_finetune")
+    if tune:
+        lines += [
+            f"The dense model was fine-tuned first: {tune['steps']} steps at lr {tune['lr']:g}, "
+            f"training loss {tune['first_loss']:.3f} -> {tune['last_loss']:.3f}.",
+            "",
+        ]
     if f.get("perplexity"):
         ppl = f["perplexity"]
         lines += [

@@ -86,8 +86,14 @@ def _breakdown_table(bd: dict) -> str:
 
 
 def _extra_metrics_html(f: dict) -> list[str]:
-    """Embedding agreement and perplexity, when the job measured them."""
+    """Dense fine-tuning, embedding agreement and perplexity, when the job has them."""
     out = []
+    tune = f.get("dense_finetune")
+    if tune:
+        out.append(
+            f"<p>The dense model was fine-tuned first: {tune['steps']} steps at lr {tune['lr']:g}, "
+            f"training loss {tune['first_loss']:.3f} &rarr; {tune['last_loss']:.3f}.</p>"
+        )
     if f.get("cosine") is not None:
         out.append(
             f"<p>Embedding model: mean cosine similarity to the dense embeddings <b>{_num(f['cosine'])}</b> "
@@ -113,6 +119,7 @@ def job_html(report: dict, breakdown: dict | None) -> str:
         f"{_num(f.get('heldout_accuracy'))} (dense {_num(f.get('dense_heldout_accuracy'))}). "
         "Final figures are measured on the exported checkpoint reloaded from disk.</p>",
         *_extra_metrics_html(f),
+        *(f'<p class="bad"><b>Warning:</b> {escape(w)}.</p>' for w in report.get("warnings") or []),
         "<h2>Structural Independence Assumption</h2>",
     ]
     if sia:

@@ -26,10 +26,12 @@ def sia_for_config(cfg, log=print) -> dict[str, dict]:
             seed=cfg.seed,
         )
         if model_cfg.finetune_steps:  # measure the model the job would prune, not a random head
-            from runner.pipeline import finetune_dense
+            from runner.finetune import finetune_dense
 
             train = encode_split(data["train"], tokenizer, model_cfg.max_length)
-            finetune_dense(model, train, model_cfg, cfg.seed, cfg.output.progress, log)
+            finetune_dense(
+                model, train, model_cfg, cfg.seed, cfg.output.progress, log, data_cfg=cfg.data
+            )
         calibration = encode_split(data["calibration"], tokenizer, model_cfg.max_length)
         if cfg.task == "embedding":  # the loss SIA perturbs is the distillation loss
             calibration = calibration.with_targets(predict(model, calibration))

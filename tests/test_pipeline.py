@@ -75,6 +75,8 @@ def test_outputs_follow_the_contract(finished_job):
         plan = json.loads((out / "stages" / stage_dir / "plan.json").read_text())
         assert plan["scores"] and plan["params_to_remove"] > 0
     assert on_disk["sia"]["threshold"] == 0.5 and "details" in on_disk["sia"]
+    # a trained demo model is above chance, so no warning; it was not fine-tuned by the job
+    assert on_disk["warnings"] == [] and on_disk["final"]["dense_finetune"] is None
 
 
 def test_target_ratio_is_reached_and_params_really_drop(finished_job):

@@ -11,6 +11,8 @@ from tiny_models import tiny_gpt2
 from runner.checkpoint import save_checkpoint
 from runner.data import CLASS_NAMES
 from runner.models import DEMO_MODELS, count_params, demo_config
+from runner.pipeline import chance_level_warning
+from runner.report import render_markdown
 from runner.report_html import (
     write_compare_html,
     write_family_html,
@@ -249,3 +251,31 @@ def test_family_report_lists_failures_and_embeds_plots(tmp_path, with_device):
     md = (tmp_path / "family.md").read_text()
     assert "failed: ModelError" in md and "0.8000 (0.9000)" in md
     assert write_family_html(tmp_path).read_text() == page
+
+
+def test_chance_level_warning_fires_only_near_guessing():
+    assert chance_level_warning(0.10, 10, "classification") is not None
+    assert chance_level_warning(0.149, 10, "classification") is not None
+    assert chance_level_warning(0.151, 10, "classification") is None
+    assert chance_level_warning(0.5, 1, "classification") is None  # one class: nothing to guess
+    assert "0.1000 for 10 classes" in chance_level_warning(0.1, 10, "1-NN")
+
+
+def test_warnings_and_dense_finetune_reach_markdown_and_html(tmp_path):
+    report = fake_report()
+    report["warnings"] = [chance_level_warning(0.1, 10, "classification")]
+    report["final"]["dense_finetune"] = {
+        "steps": 300,
+        "lr": 5e-4,
+        "first_loss": 2.3,
+        "last_loss": 2.29,
+    }
+    text = render_markdown(report, [])
+    assert "**WARNING:** the dense model's classification test accuracy 0.1000 is at chance" in text
+    assert "300 steps at lr 0.0005, training loss 2.300 -> 2.290" in text
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    page = write_job_html(tmp_path).read_text()
+    assert '<p class="bad"><b>Warning:</b> the dense model&#x27;s classification' in page
+    assert "300 steps at lr 0.0005" in page
+    quiet = render_markdown(fake_report(), [])
+    assert "WARNING" not in quiet and "fine-tuned first" not in quiet

@@ -1,0 +1,105 @@
+"""Fine-tune a pretrained model's new task head before pruning, once per setting.
+
+Fine-tuning MiniLM costs minutes on CPU and is identical for every job that names the same model,
+settings, seed and training data (a compare runs one job per method and ratio, a family re-runs
+after a failure), so the trained weights are cached beside the demo models, keyed by all of those
+and by the source checkpoint's files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model as save_safetensors
+
+from runner.models import _cache_root, _training_data_cfg, source_dir
+from runner.progress import step_bar
+from stages.training import TrainSettings, train_steps
+
+FINETUNE_BATCH = 16
+FINETUNE_CODE = "finetune-v1"  # bump when the fine-tuning recipe changes, to invalidate caches
+
+
+def _source_fingerprint(ref: str) -> list:
+    """Names, sizes and mtimes of the source checkpoint's files: replaced weights miss the cache."""
+    path = source_dir(ref)
+    if path is None:
+        return []
+    return sorted(
+        (p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in path.iterdir() if p.is_file()
+    )
+
+
+def finetune_cache_key(model, model_cfg, seed: int, data_cfg) -> str:
+    payload = {
+        "model": model_cfg.model_dump(mode="json"),
+        "source": _source_fingerprint(model_cfg.ref),
+        "num_labels": getattr(model.config, "num_labels", None),
+        "seed": seed,
+        "batch": FINETUNE_BATCH,
+        "data": _training_data_cfg(data_cfg).model_dump(mode="json") if data_cfg else None,
+        "code": FINETUNE_CODE,
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _cache_dir(model, model_cfg, seed: int, data_cfg) -> Path:
+    name = Path(model_cfg.ref).name or "model"
+    key = finetune_cache_key(model, model_cfg, seed, data_cfg)
+    return _cache_root(None) / "finetuned" / f"{name}-{key}"
+
+
+def _save(model, record: dict, target: Path) -> None:
+    """Weights and record into a temp dir beside `target`, then rename: never a half-written entry."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    save_safetensors(model, str(tmp / "model.safetensors"))
+    (tmp / "finetune.json").write_text(json.dumps(record, indent=2))
+    try:
+        os.rename(tmp, target)
+    except OSError:  # a concurrent job wrote the same entry first: its copy is identical
+        for leftover in tmp.iterdir():
+            leftover.unlink()
+        tmp.rmdir()
+
+
+def finetune_dense(
+    model, train_split, model_cfg, seed: int, progress: bool, log, *, data_cfg=None
+) -> dict | None:
+    """Pretrained models (e.g. MiniLM) get a task head; train the dense model before pruning."""
+    steps = model_cfg.finetune_steps
+    if steps == 0:
+        return None
+    cached = _cache_dir(model, model_cfg, seed, data_cfg)
+    if (cached / "finetune.json").is_file():
+        load_safetensors(model, str(cached / "model.safetensors"), strict=True)
+        model.eval()
+        record = json.loads((cached / "finetune.json").read_text())
+        log(f"reused the dense model fine-tuned for {steps} steps from {cached}")
+        return record | {"cached": True}
+    t0 = time.perf_counter()
+    settings = TrainSettings(
+        steps=steps, lr=model_cfg.finetune_lr, batch_size=FINETUNE_BATCH, seed=seed
+    )
+    with step_bar(steps, f"{model_cfg.ref} fine-tune", progress) as on_step:
+        losses = train_steps(model, train_split, settings, on_step=on_step)
+    model.eval()
+    log(
+        f"fine-tuned the dense model for {steps} steps in {time.perf_counter() - t0:.1f}s "
+        f"(loss {losses[0]:.3f} -> {losses[-1]:.3f})"
+    )
+    record = {
+        "steps": steps,
+        "lr": model_cfg.finetune_lr,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
+    _save(model, record, cached)
+    return record | {"cached": False}
