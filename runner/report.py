@@ -38,7 +38,8 @@ def render_markdown(report: dict, images: list[str]) -> str:
     if tune:
         lines += [
             f"The dense model was fine-tuned first: {tune['steps']} steps at lr {tune['lr']:g}, "
-            f"training loss {tune['first_loss']:.3f} -> {tune['last_loss']:.3f}.",
+            f"training loss {tune['first_loss']:.3f} -> {tune['last_loss']:.3f}"
+            + (" (weights loaded from the fine-tune cache)." if tune.get("cached") else "."),
             "",
         ]
     if f.get("perplexity"):
