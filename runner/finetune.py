@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -60,14 +61,16 @@ def _save(model, record: dict, target: Path) -> None:
     """Weights and record into a temp dir beside `target`, then rename: never a half-written entry."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    save_safetensors(model, str(tmp / "model.safetensors"))
-    (tmp / "finetune.json").write_text(json.dumps(record, indent=2))
     try:
-        os.rename(tmp, target)
-    except OSError:  # a concurrent job wrote the same entry first: its copy is identical
-        for leftover in tmp.iterdir():
-            leftover.unlink()
-        tmp.rmdir()
+        save_safetensors(model, str(tmp / "model.safetensors"))
+        (tmp / "finetune.json").write_text(json.dumps(record, indent=2))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # a concurrent job wrote the same entry first: its copy is identical
+            if not (target / "finetune.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a rename; a failed write leaves nothing
 
 
 def finetune_dense(
@@ -101,5 +104,8 @@ def finetune_dense(
         "first_loss": losses[0],
         "last_loss": losses[-1],
     }
-    _save(model, record, cached)
+    try:
+        _save(model, record, cached)
+    except OSError as exc:  # the cache only saves time: a full disk must not cost the trained model
+        log(f"WARNING: could not cache the fine-tuned weights in {cached.parent}: {exc}")
     return record | {"cached": False}

@@ -52,3 +52,24 @@ def test_other_settings_or_seed_miss_the_cache():
 
 def test_no_fine_tune_steps_means_no_record():
     assert _run(ModelConfig(ref="demo-tiny-gpt2"))[1] is None
+
+
+def test_a_failed_cache_write_leaves_no_entry_and_keeps_the_trained_model(monkeypatch, tmp_path):
+    import runner.finetune as finetune
+
+    monkeypatch.setenv("CASCADE_CACHE", str(tmp_path))
+
+    def disk_full(model, path):
+        raise OSError("No space left on device")
+
+    real_save = finetune.save_safetensors
+    monkeypatch.setattr(finetune, "save_safetensors", disk_full)
+    cfg = ModelConfig(ref="demo-tiny-gpt2", finetune_steps=2, finetune_lr=1e-3)
+    model, record, said = _run(cfg)
+    assert record["cached"] is False and "could not cache" in said[-1] and "No space" in said[-1]
+    assert list((tmp_path / "finetuned").iterdir()) == []  # no entry, no temp dir
+    monkeypatch.setattr(finetune, "save_safetensors", real_save)
+    assert _run(cfg)[1]["cached"] is False  # the next run trains again and writes it
+    (entry,) = (tmp_path / "finetuned").iterdir()
+    assert (entry / "finetune.json").is_file() and (entry / "model.safetensors").is_file()
+    assert _run(cfg)[1]["cached"] is True
