@@ -19,7 +19,7 @@ from pathlib import Path
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
-from runner.models import _cache_root, _training_data_cfg, source_dir
+from runner.models import cache_root, source_dir, training_data_cfg
 from runner.progress import step_bar
 from stages.training import TrainSettings, train_steps
 
@@ -44,7 +44,7 @@ def finetune_cache_key(model, model_cfg, seed: int, data_cfg) -> str:
         "num_labels": getattr(model.config, "num_labels", None),
         "seed": seed,
         "batch": FINETUNE_BATCH,
-        "data": _training_data_cfg(data_cfg).model_dump(mode="json") if data_cfg else None,
+        "data": training_data_cfg(data_cfg).model_dump(mode="json") if data_cfg else None,
         "code": FINETUNE_CODE,
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
@@ -54,7 +54,7 @@ def finetune_cache_key(model, model_cfg, seed: int, data_cfg) -> str:
 def _cache_dir(model, model_cfg, seed: int, data_cfg) -> Path:
     name = Path(model_cfg.ref).name or "model"
     key = finetune_cache_key(model, model_cfg, seed, data_cfg)
-    return _cache_root(None) / "finetuned" / f"{name}-{key}"
+    return cache_root(None) / "finetuned" / f"{name}-{key}"
 
 
 def _save(model, record: dict, target: Path) -> None:

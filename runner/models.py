@@ -162,15 +162,15 @@ def _demo_train_settings(spec: DemoSpec) -> TrainSettings:
     return TrainSettings(spec.train_steps, spec.lr, spec.batch_size, weight_decay=0.01, seed=0)
 
 
-def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+def cache_root(cache_dir: str | os.PathLike | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     env = os.environ.get("CASCADE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "cascade"
 
 
-def _training_data_cfg(data_cfg: Any) -> Any:
-    """Calibration settings do not change the train split: one demo model serves them all."""
+def training_data_cfg(data_cfg: Any) -> Any:
+    """Calibration settings do not change the train split: one trained model serves them all."""
     from runner.data import DataConfig
 
     defaults = DataConfig()
@@ -183,7 +183,7 @@ def demo_cache_key(spec: DemoSpec, data_cfg: Any) -> str:
     """12 hex chars of sha256 over spec, data config, training settings and CODE_VERSION."""
     payload = {
         "spec": asdict(spec),
-        "data": _training_data_cfg(data_cfg).model_dump(mode="json"),
+        "data": training_data_cfg(data_cfg).model_dump(mode="json"),
         "train": asdict(_demo_train_settings(spec)),
         "code": CODE_VERSION,
     }
@@ -204,8 +204,8 @@ def get_demo_model(
     if name not in DEMO_MODELS:
         raise ModelError(f"unknown demo model {name!r}; known: {', '.join(DEMO_MODELS)}")
     spec = DEMO_MODELS[name]
-    data_cfg = _training_data_cfg(data_cfg if data_cfg is not None else DataConfig())
-    target = _cache_root(cache_dir) / f"{name}-{demo_cache_key(spec, data_cfg)}"
+    data_cfg = training_data_cfg(data_cfg if data_cfg is not None else DataConfig())
+    target = cache_root(cache_dir) / f"{name}-{demo_cache_key(spec, data_cfg)}"
     if (target / _MARKER).is_file():
         return _load_cached_demo(target, name)
 
