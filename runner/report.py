@@ -18,6 +18,15 @@ def _fmt_params(n) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
+def finetune_sentence(tune: dict) -> str:
+    """One line for report.md and report.html: how the dense model got its task head."""
+    return (
+        f"The dense model was fine-tuned first: {tune['steps']} steps at lr {tune['lr']:g}, "
+        f"training loss {tune['first_loss']:.3f} -> {tune['last_loss']:.3f}"
+        + (" (weights loaded from the fine-tune cache)." if tune.get("cached") else ".")
+    )
+
+
 def render_markdown(report: dict, images: list[str]) -> str:
     m, f, sia = report["model"], report["final"], report.get("sia") or {}
     lines = [
@@ -34,14 +43,8 @@ def render_markdown(report: dict, images: list[str]) -> str:
     ]
     lines += [f"**WARNING:** {w}." for w in report.get("warnings") or []]
     lines += [""] if report.get("warnings") else []
-    tune = f.get("dense_finetune")
-    if tune:
-        lines += [
-            f"The dense model was fine-tuned first: {tune['steps']} steps at lr {tune['lr']:g}, "
-            f"training loss {tune['first_loss']:.3f} -> {tune['last_loss']:.3f}"
-            + (" (weights loaded from the fine-tune cache)." if tune.get("cached") else "."),
-            "",
-        ]
+    if f.get("dense_finetune"):
+        lines += [finetune_sentence(f["dense_finetune"]), ""]
     if f.get("perplexity"):
         ppl = f["perplexity"]
         lines += [

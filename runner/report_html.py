@@ -12,6 +12,7 @@ import json
 from html import escape
 from pathlib import Path
 
+from runner.report import finetune_sentence
 from runner.report_layout import (
     confusion_figure,
     family_plots,
@@ -88,12 +89,8 @@ def _breakdown_table(bd: dict) -> str:
 def _extra_metrics_html(f: dict) -> list[str]:
     """Dense fine-tuning, embedding agreement and perplexity, when the job has them."""
     out = []
-    tune = f.get("dense_finetune")
-    if tune:
-        out.append(
-            f"<p>The dense model was fine-tuned first: {tune['steps']} steps at lr {tune['lr']:g}, "
-            f"training loss {tune['first_loss']:.3f} &rarr; {tune['last_loss']:.3f}.</p>"
-        )
+    if f.get("dense_finetune"):
+        out.append(f"<p>{escape(finetune_sentence(f['dense_finetune']))}</p>")
     if f.get("cosine") is not None:
         out.append(
             f"<p>Embedding model: mean cosine similarity to the dense embeddings <b>{_num(f['cosine'])}</b> "

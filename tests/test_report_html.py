@@ -276,7 +276,7 @@ def test_warnings_and_dense_finetune_reach_markdown_and_html(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps(report))
     page = write_job_html(tmp_path).read_text()
     assert '<p class="bad"><b>Warning:</b> the dense model&#x27;s classification' in page
-    assert "300 steps at lr 0.0005" in page
+    assert "300 steps at lr 0.0005, training loss 2.300 -&gt; 2.290." in page
     report["final"]["dense_finetune"]["cached"] = True
     assert "2.290 (weights loaded from the fine-tune cache)." in render_markdown(report, [])
     quiet = render_markdown(fake_report(), [])
