@@ -134,6 +134,9 @@ def row(name: str, result: dict) -> dict:
             "pruned": result["measured_peak_bytes"],
         },
         "dense_peak_source": result["dense_peak_source"],
+        "analytic_bytes": {
+            side: (result["analytic"].get(side) or {}).get("total") for side in ("dense", "pruned")
+        },
         "latency_ms": result["latency_ms"],
         "reductions": {k: result["reductions"][k] for k in keys},
         "projected_tokens_per_s": result["projected_tokens_per_s"],
@@ -153,13 +156,15 @@ def print_table(rows: list[dict]) -> None:
         return "-" if v is None else f"{v:.1f}"
 
     print(
-        f"{'model':<18}{'params d/p (M)':>17}{'peak MiB d/p':>16}{'mem':>8}{'latency ms d/p':>18}{'lat':>8}"
+        f"{'model':<18}{'params d/p (M)':>17}{'peak MiB d/p':>16}{'analytic d/p':>16}{'mem':>8}"
+        f"{'latency ms d/p':>18}{'lat':>8}"
     )
     for r in rows:
-        p, m, lat = r["params"], r["peak_bytes"], r["latency_ms"]
+        p, m, lat, est = r["params"], r["peak_bytes"], r["latency_ms"], r["analytic_bytes"]
         params = f"{(p['dense'] or 0) / 1e6:.1f}/{p['pruned'] / 1e6:.1f}"
         print(
             f"{r['model']:<18}{params:>17}{mib(m['dense']) + '/' + mib(m['pruned']):>16}"
+            f"{mib(est['dense']) + '/' + mib(est['pruned']):>16}"
             f"{pct(r['reductions']['peak_memory']):>8}{ms(lat['dense']) + '/' + ms(lat['pruned']):>18}"
             f"{pct(r['reductions']['latency']):>8}"
         )
