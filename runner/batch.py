@@ -30,10 +30,11 @@ from runner.config import (
     TargetConfig,
     apply_overrides,
     dump_config,
+    duplicate_output_names,
     parse_config,
 )
 from runner.errors import JobError
-from runner.job import model_dir_name, run_job
+from runner.job import run_job
 from runner.methods import compose, load_method
 from runner.progress import step_bar
 from runner.stage_store import write_json_atomic
@@ -134,10 +135,9 @@ def parse_family(raw: dict, source: str = "family") -> FamilyConfig:
             load_device(family.target.device)
         except DeviceError as exc:
             problems.append(("target.device", str(exc)))
-    names = [model_dir_name(m.ref) for m in family.models]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            problems.append((f"models.{i}", f"two models share the output directory name {name!r}"))
+    for message in duplicate_output_names(family.models):
+        path, text = message.split(": ", 1)
+        problems.append((path, text))
     if method_ok:  # the composed job checks stages and sections exactly as `cascade run` does
         try:
             job_config(family, family.models[0])
@@ -156,7 +156,7 @@ def _job_path(path: str) -> str:
 def job_config(family: FamilyConfig, model: ModelConfig) -> JobConfig:
     """The job one model runs: family sections + method stages + target, executed in-process."""
     base = copy.deepcopy(family.job) | {
-        "name": f"{family.name}-{model_dir_name(model.ref)}",
+        "name": f"{family.name}-{model.output_name}",
         "models": [model.model_dump(exclude_unset=True)],
         "target": family.target.model_dump(exclude_unset=True),
     }
@@ -230,7 +230,7 @@ class Entry:
 def _plan(family: FamilyConfig, out: Path, resume: bool, log) -> list[Entry]:
     entries = []
     for model in family.models:
-        name = model_dir_name(model.ref)
+        name = model.output_name
         cfg_yaml = dump_config(job_config(family, model))
         entry = Entry(name, model.ref, out / name, out / "logs" / f"{name}.log", cfg_yaml)
         job_yaml, report = entry.out / "job.yaml", entry.out / "report.json"

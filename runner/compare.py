@@ -10,8 +10,15 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from runner.config import ConfigError, Strict, apply_overrides
-from runner.job import model_dir_name, run_job
+from runner.config import (
+    ConfigError,
+    ModelConfig,
+    Strict,
+    apply_overrides,
+    dump_config,
+    duplicate_output_names,
+)
+from runner.job import run_job
 from runner.methods import compose, load_method
 from runner.stage_store import write_json_atomic
 
@@ -47,9 +54,31 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
             load_method(m)
         except ConfigError as exc:
             problems.append((f"methods.{i}", exc.problems[0][1]))
+    problems += _model_problems(cfg.job.get("models") or [])
     if problems:
         raise ConfigError(problems, str(path))
     return cfg
+
+
+def _model_config(entry) -> ModelConfig:
+    return ModelConfig.model_validate({"ref": entry} if isinstance(entry, str) else entry)
+
+
+def _model_problems(entries: list) -> list[tuple[str, str]]:
+    """Bad model entries and two models sharing one run directory, with their job.models paths."""
+    problems, parsed = [], []
+    for i, entry in enumerate(entries):
+        try:
+            parsed.append(_model_config(entry))
+        except ValidationError as exc:
+            problems += [
+                (".".join(map(str, ("job.models", i, *e["loc"]))), e["msg"]) for e in exc.errors()
+            ]
+    if not problems:
+        for message in duplicate_output_names(parsed, "job.models"):
+            path, text = message.split(": ", 1)
+            problems.append((path, text))
+    return problems
 
 
 def run_compare(cfg: CompareConfig, out: str | Path, *, log=print) -> dict:
@@ -80,26 +109,38 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, log=print) -> dict:
 
 
 def _run_one(cfg: CompareConfig, out: Path, model, preset, ratio: float, log) -> dict:
-    """One method at one ratio; `model` is the job's entry as written (a ref, or a dict with settings)."""
-    ref = model if isinstance(model, str) else model["ref"]
-    run_dir = out / model_dir_name(ref) / preset.name / f"{ratio:g}x"
-    row = {"model": ref, "method": preset.name, "ratio": ratio, "dir": str(run_dir)}
-    report_path = run_dir / "report.json"
-    if report_path.is_file():
-        log(f"[compare] {ref} {preset.name} {ratio:g}x: finished earlier, reusing")
-        return row | _summary(json.loads(report_path.read_text()))
+    """One method at one ratio; `model` is the job's entry as written (a ref, or a dict with settings).
+
+    A finished run is reused only when it ran exactly the job composed now (same settings).
+    """
+    model_cfg = _model_config(model)
+    name = model_cfg.output_name
+    run_dir = out / name / preset.name / f"{ratio:g}x"
+    row = {
+        "model": name,
+        "ref": model_cfg.ref,
+        "method": preset.name,
+        "ratio": ratio,
+        "dir": str(run_dir),
+    }
     base = dict(cfg.job, models=[model], name=cfg.name)
     job = compose(base, preset, ratio=ratio, recovery_steps=cfg.recovery_steps)
-    log(f"[compare] {ref} {preset.name} {ratio:g}x ...")
+    report_path, job_path = run_dir / "report.json", run_dir / "job.yaml"
+    if report_path.is_file() and job_path.is_file():
+        if yaml.safe_load(job_path.read_text()) == yaml.safe_load(dump_config(job)):
+            log(f"[compare] {name} {preset.name} {ratio:g}x: finished earlier, reusing")
+            return row | _summary(json.loads(report_path.read_text()))
+        log(f"[compare] {name} {preset.name} {ratio:g}x: settings changed, running again")
+    log(f"[compare] {name} {preset.name} {ratio:g}x ...")
     t0 = time.perf_counter()
     try:
-        report = run_job(job, run_dir, force=True, log=lambda m: None)[model_dir_name(ref)]
+        report = run_job(job, run_dir, force=True, log=lambda m: None)[name]
     except Exception as exc:  # noqa: BLE001 - one failing method must not stop the comparison
-        log(f"[compare] {ref} {preset.name} {ratio:g}x FAILED: {exc}")
+        log(f"[compare] {name} {preset.name} {ratio:g}x FAILED: {exc}")
         return row | {"error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - t0}
     row |= _summary(report)
     log(
-        f"[compare] {ref} {preset.name} {ratio:g}x: {row['achieved_ratio']:.2f}x, accuracy {row['accuracy']:.4f}"
+        f"[compare] {name} {preset.name} {ratio:g}x: {row['achieved_ratio']:.2f}x, accuracy {row['accuracy']:.4f}"
     )
     return row
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,9 +30,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def dir_name_for_ref(ref: str) -> str:
+    """The default output directory of a model: its ref's last path part, filesystem-safe."""
+    name = Path(ref.rstrip("/")).name or ref
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
 class ModelConfig(Strict):
     ref: str = Field(
         min_length=1, description="built-in demo name or local HF checkpoint directory"
+    )
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="output directory name (default: the ref's last path part); "
+        "needed to run one ref twice with different settings",
     )
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -40,6 +53,24 @@ class ModelConfig(Strict):
         0, ge=0, description="fine-tune the dense model on the task first (pretrained models)"
     )
     finetune_lr: float = Field(1e-4, gt=0.0)
+
+    @property
+    def output_name(self) -> str:
+        return self.name or dir_name_for_ref(self.ref)
+
+
+def duplicate_output_names(models: list[ModelConfig], path: str = "models") -> list[str]:
+    """Two models writing one directory would overwrite each other's results."""
+    problems, seen = [], {}
+    for i, model in enumerate(models):
+        name = model.output_name
+        if name in seen:
+            problems.append(
+                f"{path}.{i}: writes to output directory {name!r} like {path}.{seen[name]}; "
+                "give one of them a distinct name:"
+            )
+        seen.setdefault(name, i)
+    return problems
 
 
 class CalibrationConfig(Strict):
@@ -208,6 +239,7 @@ class JobConfig(Strict):
         names = stage_names(self.stages)
         if len(set(names)) != len(names):
             problems.append(f"stage names must be unique, got {names}")
+        problems += duplicate_output_names(self.models)
         if (
             any(getattr(s, "share", None) is not None for s in self.stages)
             and self.target.ratio is None

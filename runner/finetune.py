@@ -39,7 +39,9 @@ def _source_fingerprint(ref: str) -> list:
 
 def finetune_cache_key(model, model_cfg, seed: int, data_cfg) -> str:
     payload = {
-        "model": model_cfg.model_dump(mode="json"),
+        "model": model_cfg.model_dump(
+            mode="json", exclude={"name"}
+        ),  # name: only where output goes
         "source": _source_fingerprint(model_cfg.ref),
         "num_labels": getattr(model.config, "num_labels", None),
         "seed": seed,

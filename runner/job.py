@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -16,11 +15,6 @@ from runner.pipeline import JobError, ModelRun
 from runner.report import write_summary
 
 _JOB_MARKERS = ("job.yaml", "events.jsonl", "summary.json", "report.json")
-
-
-def model_dir_name(ref: str) -> str:
-    name = Path(ref.rstrip("/")).name or ref
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 def prepare_output(cfg: JobConfig, out: Path, *, resume: bool, force: bool) -> None:
@@ -74,7 +68,7 @@ def _run_models(cfg: JobConfig, out: Path, *, resume: bool, log) -> dict:
     reports = {}
     single = len(cfg.models) == 1
     for model_cfg in cfg.models:
-        name = model_dir_name(model_cfg.ref)
+        name = model_cfg.output_name
         model_out = out if single else out / name
         if not single and resume and (model_out / "report.json").is_file():
             log(f"[{name}] already finished, skipping")

@@ -1,5 +1,6 @@
 """Config validation: every problem listed with its YAML path; shipped configs all parse."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,80 @@ def test_compare_keeps_each_models_settings(tmp_path, monkeypatch):
     assert all(
         row["model"] == "demo-tiny-gpt2" and "stop here" in row["error"] for row in result["rows"]
     )
+
+
+def test_two_models_writing_one_output_directory_are_refused_until_named():
+    twice = {"models": ["demo-tiny-gpt2", "x/demo-tiny-gpt2"], "stages": MINIMAL["stages"]}
+    found = " ".join(problems_of(twice).values())
+    assert "models.1: writes to output directory 'demo-tiny-gpt2' like models.0" in found
+    named = dict(twice, models=["demo-tiny-gpt2", {"ref": "x/demo-tiny-gpt2", "name": "second"}])
+    assert [m.output_name for m in parse_config(named).models] == ["demo-tiny-gpt2", "second"]
+    bad_name = dict(twice, models=[{"ref": "demo-tiny-gpt2", "name": "a/b"}])
+    assert "models.0.name" in problems_of(bad_name)
+
+
+def _fake_compare(monkeypatch, calls: list):
+    """run_compare with run_job replaced: records each job and writes what a real run leaves."""
+    import runner.compare as compare
+    from runner.config import dump_config
+
+    def fake_run_job(job, out, **kwargs):
+        calls.append((job.models[0], out))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "job.yaml").write_text(dump_config(job))
+        model = {"architecture": "GPT2", "attention": "mha", "mlp": "gelu"}
+        final = {"compression_ratio": 1.5, "accuracy": 0.5, "macro_f1": 0.5, "params": 10}
+        report = {"model": model, "final": final | {"dense_accuracy": 0.6}}
+        report["timing"] = {"total_seconds": 1.0}
+        (out / "report.json").write_text(json.dumps(report))
+        return {job.models[0].output_name: report}
+
+    monkeypatch.setattr(compare, "run_job", fake_run_job)
+    monkeypatch.setattr(compare, "plot_compare", lambda result, path: None)
+    monkeypatch.setattr("runner.report_html.write_compare_html", lambda out: None)
+    return compare
+
+
+def test_compare_runs_one_ref_twice_under_distinct_names(tmp_path, monkeypatch):
+    calls = []
+    compare = _fake_compare(monkeypatch, calls)
+    models = [
+        {"ref": "demo-tiny-gpt2", "name": "short", "max_length": 32},
+        {"ref": "demo-tiny-gpt2", "name": "long", "max_length": 64},
+    ]
+    cfg = compare.CompareConfig(methods=["cascade"], ratios=[1.5], job={"models": models})
+    result = compare.run_compare(cfg, tmp_path, log=lambda m: None)
+    assert [r["model"] for r in result["rows"]] == ["short", "long"]
+    assert not [r["error"] for r in result["rows"] if "error" in r]
+    assert {r["ref"] for r in result["rows"]} == {"demo-tiny-gpt2"}
+    assert [(m.max_length, out.relative_to(tmp_path).parts[0]) for m, out in calls] == [
+        (32, "short"),
+        (64, "long"),
+    ]
+
+
+def test_compare_config_refuses_one_ref_twice_without_names(tmp_path):
+    path = tmp_path / "c.yaml"
+    models = ["demo-tiny-gpt2", {"ref": "demo-tiny-gpt2", "max_length": 64}]
+    path.write_text(
+        yaml.safe_dump({"methods": ["cascade"], "ratios": [2], "job": {"models": models}})
+    )
+    with pytest.raises(ConfigError) as info:
+        load_compare_config(path)
+    assert "distinct name" in dict(info.value.problems)["job.models.1"]
+
+
+def test_compare_reuses_a_finished_run_only_when_its_settings_match(tmp_path, monkeypatch):
+    calls, messages = [], []
+    compare = _fake_compare(monkeypatch, calls)
+
+    def cfg(max_length):
+        job = {"models": [{"ref": "demo-tiny-gpt2", "max_length": max_length}]}
+        return compare.CompareConfig(methods=["one_shot"], ratios=[1.5], job=job)
+
+    compare.run_compare(cfg(32), tmp_path, log=messages.append)
+    compare.run_compare(cfg(32), tmp_path, log=messages.append)
+    assert len(calls) == 1 and any("reusing" in m for m in messages), messages
+    compare.run_compare(cfg(48), tmp_path, log=messages.append)
+    assert len(calls) == 2 and calls[1][0].max_length == 48
+    assert any("settings changed, running again" in m for m in messages)
