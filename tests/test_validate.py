@@ -4,7 +4,7 @@ Measured runs happen in a subprocess (a few seconds each for imports), so the ch
 for them are saved once per module. Memory tolerance (stated in docs/PERFORMANCE.md): on CPU the
 measured peak RSS growth is within 10% + 32 MiB of the analytic estimate. The probe warms the
 runtime up before its baseline, so the gap measured here is a few MiB of allocator slack; before
-that warm-up it was 15-25 MiB and, in one CI run in twenty, 42 MiB (past the tolerance).
+that warm-up it was 15-25 MiB, and 42 MiB (past the tolerance) in two full-suite runs.
 """
 
 from __future__ import annotations
