@@ -12,6 +12,15 @@ from runner.methods import available_methods
 pytestmark = pytest.mark.slow
 
 
+JOB = {
+    "models": ["demo-tiny-gpt2", "demo-tiny-llama"],
+    "data": dict(TINY_DATA),
+    "calibration": {"batch_size": 8},
+    "sia": {"enabled": False},
+    "output": {"save_stage_models": False, "plots": False, "progress": False},
+}
+
+
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
@@ -20,13 +29,7 @@ def comparison(tmp_path_factory):
         methods=available_methods(),
         ratios=[1.5],
         recovery_steps=6,
-        job={
-            "models": ["demo-tiny-gpt2", "demo-tiny-llama"],
-            "data": dict(TINY_DATA),
-            "calibration": {"batch_size": 8},
-            "sia": {"enabled": False},
-            "output": {"save_stage_models": False, "plots": False, "progress": False},
-        },
+        job=JOB,
     )
     return out, run_compare(cfg, out, log=lambda m: None)
 
@@ -73,7 +76,11 @@ def test_compare_outputs_and_rerun_reuses_finished_runs(comparison, tmp_path):
         methods=["flap"],
         ratios=[1.5],
         recovery_steps=6,
-        job={"models": ["demo-tiny-gpt2"], "data": dict(TINY_DATA)},
+        job=dict(JOB, models=["demo-tiny-gpt2"]),
     )
-    run_compare(cfg, out, log=messages.append)
-    assert any("reusing" in m for m in messages)
+    rerun = run_compare(cfg, out, log=messages.append)
+    assert messages == ["[compare] demo-tiny-gpt2 flap 1.5x: finished earlier, reusing"]
+    first = next(
+        r for r in result["rows"] if r["model"] == "demo-tiny-gpt2" and r["method"] == "flap"
+    )
+    assert rerun["rows"] == [first]
