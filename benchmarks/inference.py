@@ -189,6 +189,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="dtype the random models are saved (and measured) in",
+    )
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "inference.json"))
     args = parser.parse_args(argv)
     rows = []
@@ -201,10 +207,11 @@ def main(argv=None) -> int:
         )
     else:
         with tempfile.TemporaryDirectory(prefix="cascade-inference-") as tmp:
+            dtype = getattr(torch, args.dtype)
             for name, model in random_models().items():
-                dense = save_checkpoint(model, None, Path(tmp) / name / "dense")
-                prune_randomly_calibrated(model)
-                pruned = save_checkpoint(model, None, Path(tmp) / name / "pruned")
+                dense = save_checkpoint(model.to(dtype), None, Path(tmp) / name / "dense")
+                prune_randomly_calibrated(model.float())
+                pruned = save_checkpoint(model.to(dtype), None, Path(tmp) / name / "pruned")
                 result = validate_checkpoint(
                     pruned,
                     args.device,
@@ -214,7 +221,7 @@ def main(argv=None) -> int:
                     repeats=args.repeats,
                     measure_device=args.on,
                 )
-                rows.append(row(name, result))
+                rows.append(row(name, result) | {"dtype": args.dtype})
     print_table(rows)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

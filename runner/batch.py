@@ -31,7 +31,9 @@ from runner.config import (
     apply_overrides,
     dump_config,
     duplicate_output_names,
+    model_entries,
     parse_config,
+    same_job,
 )
 from runner.errors import JobError
 from runner.job import run_job
@@ -64,9 +66,7 @@ class FamilyConfig(Strict):
     @field_validator("models", mode="before")
     @classmethod
     def _models_shorthand(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"ref": v} if isinstance(v, str) else v for v in value]
-        return value
+        return model_entries(value)
 
     @field_validator("job")
     @classmethod
@@ -135,9 +135,7 @@ def parse_family(raw: dict, source: str = "family") -> FamilyConfig:
             load_device(family.target.device)
         except DeviceError as exc:
             problems.append(("target.device", str(exc)))
-    for message in duplicate_output_names(family.models):
-        path, text = message.split(": ", 1)
-        problems.append((path, text))
+    problems += duplicate_output_names(family.models)
     if method_ok:  # the composed job checks stages and sections exactly as `cascade run` does
         try:
             job_config(family, family.models[0])
@@ -231,12 +229,12 @@ def _plan(family: FamilyConfig, out: Path, resume: bool, log) -> list[Entry]:
     entries = []
     for model in family.models:
         name = model.output_name
-        cfg_yaml = dump_config(job_config(family, model))
+        cfg = job_config(family, model)
+        cfg_yaml = dump_config(cfg)
         entry = Entry(name, model.ref, out / name, out / "logs" / f"{name}.log", cfg_yaml)
         job_yaml, report = entry.out / "job.yaml", entry.out / "report.json"
         if report.is_file():
-            previous = yaml.safe_load(job_yaml.read_text()) if job_yaml.is_file() else None
-            if previous == yaml.safe_load(cfg_yaml):
+            if same_job(job_yaml.read_text() if job_yaml.is_file() else None, cfg):
                 log(f"[batch] {name}: finished earlier, skipping")
                 entry.result = {"status": "skipped", "report": json.loads(report.read_text())}
             else:

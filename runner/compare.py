@@ -15,8 +15,9 @@ from runner.config import (
     ModelConfig,
     Strict,
     apply_overrides,
-    dump_config,
     duplicate_output_names,
+    model_entries,
+    same_job,
 )
 from runner.job import run_job
 from runner.methods import compose, load_method
@@ -64,21 +65,20 @@ def _model_config(entry) -> ModelConfig:
     return ModelConfig.model_validate({"ref": entry} if isinstance(entry, str) else entry)
 
 
-def _model_problems(entries: list) -> list[tuple[str, str]]:
+def _model_problems(entries) -> list[tuple[str, str]]:
     """Bad model entries and two models sharing one run directory, with their job.models paths."""
-    problems, parsed = [], []
+    problems = []
+    entries = model_entries(entries)
+    if not isinstance(entries, list):
+        return [("job.models", "expected a ref or a list of refs / {ref: ...} mappings")]
     for i, entry in enumerate(entries):
         try:
-            parsed.append(_model_config(entry))
+            _model_config(entry)
         except ValidationError as exc:
             problems += [
                 (".".join(map(str, ("job.models", i, *e["loc"]))), e["msg"]) for e in exc.errors()
             ]
-    if not problems:
-        for message in duplicate_output_names(parsed, "job.models"):
-            path, text = message.split(": ", 1)
-            problems.append((path, text))
-    return problems
+    return problems + duplicate_output_names(entries, "job.models")
 
 
 def run_compare(cfg: CompareConfig, out: str | Path, *, log=print) -> dict:
@@ -86,7 +86,7 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, log=print) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    models = cfg.job.get("models") or []
+    models = model_entries(cfg.job.get("models")) or []
     for model in models:
         for method in cfg.methods:
             preset = load_method(method)
@@ -127,7 +127,7 @@ def _run_one(cfg: CompareConfig, out: Path, model, preset, ratio: float, log) ->
     job = compose(base, preset, ratio=ratio, recovery_steps=cfg.recovery_steps)
     report_path, job_path = run_dir / "report.json", run_dir / "job.yaml"
     if report_path.is_file() and job_path.is_file():
-        if yaml.safe_load(job_path.read_text()) == yaml.safe_load(dump_config(job)):
+        if same_job(job_path.read_text(), job):
             log(f"[compare] {name} {preset.name} {ratio:g}x: finished earlier, reusing")
             return row | _summary(json.loads(report_path.read_text()))
         log(f"[compare] {name} {preset.name} {ratio:g}x: settings changed, running again")

@@ -59,15 +59,38 @@ class ModelConfig(Strict):
         return self.name or dir_name_for_ref(self.ref)
 
 
-def duplicate_output_names(models: list[ModelConfig], path: str = "models") -> list[str]:
-    """Two models writing one directory would overwrite each other's results."""
+def model_entries(value: Any) -> Any:
+    """`models: ref`, `models: [ref, {ref: ..., name: ...}]` -> a list of mappings."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        return [{"ref": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+def duplicate_output_names(entries: Any, path: str = "models") -> list[tuple[str, str]]:
+    """Two models writing one directory would overwrite each other's results.
+
+    Works on raw entries (entries that do not validate are left to the schema's own errors), so
+    it can run beside pydantic's validation and every problem is still listed at once.
+    """
     problems, seen = [], {}
-    for i, model in enumerate(models):
-        name = model.output_name
+    entries = model_entries(entries)
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        if isinstance(entry, ModelConfig):
+            name = entry.output_name
+        else:
+            try:
+                name = ModelConfig.model_validate(entry).output_name
+            except ValidationError:
+                continue
         if name in seen:
             problems.append(
-                f"{path}.{i}: writes to output directory {name!r} like {path}.{seen[name]}; "
-                "give one of them a distinct name:"
+                (
+                    f"{path}.{i}",
+                    f"same output directory {name!r} as {path}.{seen[name]}; "
+                    f"set {path}.{i}.name to a distinct value",
+                )
             )
         seen.setdefault(name, i)
     return problems
@@ -227,11 +250,7 @@ class JobConfig(Strict):
     @field_validator("models", mode="before")
     @classmethod
     def _models_shorthand(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list):
-            return [{"ref": v} if isinstance(v, str) else v for v in value]
-        return value
+        return model_entries(value)
 
     @model_validator(mode="after")
     def _cross_section(self) -> JobConfig:
@@ -239,7 +258,6 @@ class JobConfig(Strict):
         names = stage_names(self.stages)
         if len(set(names)) != len(names):
             problems.append(f"stage names must be unique, got {names}")
-        problems += duplicate_output_names(self.models)
         if (
             any(getattr(s, "share", None) is not None for s in self.stages)
             and self.target.ratio is None
@@ -317,16 +335,46 @@ def parse_config(raw: Any, source: str = "config") -> JobConfig:
         raise ConfigError(
             [("", f"expected a mapping at the top level, got {type(raw).__name__}")], source
         )
+    problems, cfg = [], None
     try:
-        return JobConfig.model_validate(raw)
+        cfg = JobConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = []
         for err in exc.errors():
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (not a config option)"
             problems.append((_error_path(err["loc"]), msg))
-        raise ConfigError(problems, source) from None
+    problems += duplicate_output_names(raw.get("models"))
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+# settings that change how a job reports progress, not what it computes or writes
+_RESULT_NEUTRAL = {"output": ("progress",)}
+
+
+def same_job(previous_yaml: str | None, cfg: JobConfig) -> bool:
+    """Did the job recorded in a job.yaml compute what `cfg` would?
+
+    The old file is read through today's schema first, so a setting added since (at its default)
+    does not make every finished run look different; a file today's schema rejects is different.
+    """
+    if previous_yaml is None:
+        return False
+    try:
+        previous = JobConfig.model_validate(yaml.safe_load(previous_yaml))
+    except (ValidationError, yaml.YAMLError):
+        return False
+    return _comparable(previous) == _comparable(cfg)
+
+
+def _comparable(cfg: JobConfig) -> dict:
+    dumped = cfg.model_dump(mode="json")
+    for section, keys in _RESULT_NEUTRAL.items():
+        for key in keys:
+            dumped[section].pop(key, None)
+    return dumped
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -6,10 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-import yaml
-
 from cluster.executor import cluster_session
-from runner.config import JobConfig, dump_config
+from runner.config import JobConfig, dump_config, same_job
 from runner.errors import user_errors
 from runner.pipeline import JobError, ModelRun
 from runner.report import write_summary
@@ -26,7 +24,7 @@ def prepare_output(cfg: JobConfig, out: Path, *, resume: bool, force: bool) -> N
             previous = out / "job.yaml"
             if not previous.is_file():
                 raise JobError(f"--resume: {out} holds no job.yaml, nothing to resume")
-            if yaml.safe_load(previous.read_text()) != yaml.safe_load(resolved):
+            if not same_job(previous.read_text(), cfg):
                 raise JobError(
                     f"--resume: {out}/job.yaml is a different config than this run's; use --force to restart"
                 )

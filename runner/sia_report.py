@@ -38,11 +38,11 @@ def sia_for_config(cfg, log=print) -> dict[str, dict]:
         batches = list(calibration.batches(cfg.calibration.batch_size))
         result = run_sia(model, get_adapter(model), batches, cfg.sia, seed=cfg.seed)
         info = describe_model(model)
-        results[model_cfg.ref] = {"model": info} | result
+        results[model_cfg.output_name] = {"model": info, "ref": model_cfg.ref} | result
         verdict = "satisfied" if result["satisfied"] else "VIOLATED"
         parts = ", ".join(f"{g} {v:.3f}" for g, v in result["per_granularity"].items())
         log(
-            f"{model_cfg.ref} ({info['attention']}+{info['mlp']}): SIA {verdict}, score {result['score']:.3f} "
+            f"{model_cfg.output_name} ({info['attention']}+{info['mlp']}): SIA {verdict}, score {result['score']:.3f} "
             f"(threshold {result['threshold']}; {parts})"
         )
     return results

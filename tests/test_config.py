@@ -175,8 +175,11 @@ def test_compare_keeps_each_models_settings(tmp_path, monkeypatch):
 
 def test_two_models_writing_one_output_directory_are_refused_until_named():
     twice = {"models": ["demo-tiny-gpt2", "x/demo-tiny-gpt2"], "stages": MINIMAL["stages"]}
-    found = " ".join(problems_of(twice).values())
-    assert "models.1: writes to output directory 'demo-tiny-gpt2' like models.0" in found
+    assert problems_of(twice)["models.1"] == (
+        "same output directory 'demo-tiny-gpt2' as models.0; set models.1.name to a distinct value"
+    )
+    with_other_errors = problems_of(dict(twice, seed="x", stages=[]))
+    assert {"models.1", "seed", "stages"} <= set(with_other_errors)  # listed together
     named = dict(twice, models=["demo-tiny-gpt2", {"ref": "x/demo-tiny-gpt2", "name": "second"}])
     assert [m.output_name for m in parse_config(named).models] == ["demo-tiny-gpt2", "second"]
     bad_name = dict(twice, models=[{"ref": "demo-tiny-gpt2", "name": "a/b"}])
@@ -231,7 +234,30 @@ def test_compare_config_refuses_one_ref_twice_without_names(tmp_path):
     )
     with pytest.raises(ConfigError) as info:
         load_compare_config(path)
-    assert "distinct name" in dict(info.value.problems)["job.models.1"]
+    assert "set job.models.1.name" in dict(info.value.problems)["job.models.1"]
+    path.write_text(yaml.safe_dump({"methods": ["cascade"], "ratios": [2], "job": {"models": "m"}}))
+    assert (
+        load_compare_config(path).job["models"] == "m"
+    )  # the one-ref shorthand is not a list of letters
+
+
+def test_a_job_yaml_written_before_a_new_setting_still_counts_as_the_same_job(tmp_path):
+    from runner.config import dump_config, same_job
+    from runner.job import prepare_output
+
+    cfg = parse_config(dict(MINIMAL, models=[{"ref": "demo-tiny-gpt2", "max_length": 40}]))
+    old = yaml.safe_load(dump_config(cfg))
+    del old["models"][0]["name"]  # the field did not exist when this run finished
+    old["output"]["progress"] = not old["output"]["progress"]  # how it reported, not what it did
+    assert same_job(yaml.safe_dump(old), cfg)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "job.yaml").write_text(yaml.safe_dump(old))
+    prepare_output(cfg, out, resume=True, force=False)  # --resume accepts it
+    changed = dict(old, seed=1)
+    assert not same_job(yaml.safe_dump(changed), cfg)
+    assert not same_job(yaml.safe_dump(dict(old, colour=1)), cfg)  # today's schema rejects it
+    assert not same_job("{not: [valid yaml", cfg) and not same_job(None, cfg)
 
 
 def test_compare_reuses_a_finished_run_only_when_its_settings_match(tmp_path, monkeypatch):
