@@ -325,9 +325,11 @@ def _release_freed_memory() -> None:
     gc.collect()
     libc_name = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(libc_name).malloc_trim(0)
+        trim = ctypes.CDLL(libc_name).malloc_trim
     except (OSError, AttributeError, TypeError):  # not glibc: nothing kept to give back
-        pass
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
 
 
 def _random_inputs(model, batch: int, seq_len: int, device: str) -> dict:
