@@ -61,10 +61,6 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
     return cfg
 
 
-def _model_config(entry) -> ModelConfig:
-    return ModelConfig.model_validate({"ref": entry} if isinstance(entry, str) else entry)
-
-
 def _model_problems(entries) -> list[tuple[str, str]]:
     """Bad model entries and two models sharing one run directory, with their job.models paths."""
     problems = []
@@ -73,7 +69,7 @@ def _model_problems(entries) -> list[tuple[str, str]]:
         return [("job.models", "expected a ref or a list of refs / {ref: ...} mappings")]
     for i, entry in enumerate(entries):
         try:
-            _model_config(entry)
+            ModelConfig.model_validate(entry)
         except ValidationError as exc:
             problems += [
                 (".".join(map(str, ("job.models", i, *e["loc"]))), e["msg"]) for e in exc.errors()
@@ -109,11 +105,11 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, log=print) -> dict:
 
 
 def _run_one(cfg: CompareConfig, out: Path, model, preset, ratio: float, log) -> dict:
-    """One method at one ratio; `model` is the job's entry as written (a ref, or a dict with settings).
+    """One method at one ratio; `model` is the job's entry as a mapping ({ref, settings...}).
 
     A finished run is reused only when it ran exactly the job composed now (same settings).
     """
-    model_cfg = _model_config(model)
+    model_cfg = ModelConfig.model_validate(model)
     name = model_cfg.output_name
     run_dir = out / name / preset.name / f"{ratio:g}x"
     row = {
