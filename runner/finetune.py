@@ -19,6 +19,7 @@ from pathlib import Path
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
+from runner.config import dir_name_for_ref
 from runner.models import cache_root, source_dir, training_data_cfg
 from runner.progress import step_bar
 from stages.training import TrainSettings, train_steps
@@ -38,10 +39,8 @@ def _source_fingerprint(ref: str) -> list:
 
 
 def finetune_cache_key(model, model_cfg, seed: int, data_cfg) -> str:
-    payload = {
-        "model": model_cfg.model_dump(
-            mode="json", exclude={"name"}
-        ),  # name: only where output goes
+    payload = {  # the model's `name` only says where a job writes, not what is trained
+        "model": model_cfg.model_dump(mode="json", exclude={"name"}),
         "source": _source_fingerprint(model_cfg.ref),
         "num_labels": getattr(model.config, "num_labels", None),
         "seed": seed,
@@ -54,9 +53,8 @@ def finetune_cache_key(model, model_cfg, seed: int, data_cfg) -> str:
 
 
 def _cache_dir(model, model_cfg, seed: int, data_cfg) -> Path:
-    name = Path(model_cfg.ref).name or "model"
     key = finetune_cache_key(model, model_cfg, seed, data_cfg)
-    return cache_root(None) / "finetuned" / f"{name}-{key}"
+    return cache_root(None) / "finetuned" / f"{dir_name_for_ref(model_cfg.ref)}-{key}"
 
 
 def _save(model, record: dict, target: Path) -> None:
