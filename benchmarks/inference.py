@@ -26,11 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runner.checkpoint import save_checkpoint  # noqa: E402
 from stages import memory_model as mm  # noqa: E402
 from stages.arch import get_adapter  # noqa: E402
 from stages.base import apply_plan  # noqa: E402
 from stages.budget import Budget  # noqa: E402
+from stages.checkpoint import save_checkpoint  # noqa: E402
 from stages.estimate import EstimateRequest, estimate_locally  # noqa: E402
 from stages.layers import plan_layer_removal  # noqa: E402
 from stages.units import plan_unit_removal, total_units  # noqa: E402

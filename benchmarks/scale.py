@@ -28,11 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runner.checkpoint import save_checkpoint  # noqa: E402
 from stages import memory_model as mm  # noqa: E402
 from stages.arch import get_adapter  # noqa: E402
 from stages.base import apply_plan  # noqa: E402
 from stages.budget import Budget  # noqa: E402
+from stages.checkpoint import save_checkpoint  # noqa: E402
 from stages.estimate import EstimateRequest, estimate_locally  # noqa: E402
 from stages.layers import plan_layer_removal  # noqa: E402
 from stages.recover import RecoverySettings, recover  # noqa: E402

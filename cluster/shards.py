@@ -4,7 +4,7 @@ Shard k of n holds a contiguous range of layers; the tensors before the first la
 go with the first shard and those after the last layer (final norm, classifier head) with the
 last. The driver turns the staged shards into ONE Hugging Face directory: model-0000k-of-0000n
 .safetensors + model.safetensors.index.json, the config.json (with the "pruning" section),
-tokenizer and manifest.json that runner.checkpoint.save_checkpoint writes, so `load_pruned`
+tokenizer and manifest.json that stages.checkpoint.save_checkpoint writes, so `load_pruned`
 (and plain transformers, for vanilla layouts) read it unchanged. With a Ray executor the shard
 writes are Ray tasks; without one they run in-process and produce the same bytes.
 """
@@ -20,14 +20,14 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from runner.checkpoint import (
+from stages.arch import get_adapter
+from stages.checkpoint import (
     INDEX,
-    _pruning_config,
-    _weights_to_save,
     atomic_directory,
+    pruning_config,
+    weights_to_save,
     write_metadata,
 )
-from stages.arch import get_adapter
 
 
 class ShardExportError(ValueError):
@@ -126,8 +126,8 @@ def export_sharded(
         raise ShardExportError(f"export_sharded: workers must be >= 1, got {workers}")
     if hasattr(model, "peft_config"):
         raise ShardExportError(f"{out}: model carries peft adapters; merge them before exporting")
-    config = _pruning_config(model, require_uniform, metadata, out)
-    state = _weights_to_save(model)
+    config = pruning_config(model, require_uniform, metadata, out)
+    state = weights_to_save(model)
     n_layers = len(get_adapter(model).layers(model))
     plan = assign_tensors(list(state), layers_prefix(model), n_layers, workers)
     staging = out.with_name(f".{out.name}.staging-{uuid.uuid4().hex[:8]}")

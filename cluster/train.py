@@ -44,7 +44,7 @@ from stages.training import EncodedSplit
 
 # ---- Ray Train worker ----------------------------------------------------------------------------
 def _model_files(model: nn.Module) -> dict[str, bytes]:
-    from runner.checkpoint import save_checkpoint
+    from stages.checkpoint import save_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="cascade-train-") as tmp:
         out = save_checkpoint(model, None, Path(tmp) / "model")
@@ -52,7 +52,7 @@ def _model_files(model: nn.Module) -> dict[str, bytes]:
 
 
 def _model_from_files(files: dict[str, bytes], attn_implementation: str | None) -> nn.Module:
-    from runner.checkpoint import load_pruned
+    from stages.checkpoint import load_pruned
 
     with tempfile.TemporaryDirectory(prefix="cascade-train-") as tmp:
         for name, blob in files.items():

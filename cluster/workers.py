@@ -80,7 +80,7 @@ class WorkerCore:
         if self._load_delay_s:
             time.sleep(self._load_delay_s)
         if checkpoint_dir is not None:
-            from runner.checkpoint import load_pruned
+            from stages.checkpoint import load_pruned
 
             new_model = load_pruned(checkpoint_dir, attn_implementation=attn_implementation)
         elif model is not None:

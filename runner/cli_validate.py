@@ -41,9 +41,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _known_input_errors() -> tuple[type[BaseException], ...]:
-    from runner.checkpoint import CheckpointError
     from runner.devices import DeviceError
     from stages.arch import UnsupportedArchitecture
+    from stages.checkpoint import CheckpointError
     from stages.validate import ProbeError
 
     return (DeviceError, CheckpointError, UnsupportedArchitecture, ProbeError, ValueError, OSError)

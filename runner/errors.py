@@ -8,12 +8,12 @@ class JobError(RuntimeError):
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from runner.checkpoint import CheckpointError
     from runner.config import ConfigError
     from runner.data import DataError
     from runner.models import ModelError
     from runner.preflight import PreflightError
     from stages.arch import UnsupportedArchitecture
+    from stages.checkpoint import CheckpointError
     from stages.guards import NumericalError
     from stages.selection import SelectionError
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from runner.checkpoint import load_pruned, save_checkpoint
 from runner.models import count_params
 from runner.pipeline import JobError
 from runner.report import write_report
+from stages.checkpoint import load_pruned, save_checkpoint
 from stages.training import evaluate
 
 

@@ -16,8 +16,8 @@ import transformers
 from safetensors import safe_open
 from torch import Tensor
 
-from runner.checkpoint import tied_pairs
 from runner.errors import JobError
+from stages.checkpoint import tied_pairs
 from stages.lm_eval import perplexity
 
 INDEX = "model.safetensors.index.json"

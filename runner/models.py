@@ -364,7 +364,7 @@ def _load_model(ref, num_labels, trust_remote_code, dtype, cache_dir, progress, 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if "pruning" in raw:
-            from runner.checkpoint import load_pruned
+            from stages.checkpoint import load_pruned
 
             model = load_pruned(path, dtype=_as_dtype(dtype))
         else:

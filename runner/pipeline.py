@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from cluster.executor import make_executor
-from runner.checkpoint import load_pruned
 from runner.config import JobConfig, ModelConfig, PruneStageConfig, RecoverStageConfig, stage_names
 from runner.data import CLASS_NAMES, build_dataset
 from runner.errors import JobError
@@ -25,6 +24,7 @@ from runner.progress import step_bar
 from runner.prune_stages import PruneStagesMixin
 from runner.stage_store import StageStore
 from stages.arch import get_adapter
+from stages.checkpoint import load_pruned
 from stages.guards import check_finite
 from stages.recover import RecoverySettings, recover
 from stages.training import encode_split, evaluate, predict

@@ -12,7 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
-from runner.checkpoint import save_checkpoint
+from stages.checkpoint import save_checkpoint
 
 _STAGE_DIR = re.compile(r"^(\d{2})_(.+)$")
 

@@ -131,8 +131,8 @@ def meta_model(path: str | Path):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from runner.checkpoint import CheckpointError
     from stages.arch import LayerLayout, get_adapter
+    from stages.checkpoint import CheckpointError
 
     directory = Path(path)
     if not (directory / "config.json").is_file():

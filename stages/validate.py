@@ -241,7 +241,7 @@ def validate_for_job(exported_model, dense_params: int, job_cfg, model_cfg) -> d
     path = Path(str(getattr(exported_model, "name_or_path", "") or ""))
     if (path / "config.json").is_file():
         return validate_model(path, shape, dense_shape, **common)
-    from runner.checkpoint import save_checkpoint
+    from stages.checkpoint import save_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="cascade-validate-") as tmp:
         saved = save_checkpoint(exported_model, None, Path(tmp) / "checkpoint")
@@ -302,7 +302,7 @@ def _load_for_probe(ref: str, dtype, device: str):
     """A pruned checkpoint (load_pruned), a plain HF directory, or a built-in demo name."""
     from transformers import AutoModelForSequenceClassification
 
-    from runner.checkpoint import load_pruned
+    from stages.checkpoint import load_pruned
 
     config_file = Path(ref) / "config.json"
     if config_file.is_file() and "pruning" in json.loads(config_file.read_text()):
@@ -367,7 +367,7 @@ def _probe(args) -> dict:
 
     import transformers  # noqa: F401 - imported before the baseline so it is not counted
 
-    import runner.checkpoint  # noqa: F401
+    import stages.checkpoint  # noqa: F401
 
     dtype = getattr(torch, args.dtype)
     cuda = args.device.startswith("cuda")

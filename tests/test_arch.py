@@ -349,8 +349,8 @@ def test_peft_wrapped_model_is_found_but_lora_layers_are_not_sliced():
 def test_llama_bias_compensation_adds_loadable_zero_biases(tmp_path):
     import torch
 
-    from runner.checkpoint import load_pruned, save_checkpoint
     from stages.arch import get_adapter
+    from stages.checkpoint import load_pruned, save_checkpoint
 
     model = tiny_llama()
     adapter = get_adapter(model)

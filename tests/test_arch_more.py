@@ -34,9 +34,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from runner.checkpoint import CheckpointError, load_pruned, save_checkpoint
 from stages.arch import SUPPORTED_MODEL_TYPES, LayerLayout, get_adapter
 from stages.arch_phi3 import LayerConfigView
+from stages.checkpoint import CheckpointError, load_pruned, save_checkpoint
 from stages.masking import skip_layers, unit_masks
 
 # family: (builder, padding side, causal LM class or None, GQA?)

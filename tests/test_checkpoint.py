@@ -17,15 +17,15 @@ from tiny_models import (
 )
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaForCausalLM
 
-import runner.checkpoint as ckpt
-from runner.checkpoint import (
+import stages.checkpoint as ckpt
+from stages.arch import get_adapter
+from stages.checkpoint import (
     CheckpointError,
     load_pruned,
     load_tokenizer,
     save_checkpoint,
     verify_manifest,
 )
-from stages.arch import get_adapter
 
 BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2, "bert": tiny_bert}
 

@@ -11,11 +11,11 @@ from conftest import tiny_job
 from tiny_models import tiny_bert
 from transformers import BertModel
 
-from runner.checkpoint import load_pruned
 from runner.config import ConfigError, parse_config
 from runner.data import DataConfig, build_dataset
 from runner.job import run_job
 from runner.models import ModelError, build_tokenizer, load_model
+from stages.checkpoint import load_pruned
 from stages.objective import (
     embedding_loss,
     embedding_sensitivity_loss,
@@ -156,7 +156,7 @@ def test_embedding_config_rejects_classifier_options() -> None:
 
 
 def test_a_pruned_export_must_suit_the_task(tmp_path) -> None:
-    from runner.checkpoint import save_checkpoint
+    from stages.checkpoint import save_checkpoint
 
     path = save_tiny_encoder(tmp_path / "enc")
     encoder, tok = load_model(str(path), task="embedding")

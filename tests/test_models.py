@@ -137,9 +137,9 @@ def test_load_model_uses_load_pruned_for_pruned_checkpoints(tmp_path, monkeypatc
         calls.append(Path(path))
         return AutoModelForSequenceClassification.from_pretrained(path)
 
-    fake = types.ModuleType("runner.checkpoint")
+    fake = types.ModuleType("stages.checkpoint")
     fake.load_pruned = fake_load_pruned  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "runner.checkpoint", fake)
+    monkeypatch.setitem(sys.modules, "stages.checkpoint", fake)
     model, _ = load_model(str(tmp_path))
     assert calls == [tmp_path] and model.config.num_labels == 3
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import tiny_job
 
-from runner.checkpoint import load_pruned
 from runner.config import parse_config
 from runner.job import run_job
 from runner.pipeline import JobError
+from stages.checkpoint import load_pruned
 from stages.training import encode_split, evaluate
 
 pytestmark = pytest.mark.slow

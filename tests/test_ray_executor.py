@@ -18,10 +18,10 @@ import torch
 from cluster.executor import LocalExecutor, StaleVersionError
 from cluster.ray_executor import BarrierTimeoutError, RayExecutor
 from cluster.workers import WorkerCore, WorkerNotLoadedError
-from runner.checkpoint import save_checkpoint
 from runner.config import ClusterConfig
 from stages.arch import get_adapter
 from stages.budget import Budget
+from stages.checkpoint import save_checkpoint
 from stages.estimate import EstimateRequest, scores_from_statistics
 from stages.layers import plan_layer_removal
 from stages.units import plan_unit_removal

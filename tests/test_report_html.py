@@ -8,7 +8,6 @@ import re
 import pytest
 from tiny_models import tiny_gpt2
 
-from runner.checkpoint import save_checkpoint
 from runner.data import CLASS_NAMES
 from runner.models import DEMO_MODELS, count_params, demo_config
 from runner.pipeline import chance_level_warning
@@ -21,6 +20,7 @@ from runner.report_html import (
 )
 from runner.report_layout import layer_breakdown
 from stages.arch import get_adapter
+from stages.checkpoint import save_checkpoint
 
 STAGES = ["layers", "recover1", "heads", "recover2", "channels", "recover3"]
 

@@ -16,8 +16,8 @@ from cluster.shards import (
     layer_ranges,
     layers_prefix,
 )
-from runner.checkpoint import INDEX, load_pruned, save_checkpoint, verify_manifest
 from stages.arch import get_adapter
+from stages.checkpoint import INDEX, load_pruned, save_checkpoint, verify_manifest
 
 
 def heterogeneous(model, *, drop_layer: bool = False):

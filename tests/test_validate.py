@@ -18,7 +18,6 @@ from conftest import TINY_DATA, tiny_job
 from tiny_models import tiny_gpt2, tiny_llama, tiny_tokenizer
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from runner.checkpoint import load_pruned, save_checkpoint
 from runner.cli_validate import EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, EXIT_FITS
 from runner.cli_validate import main as validate_cli
 from runner.config import parse_config
@@ -32,6 +31,7 @@ from runner.devices import (
 from stages import memory_model as mm
 from stages.arch import get_adapter
 from stages.budget import stage_budget
+from stages.checkpoint import load_pruned, save_checkpoint
 from stages.validate import (
     ValidationFailed,
     check_fits,

@@ -48,9 +48,7 @@ class CheckpointError(ValueError):
 
 
 # ---- writing ----------------------------------------------------------------------------------
-def _pruning_config(
-    model: PreTrainedModel, require_uniform: bool, metadata: dict | None, out: Path
-):
+def pruning_config(model: PreTrainedModel, require_uniform: bool, metadata: dict | None, out: Path):
     adapter = get_adapter(model)
     layouts = adapter.layout(model)
     config = copy.deepcopy(model.config)  # never touch the live model's config
@@ -101,7 +99,7 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-def _weights_to_save(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+def weights_to_save(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """state_dict without tied copies (they are re-tied on load); other aliases are cloned."""
     state = {k: v.detach() for k, v in model.state_dict().items()}
     for target, source in tied_pairs(model).items():
@@ -116,7 +114,7 @@ def _weights_to_save(model: PreTrainedModel) -> dict[str, torch.Tensor]:
 
 
 def _write_weights(model: PreTrainedModel, directory: Path, max_shard_size: str) -> None:
-    state = _weights_to_save(model)
+    state = weights_to_save(model)
     split = split_torch_state_dict_into_shards(
         state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
     )
@@ -230,7 +228,7 @@ def save_checkpoint(
         raise CheckpointError(
             f"{out}: model carries peft adapters; merge them (merge_and_unload) before saving"
         )
-    config = _pruning_config(model, require_uniform, metadata, out)
+    config = pruning_config(model, require_uniform, metadata, out)
     with atomic_directory(out) as tmp:
         _write_weights(model, tmp, max_shard_size)
         write_metadata(model, tokenizer, config, tmp)
