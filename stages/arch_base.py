@@ -67,9 +67,13 @@ def backbone(model: nn.Module) -> nn.Module:
 class ArchAdapter:
     """Stateless: every method takes the model (or config); one subclass per family."""
 
-    family: ClassVar[str]
+    family: ClassVar[str]  # a name for reports and the checkpoint's "pruning" section only
     mlp_kind: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
+    # Capabilities other code branches on (never on `family`):
+    is_decoder: ClassVar[bool] = True  # causal self-attention with a KV cache at inference
+    conv1d_weights: ClassVar[bool] = False  # weights stored [in, out] (GPT-2 Conv1D): LoRA fan_in_fan_out
+    fused_qkv_cache: ClassVar[bool] = False  # cached K/V are views keeping the fused q|k|v output alive
 
     # ---- family hooks -------------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:

@@ -18,6 +18,7 @@ class BertAdapter(ArchAdapter):
     family = "bert"
     mlp_kind = "gelu"
     model_types = ("bert",)
+    is_decoder = False
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return backbone(model).encoder.layer

@@ -2,9 +2,8 @@
 
 DistilBertSelfAttention reshapes with attention_head_size (unchanged by head pruning) and -1
 for the head count; n_heads and dim are kept consistent for readers. DistilBertConfig maps
-num_hidden_layers to n_layers. family is "bert" because downstream code (memory model, device
-validation) keys encoder-only handling on it. A vanilla config cannot express pruned heads
-(head size = dim / n_heads); FFN width (hidden_dim) and depth can.
+num_hidden_layers to n_layers. A vanilla config cannot express pruned heads (head size = dim /
+n_heads); FFN width (hidden_dim) and depth can.
 """
 
 from __future__ import annotations
@@ -17,9 +16,10 @@ from stages.arch_slicing import IN, OUT, UnitProjection, num_features
 
 
 class DistilBertAdapter(ArchAdapter):
-    family = "bert"
+    family = "distilbert"
     mlp_kind = "gelu"
     model_types = ("distilbert",)
+    is_decoder = False
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return backbone(model).transformer.layer

@@ -18,6 +18,8 @@ class GPT2Adapter(ArchAdapter):
     family = "gpt2"
     mlp_kind = "gelu"
     model_types = ("gpt2",)
+    conv1d_weights = True
+    fused_qkv_cache = True
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return backbone(model).h

@@ -1,8 +1,7 @@
 """RoBERTa / XLM-R adapter: BERT's module tree under a different base-model prefix.
 
 RobertaSelfAttention reads attention_head_size (unchanged by head pruning) exactly as BERT's
-does, so all slicing is inherited. family stays "bert": downstream code (memory model, device
-validation) treats that family as encoder-only, which RoBERTa is.
+does, so all slicing is inherited (an encoder, like BERT).
 """
 
 from __future__ import annotations
@@ -11,5 +10,5 @@ from stages.arch_bert import BertAdapter
 
 
 class RobertaAdapter(BertAdapter):
-    family = "bert"
+    family = "roberta"
     model_types = ("roberta", "xlm-roberta")

@@ -111,9 +111,9 @@ def model_shape(model: nn.Module) -> ModelShape:
             for x in adapter.layout(model)
         ),
         logits_width=int(logits),
-        decoder=adapter.family != "bert",
+        decoder=adapter.is_decoder,
         eager_attention=getattr(config, "_attn_implementation", None) == "eager",
-        fused_qkv_cache=adapter.family == "gpt2",
+        fused_qkv_cache=adapter.fused_qkv_cache,
     )
 
 

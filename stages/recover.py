@@ -128,7 +128,7 @@ def lora_config(adapter, settings: RecoverySettings):
         lora_dropout=settings.lora_dropout,
         target_modules=adapter.lora_target_modules(),
         modules_to_save=adapter.classifier_module_names(),
-        fan_in_fan_out=adapter.family == "gpt2",
+        fan_in_fan_out=adapter.conv1d_weights,
     )
 
 

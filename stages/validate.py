@@ -341,7 +341,7 @@ def _random_inputs(model, batch: int, seq_len: int, device: str) -> dict:
     if pad is not None:
         ids[ids == pad] = (pad + 1) % vocab
     inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
-    if get_adapter(model).family != "bert":
+    if get_adapter(model).is_decoder:
         inputs["use_cache"] = True  # keep the KV cache as a generation prefill would
     return inputs
 

@@ -19,6 +19,7 @@ from tiny_models import (
     prune_uniformly,
     prune_units,
     tiny_distilbert,
+    tiny_gpt2,
     tiny_neox,
     tiny_opt,
     tiny_phi3,
@@ -268,8 +269,12 @@ def test_registry_and_encoder_family():
         model = build(family)
         assert get_adapter(model.config).model_types == get_adapter(model).model_types
         assert model.config.model_type in SUPPORTED_MODEL_TYPES
-    for family in ENCODERS:  # the memory model and device validation treat "bert" as encoder-only
-        assert get_adapter(build(family)).family == "bert"
+    for family in ENCODERS:  # capabilities, not family names, mark encoder-only models
+        adapter = get_adapter(build(family))
+        assert not adapter.is_decoder and not adapter.conv1d_weights
+    for family in set(FAMILIES) - set(ENCODERS):
+        assert get_adapter(build(family)).is_decoder
+    assert get_adapter(tiny_gpt2()).conv1d_weights and get_adapter(tiny_gpt2()).fused_qkv_cache
     assert (
         get_adapter(tiny_opt()).mlp_kind == "relu" and get_adapter(tiny_phi3()).mlp_kind == "swiglu"
     )
