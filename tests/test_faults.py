@@ -50,8 +50,11 @@ def test_sigkilled_driver_resumes_to_the_identical_checkpoint(tmp_path, referenc
     job.write_text(yaml.safe_dump(tiny_job()))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "runner.cli", "run", str(job), "-o", str(out), "--quiet"]
+    # One intra-op thread like this process (conftest): matmul reductions split over two threads
+    # round differently (measured: 4e-9 apart), and the comparison below is bit-exact.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.time() + 300
     try:
