@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from stages.arch import get_adapter
 from stages.checkpoint import (
     INDEX,
-    atomic_directory,
+    checkpoint_directory,
     pruning_config,
     weights_to_save,
     write_metadata,
@@ -134,7 +134,7 @@ def export_sharded(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging.mkdir()
     try:
-        with atomic_directory(out) as tmp:
+        with checkpoint_directory(out) as tmp:
             written = _write_shards(state, plan, staging, executor)
             weight_map = {}
             for info, names in zip(written, plan):

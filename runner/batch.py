@@ -39,7 +39,7 @@ from runner.errors import JobError
 from runner.job import run_job
 from runner.methods import compose, load_method
 from runner.progress import step_bar
-from runner.stage_store import write_json_atomic
+from stages.atomic import write_json_atomic
 
 FAMILY_JSON = "family.json"
 JOB_SECTIONS = ("seed", "data", "calibration", "sia", "cluster", "guards", "output")

@@ -21,7 +21,7 @@ from runner.config import (
 )
 from runner.job import run_job
 from runner.methods import compose, load_method
-from runner.stage_store import write_json_atomic
+from stages.atomic import write_json_atomic
 
 
 class CompareConfig(Strict):

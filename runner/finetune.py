@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from safetensors.torch import save_model as save_safetensors
 from runner.config import dir_name_for_ref
 from runner.models import cache_root, source_dir, training_data_cfg
 from runner.progress import step_bar
+from stages.atomic import atomic_directory
 from stages.training import TrainSettings, train_steps
 
 FINETUNE_BATCH = 16
@@ -58,19 +56,10 @@ def _cache_dir(model, model_cfg, seed: int, data_cfg) -> Path:
 
 
 def _save(model, record: dict, target: Path) -> None:
-    """Weights and record into a temp dir beside `target`, then rename: never a half-written entry."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    """Weights and record written atomically; a concurrent job's identical entry wins the race."""
+    with atomic_directory(target, keep_existing=True) as tmp:
         save_safetensors(model, str(tmp / "model.safetensors"))
         (tmp / "finetune.json").write_text(json.dumps(record, indent=2))
-        try:
-            os.rename(tmp, target)
-        except OSError:  # a concurrent job wrote the same entry first: its copy is identical
-            if not (target / "finetune.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone after a rename; a failed write leaves nothing
 
 
 def finetune_dense(

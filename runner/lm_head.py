@@ -17,7 +17,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from runner.errors import JobError
-from stages.checkpoint import tied_pairs
+from stages.checkpoint import build_on_meta, saved_layouts, tied_pairs
 from stages.lm_eval import perplexity
 
 INDEX = "model.safetensors.index.json"
@@ -78,12 +78,9 @@ def _read_tensors(path: Path, names: list[str]) -> dict[str, Tensor]:
 
 def load_lm_head(path: Path, ref: str) -> LMHead:
     """The output-embedding tensors of a local causal-LM checkpoint (or None when tied)."""
-    from accelerate import init_empty_weights
-
     cls = _causal_class(path, ref)
     config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    with init_empty_weights(include_buffers=False):
-        lm = cls._from_config(config)
+    lm = build_on_meta(config, cls=cls, layouts=saved_layouts(config))
     out = lm.get_output_embeddings()
     names = {id(p): n for n, p in lm.named_parameters(remove_duplicate=False)}
     wanted = [names[id(out.weight)]] + ([names[id(out.bias)]] if out.bias is not None else [])

@@ -10,9 +10,7 @@ import hashlib
 import importlib.resources
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -37,6 +35,7 @@ from transformers import (
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging as hf_logging
 
+from stages.atomic import atomic_directory
 from stages.training import TrainSettings, encode_split, evaluate, train_steps
 
 CODE_VERSION = "demo-v1"  # bump when demo training code changes, to invalidate caches
@@ -237,21 +236,11 @@ def get_demo_model(
 def _save_atomically(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, info: dict
 ) -> None:
-    """Write into a temp dir beside `target`, then rename; a racing writer's copy wins."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    """Write the cache entry beside `target`, then rename; a racing writer's copy wins."""
+    with atomic_directory(target, keep_existing=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(info, indent=2))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / _MARKER).is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_cached_demo(path: Path, name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

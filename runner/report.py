@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runner.stage_store import write_json_atomic
+from stages.atomic import write_json_atomic
 
 
 def write_report(out: Path, report: dict, *, plots: bool = True) -> None:

@@ -12,6 +12,10 @@ import copy
 import io
 from pathlib import Path
 
+import transformers
+
+from stages.checkpoint import build_on_meta
+
 
 def _plt():
     import matplotlib
@@ -33,22 +37,11 @@ def png_base64(fig) -> str:
 # ----------------------------------------------------------------------------- layer breakdown
 def _build_meta(config, layouts=None):
     """The architecture as parameter-less meta tensors (shapes only), optionally resized."""
-    import transformers
-    from accelerate import init_empty_weights
-
-    from stages.arch import get_adapter
-
-    config = copy.deepcopy(config)
-    if layouts is not None:
-        config.num_hidden_layers = len(layouts)
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = [config.layer_types[0]] * len(layouts)
-    cls = getattr(transformers, (getattr(config, "architectures", None) or ["AutoModel"])[0])
-    with init_empty_weights(include_buffers=False):
-        model = cls._from_config(config)
-    if layouts is not None:
-        get_adapter(model).resize_to_layout(model, layouts)
-    return model
+    if not getattr(config, "architectures", None):
+        config = copy.deepcopy(config)
+        config.architectures = ["AutoModel"]
+    cls = getattr(transformers, config.architectures[0])
+    return build_on_meta(config, cls=cls, layouts=layouts)
 
 
 def _count(model) -> dict:

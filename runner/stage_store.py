@@ -7,23 +7,13 @@ written last inside it, so --resume can trust any NN_name directory that has a m
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
+from stages.atomic import atomic_directory, write_json_atomic
 from stages.checkpoint import save_checkpoint
 
 _STAGE_DIR = re.compile(r"^(\d{2})_(.+)$")
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class StageStore:
@@ -32,20 +22,16 @@ class StageStore:
         self._model_dirs: dict[int, Path] = {}
 
     def save(self, idx: int, name: str, model, tokenizer, record: dict, extra: dict) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"{idx:02d}_{name}"
-        tmp = self.root / f".tmp-{idx:02d}_{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        if "plan" in extra:
-            plans = extra["plan"]
-            write_json_atomic(tmp / "plan.json", plans[0] if len(plans) == 1 else {"steps": plans})
-        if model is not None:
-            save_checkpoint(model, tokenizer, tmp / "model")
-        metrics = record | {k: v for k, v in extra.items() if k != "plan"}
-        write_json_atomic(tmp / "metrics.json", metrics)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic_directory(final) as tmp:
+            if "plan" in extra:
+                plans = extra["plan"]
+                body = plans[0] if len(plans) == 1 else {"steps": plans}
+                write_json_atomic(tmp / "plan.json", body)
+            if model is not None:
+                save_checkpoint(model, tokenizer, tmp / "model")
+            metrics = record | {k: v for k, v in extra.items() if k != "plan"}
+            write_json_atomic(tmp / "metrics.json", metrics)
         if model is not None:
             self._model_dirs[record["version"]] = final / "model"
         return final

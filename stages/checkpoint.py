@@ -14,20 +14,21 @@ import copy
 import hashlib
 import json
 import os
-import shutil
-import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import transformers
+from accelerate import init_empty_weights
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from stages.arch import LayerLayout, get_adapter
+from stages.atomic import atomic_directory, fsync_dir
 
 MANIFEST = "manifest.json"
 INDEX = "model.safetensors.index.json"
@@ -131,14 +132,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -163,44 +156,21 @@ def _write_manifest(directory: Path) -> None:
         json.dumps({"format": MANIFEST_FORMAT, "files": entries}, indent=2, sort_keys=True)
     )
     _fsync_file(manifest)
-    _fsync_dir(directory)
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename tmp over out; the previous checkpoint survives until the new one is in place."""
-    backup = None
-    if out.exists():
-        if not out.is_dir():
-            raise CheckpointError(f"{out}: exists and is not a directory")
-        backup = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(out, backup)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if backup is not None:
-            os.rename(backup, out)
-        raise
-    _fsync_dir(out.parent)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    fsync_dir(directory)
 
 
 @contextmanager
-def atomic_directory(out: Path):
-    """A sibling temp dir to fill; then a manifest is written LAST and it replaces `out`.
+def checkpoint_directory(out: Path) -> Iterator[Path]:
+    """A temp dir to fill; then manifest.json is written LAST and the whole replaces `out`.
 
     On any failure the temp dir is removed and whatever was at `out` stays as it was.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory")
+    with atomic_directory(out) as tmp:
         yield tmp
         _write_manifest(tmp)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_metadata(model, tokenizer, config, directory: Path) -> None:
@@ -229,7 +199,7 @@ def save_checkpoint(
             f"{out}: model carries peft adapters; merge them (merge_and_unload) before saving"
         )
     config = pruning_config(model, require_uniform, metadata, out)
-    with atomic_directory(out) as tmp:
+    with checkpoint_directory(out) as tmp:
         _write_weights(model, tmp, max_shard_size)
         write_metadata(model, tokenizer, config, tmp)
     return out
@@ -271,24 +241,42 @@ def _read_state(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / SINGLE), device="cpu")
 
 
-def _model_class(config, directory: Path) -> type[PreTrainedModel]:
+def model_class(config, where: str | Path = "config") -> type[PreTrainedModel]:
+    """The transformers class named by config.architectures[0] (never remote code)."""
     names = getattr(config, "architectures", None) or []
     cls = getattr(transformers, names[0], None) if names else None
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
         raise CheckpointError(
-            f"{directory}: config.architectures {names} names no transformers model class"
+            f"{where}: config.architectures {names} names no transformers model class"
         )
     return cls
 
 
-def _build_empty(
-    cls: type[PreTrainedModel], config, attn_implementation: str | None
+def build_on_meta(
+    config,
+    *,
+    cls: type[PreTrainedModel] | None = None,
+    layouts: list[LayerLayout] | None = None,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
-    from accelerate import init_empty_weights
+    """The architecture with per-layer shapes `layouts`, its parameters on the meta device.
 
+    Why one helper: loading a pruned checkpoint, the memory model, the report's layer picture and
+    the LM-head reader all need the same steps (class, empty build, per-layer resize) and must
+    agree on the shapes. `config` is copied, never edited; a layout list also sets the layer count.
+    """
+    config = copy.deepcopy(config)  # from_config shares the config object with the model
+    if layouts is not None and config.num_hidden_layers != len(layouts):
+        config.num_hidden_layers = len(layouts)
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = [config.layer_types[0]] * len(layouts)
+    cls = cls or model_class(config)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with init_empty_weights(include_buffers=False):
-        return cls._from_config(config, **kwargs)
+        model = cls._from_config(config, **kwargs)
+    if layouts is not None:
+        get_adapter(model).resize_to_layout(model, layouts)
+    return model
 
 
 def _assign_weights(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
@@ -302,6 +290,12 @@ def _assign_weights(model: nn.Module, state: dict[str, torch.Tensor], directory:
         raise CheckpointError(
             f"{directory}: weights do not match the saved layout ({' '.join(first[:3])})"
         ) from err
+
+
+def saved_layouts(config) -> list[LayerLayout] | None:
+    """The per-layer layout a checkpoint's config.json records (None for a plain HF config)."""
+    pruning = getattr(config, "pruning", None)
+    return [LayerLayout(**entry) for entry in pruning["layout"]] if pruning else None
 
 
 def load_pruned(
@@ -322,12 +316,12 @@ def load_pruned(
         config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{directory}: unreadable config.json ({err})") from err
-    cls = _model_class(config, directory)
-    model = _build_empty(cls, config, attn_implementation)
-    pruning = getattr(config, "pruning", None)
-    if pruning:
-        layouts = [LayerLayout(**entry) for entry in pruning["layout"]]
-        get_adapter(model).resize_to_layout(model, layouts)
+    model = build_on_meta(
+        config,
+        cls=model_class(config, directory),
+        layouts=saved_layouts(config),
+        attn_implementation=attn_implementation,
+    )
     state = _read_state(directory)
     if getattr(model, "pooler", None) is not None and not any(
         k.startswith("pooler.") for k in state

@@ -26,7 +26,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from stages.arch import get_adapter
+from stages.arch_base import backbone
+from stages.checkpoint import CheckpointError, build_on_meta, saved_layouts
 
 REALISM_FACTOR = 0.6  # real decoders reach ~60% of the bandwidth bound
 
@@ -84,9 +90,6 @@ def dtype_bytes(dtype: torch.dtype | str) -> int:
 
 def model_shape(model: nn.Module) -> ModelShape:
     """Read the shape facts from a model (works on the meta device: no data is touched)."""
-    from stages.arch import get_adapter
-    from stages.arch_base import backbone
-
     adapter = get_adapter(model)
     config = model.config
     params = {id(p): p for p in model.parameters()}  # tied tensors counted once
@@ -127,29 +130,14 @@ def _is_tied_output(model: nn.Module, embedding: nn.Embedding) -> bool:
 # ---- checkpoints without weights ------------------------------------------------------------
 def meta_model(path: str | Path):
     """The checkpoint's architecture with its per-layer shapes, on the meta device (no weights)."""
-    import transformers
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from stages.arch import LayerLayout, get_adapter
-    from stages.checkpoint import CheckpointError
-
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: not a checkpoint directory (no config.json)")
     config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
-    pruning = getattr(config, "pruning", None)
-    names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if (pruning and names) else None
-    with init_empty_weights(include_buffers=False):
-        model = (
-            cls._from_config(config)
-            if cls
-            else AutoModelForSequenceClassification.from_config(config)
-        )
-    if pruning:
-        get_adapter(model).resize_to_layout(model, [LayerLayout(**x) for x in pruning["layout"]])
-    return model
+    if getattr(config, "architectures", None):
+        return build_on_meta(config, layouts=saved_layouts(config))
+    with init_empty_weights(include_buffers=False):  # no class named: assume a classifier
+        return AutoModelForSequenceClassification.from_config(config)
 
 
 def max_positions(config) -> int | None:
