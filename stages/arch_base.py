@@ -72,8 +72,10 @@ class ArchAdapter:
     model_types: ClassVar[tuple[str, ...]]
     # Capabilities other code branches on (never on `family`):
     is_decoder: ClassVar[bool] = True  # causal self-attention with a KV cache at inference
-    conv1d_weights: ClassVar[bool] = False  # weights stored [in, out] (GPT-2 Conv1D): LoRA fan_in_fan_out
-    fused_qkv_cache: ClassVar[bool] = False  # cached K/V are views keeping the fused q|k|v output alive
+    # weights stored [in, out] (GPT-2 Conv1D): LoRA needs fan_in_fan_out
+    conv1d_weights: ClassVar[bool] = False
+    # cached K/V are views that keep the fused q|k|v output alive (memory model)
+    fused_qkv_cache: ClassVar[bool] = False
 
     # ---- family hooks -------------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
