@@ -9,7 +9,7 @@ Without a checkpoint it builds a random GPT-2 (MHA + GELU) and a random Llama (G
 channels by wanda on random calibration tokens; no recovery: speed and memory do not depend on
 the weights' values) and measures both versions. The dense reference of a job checkpoint is its
 config.pruning.source_model (a demo name or path) unless --dense is given. Measurements are
-stages.validate probes: CPU peak RSS growth or CUDA max_memory_allocated, median latency.
+runner.validate probes: CPU peak RSS growth or CUDA max_memory_allocated, median latency.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from stages.checkpoint import save_checkpoint  # noqa: E402
 from stages.estimate import EstimateRequest, estimate_locally  # noqa: E402
 from stages.layers import plan_layer_removal  # noqa: E402
 from stages.units import plan_unit_removal, total_units  # noqa: E402
-from stages.validate import validate_checkpoint, validate_model  # noqa: E402
+from runner.validate import validate_checkpoint, validate_model  # noqa: E402
 
 RATIOS = {"layers": 0.25, "heads": 0.5, "channels": 0.5}
 

@@ -7,7 +7,7 @@ The model is built from a config (GPT-2 style for mha_gelu, Llama style for gqa_
 meta device in bf16 and materialised directly on the target device (no fp32 host copy). The
 cascade runs through the stages/ functions in-process (no Ray: the GPU box has none):
 calibration forward sweep -> layers (block influence) -> LoRA -> heads (taylor/wanda) -> LoRA ->
-channels (wanda) -> LoRA -> export (save_checkpoint) -> validation (subprocess, stages.validate).
+channels (wanda) -> LoRA -> export (save_checkpoint) -> validation (subprocess, runner.validate).
 Prints per-phase seconds and peak memory (GPU: max_memory_allocated; CPU: peak RSS), and the MFU
 of the calibration forward passes = model FLOPs / time / measured bf16 matmul rate.
 """
@@ -36,7 +36,7 @@ from stages.checkpoint import save_checkpoint  # noqa: E402
 from stages.estimate import EstimateRequest, estimate_locally  # noqa: E402
 from stages.layers import plan_layer_removal  # noqa: E402
 from stages.recover import RecoverySettings, recover  # noqa: E402
-from stages.training import EncodedSplit  # noqa: E402
+from stages.split import EncodedSplit  # noqa: E402
 from stages.units import plan_unit_removal, total_units  # noqa: E402
 
 NUM_LABELS = 10
@@ -295,7 +295,7 @@ def run(args) -> dict:
         torch.cuda.empty_cache()
     validation = None
     if args.validate_device:
-        from stages.validate import validate_checkpoint
+        from runner.validate import validate_checkpoint
 
         with meter.phase("validate") as rec:
             validation = validate_checkpoint(

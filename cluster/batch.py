@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-from typing import Any
 
 import ray
+
+from cluster.ray_session import connect
 
 
 def dispatch_on_ray(
     todo: list, task_fn, on_result, *, cpus: float, gpus: float, limit: int, address, env: dict, log
 ) -> None:
     """One Ray task per job, reserving the job's CPUs/GPUs; Ray queues what does not fit."""
-    started_here = False
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
-        kwargs["runtime_env"] = {"env_vars": env}
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(
-                num_cpus=os.cpu_count() or 1,
-                include_dashboard=False,
-                object_store_memory=200 * 1024**2,
-                _node_ip_address="127.0.0.1",
-                **kwargs,
-            )
-        started_here = True
+    started_here = connect(address, env_vars=env)
     total = ray.cluster_resources()
     cpus = min(cpus, total.get("CPU", cpus))
     gpus = min(gpus, total.get("GPU", 0.0))

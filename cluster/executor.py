@@ -13,9 +13,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from stages.estimate import EstimateRequest, Stats, collect_statistics, reduce_statistics
+from stages.estimate import EstimateRequest, Stats, collect_for, reduce_statistics
 
 Progress = Callable[[int], None]  # called with the number of units done so far
+
+
+class ClusterCapacityError(ValueError):
+    """The job asks for more workers, CPUs or GPUs than the Ray cluster (or this machine) has."""
 
 
 class StaleVersionError(RuntimeError):
@@ -93,11 +97,7 @@ class LocalExecutor:
                 f"local worker holds version {self._version}, asked for {version}"
             )
         return reduce_statistics(
-            [
-                collect_statistics(
-                    self._model, self._adapter, _counted(self._batches, on_progress), request
-                )
-            ]
+            [collect_for(self._model, self._adapter, _counted(self._batches, on_progress), request)]
         )
 
     def progress_units(self) -> int:

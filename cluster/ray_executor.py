@@ -11,8 +11,6 @@ re-sends calibration + the current version and re-runs the (idempotent) task.
 from __future__ import annotations
 
 import copy
-import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,10 +19,9 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from cluster.executor import StaleVersionError, WorkerState, shard_batches
+from cluster.ray_session import check_capacity, connect
 from cluster.workers import ImportanceWorker, WorkerNotLoadedError
 from stages.estimate import EstimateRequest, Stats, reduce_statistics
-
-OBJECT_STORE_BYTES = 300 * 1024**2
 
 
 class RayExecutorError(RuntimeError):
@@ -36,26 +33,13 @@ class BarrierTimeoutError(RayExecutorError):
 
 
 def start_ray(cluster_cfg) -> bool:
-    """Connect to `cluster_cfg.address`, or start a quiet embedded Ray; False if already running."""
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")  # inside a submitted Ray job
-    if address:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        return True
-    # The importance actors stay alive (idle) while a Ray Train group of the same size recovers:
-    # advertise room for both, or ray_train recovery could never start on a small machine.
-    wanted = math.ceil(cluster_cfg.workers * cluster_cfg.cpus_per_worker)
-    ray.init(
-        num_cpus=max(2 * wanted, os.cpu_count() or 1),
-        include_dashboard=bool(cluster_cfg.dashboard),
-        object_store_memory=OBJECT_STORE_BYTES,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        _node_ip_address="127.0.0.1",
-    )
-    return True
+    """Connect as cluster_cfg says; False if Ray was already running in this process.
+
+    The importance actors stay alive (idle) while a Ray Train group of the same size recovers:
+    an embedded Ray advertises room for both, or ray_train recovery could never start.
+    """
+    wanted = cluster_cfg.workers * cluster_cfg.cpus_per_worker
+    return connect(cluster_cfg.address, cpus=2 * wanted, dashboard=bool(cluster_cfg.dashboard))
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -100,6 +84,13 @@ class RayExecutor:
         self.max_recoveries = max_recoveries
         self._adapter = adapter
         self._owns_ray = start_ray(cluster_cfg)
+        embedded = not (cluster_cfg.address or os.environ.get("RAY_ADDRESS"))
+        check_capacity(
+            self.workers,
+            cluster_cfg.cpus_per_worker,
+            cluster_cfg.gpus_per_worker,
+            embedded=embedded,
+        )
         self._version: int | None = None
         self._load_args: tuple | None = None
         self._calibration_ref = None

@@ -2,21 +2,20 @@
 
 The project directory travels as the job's working_dir (without .venv, runs, .git, caches and
 benchmark results) and the config travels as text in an environment variable, so a config file
-outside the project works too. On the cluster the job runs `cascade run` through
-`python -m cluster.submit run-job OUTPUT ...` and writes to OUTPUT = <output root>/<job id> on
-the node running the entrypoint (the head node; default root ~/cascade-runs). A token, from
+outside the project works too. On the cluster the job runs the `cascade` entry point by name,
+`python -m runner.cli run-submitted OUTPUT ...`, and writes to OUTPUT = <output root>/<job id> on
+the node running the entrypoint (the head node; default root ~/cascade-runs). This module never
+imports the runner: the caller validates the config before submitting it. A token, from
 --token-file or $RAY_AUTH_TOKEN, is sent as an Authorization header and never printed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import shlex
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -93,26 +92,16 @@ def output_dir(job_id: str, output_root: str = DEFAULT_OUTPUT_ROOT) -> str:
     return f"{output_root.rstrip('/')}/{job_id}"
 
 
-def _overrides(extra_args: Sequence[str]) -> list[str]:
-    """The KEY=VALUE items of every --set in `extra_args` (validated locally before submitting)."""
-    values, args = [], list(extra_args)
-    for i, arg in enumerate(args):
-        if arg == "--set" and i + 1 < len(args):
-            values.append(args[i + 1])
-        elif arg.startswith("--set="):
-            values.append(arg.split("=", 1)[1])
-    return values
-
-
 def build_entrypoint(
     job_id: str, output_root: str, extra_args: Sequence[str], python: str = "python"
 ) -> str:
     output = output_dir(job_id, output_root)
-    return shlex.join([python, "-m", "cluster.submit", "run-job", output, *extra_args])
+    return shlex.join([python, "-m", "runner.cli", "run-submitted", output, *extra_args])
 
 
 def submit_job(
-    config_path: str | os.PathLike,
+    config_text: str,
+    job_name: str,
     address: str,
     *,
     extra_args: Sequence[str] = (),
@@ -120,19 +109,13 @@ def submit_job(
     output_root: str = DEFAULT_OUTPUT_ROOT,
     python: str = "python",
 ) -> str:
-    """Validate the config here, submit it, return the job id (= the output folder's name)."""
-    from runner.config import load_config
-
-    path = Path(config_path)
-    if not path.is_file():
-        raise SubmitError(f"config {path}: no such file")
-    cfg = load_config(str(path), _overrides(extra_args))  # ConfigError lists every problem
-    job_id = make_job_id(cfg.name)
+    """Submit an already validated job file's text; return the job id (= output folder name)."""
+    job_id = make_job_id(job_name)
     runtime_env = {
         "working_dir": str(project_root()),
         "excludes": list(EXCLUDES),
         "env_vars": {
-            CONFIG_ENV: path.read_text(),
+            CONFIG_ENV: config_text,
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
         },
@@ -204,42 +187,3 @@ def stop_job(job_id: str, address: str, *, token: str | None = None) -> bool:
     """Ask the cluster to stop the job; False when it had already finished."""
     client = _client(address, token)
     return bool(_request("stop", job_id, lambda: client.stop_job(job_id)))
-
-
-def run_job_entry(argv: Sequence[str]) -> int:
-    """Cluster side: `run-job OUTPUT [cascade run args...]` with the config text in $CASCADE_JOB_CONFIG."""
-    if len(argv) < 2 or argv[0] != "run-job":
-        print(
-            "usage: python -m cluster.submit run-job OUTPUT [cascade run args...]", file=sys.stderr
-        )
-        return 2
-    text = os.environ.get(CONFIG_ENV)
-    if not text:
-        print(f"error: ${CONFIG_ENV} is empty: submit jobs with `cascade submit`", file=sys.stderr)
-        return 2
-    output, extra = os.path.expanduser(argv[1]), list(argv[2:])
-    extra += _join_job_cluster(text)
-    with tempfile.TemporaryDirectory(prefix="cascade-job-") as tmp:
-        config = Path(tmp) / "job.yaml"
-        config.write_text(text)
-        from runner.cli import main
-
-        print(f"[cascade] job outputs -> {output}", flush=True)
-        return main(["run", str(config), "--output", output, *extra])
-
-
-def _join_job_cluster(config_text: str) -> list[str]:
-    """Inside a Ray job, Ray work joins the job's cluster ($RAY_ADDRESS) unless the config names one:
-    `ray.init(num_cpus=...)` would refuse to start a second, embedded Ray there."""
-    import yaml
-
-    address = os.environ.get("RAY_ADDRESS")
-    raw = yaml.safe_load(config_text) or {}
-    cluster = raw.get("cluster") if isinstance(raw, dict) else None
-    if not address or (isinstance(cluster, dict) and cluster.get("address")):
-        return []
-    return ["--set", f"cluster.address={json.dumps(address)}"]  # quoted: read as YAML
-
-
-if __name__ == "__main__":
-    sys.exit(run_job_entry(sys.argv[1:]))

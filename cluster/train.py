@@ -11,7 +11,6 @@ a killed worker group. Rank 0 reports the LoRA-merged weights; the driver loads 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -19,10 +18,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import ray
+import ray.train
 import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer, get_device
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from cluster.ray_session import connect
 from cluster.train_loop import (
     MERGED_FILE,
     METHODS,
@@ -30,30 +35,26 @@ from cluster.train_loop import (
     STRATEGIES,
     DeepSpeedStepper,
     DistributedRecoveryError,
-    TorchStepper,
     per_worker_batch_size,
-    prepare_trainable,
     require_deepspeed,
     shard_indices,
-    steps_per_epoch,
-    train_shard,
 )
-from stages.recover import RecoverySettings, cached_teacher
-from stages.training import EncodedSplit
+from stages.arch import get_adapter
+from stages.checkpoint import load_pruned, save_checkpoint
+from stages.objectives import Teacher, get_objective
+from stages.recover import RecoverySettings, prepare_trainable
+from stages.split import EncodedSplit
+from stages.training import TorchStepper, run_steps, steps_per_epoch, training_loss
 
 
 # ---- Ray Train worker ----------------------------------------------------------------------------
 def _model_files(model: nn.Module) -> dict[str, bytes]:
-    from stages.checkpoint import save_checkpoint
-
     with tempfile.TemporaryDirectory(prefix="cascade-train-") as tmp:
         out = save_checkpoint(model, None, Path(tmp) / "model")
         return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
 
 def _model_from_files(files: dict[str, bytes], attn_implementation: str | None) -> nn.Module:
-    from stages.checkpoint import load_pruned
-
     with tempfile.TemporaryDirectory(prefix="cascade-train-") as tmp:
         for name, blob in files.items():
             (Path(tmp) / name).write_bytes(blob)
@@ -61,8 +62,6 @@ def _model_from_files(files: dict[str, bytes], attn_implementation: str | None) 
 
 
 def _report(metrics: dict, directory: Path | None) -> None:
-    import ray.train
-
     checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
     ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -76,28 +75,23 @@ def _maybe_inject_fault(fault: dict | None, last_rank: bool, epochs_done: int) -
         or Path(fault["marker"]).exists()
     ):
         return
-    import ray.train
-
     Path(fault["marker"]).write_text(str(epochs_done))
     ray.train.get_all_reported_checkpoints(timeout_s=60)  # wait until the epoch's is registered
     os._exit(1)  # a killed worker, not a Python exception
 
 
 def _make_stepper(strategy: str, trained, trainable, settings, batch_size, device, world):
+    train_settings = settings.train_settings()
     if strategy != "ddp":
-        return DeepSpeedStepper(trained, trainable, settings, int(strategy[-1]), batch_size)
+        return DeepSpeedStepper(trained, trainable, train_settings, int(strategy[-1]), batch_size)
     if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [device.index] if device.type == "cuda" else None
         trained = DistributedDataParallel(trained, device_ids=ids)
-    return TorchStepper(trained, trainable, settings)
+    return TorchStepper(trained, trainable, train_settings)
 
 
 def _resume(stepper) -> tuple[int, list[float]]:
     """(step, losses) of this run's last epoch checkpoint, loading the trainer state from it."""
-    import ray.train
-
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, []
@@ -108,11 +102,6 @@ def _resume(stepper) -> tuple[int, list[float]]:
 
 
 def _worker_main(config: dict) -> None:
-    import ray
-    import ray.train
-    from ray.train.torch import get_device
-
-    from stages.arch import get_adapter
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -151,10 +140,11 @@ def _worker_main(config: dict) -> None:
         epochs = step // steps_per_epoch(len(rows), batch_size)
         _maybe_inject_fault(config.get("fault"), rank == world - 1, epochs)
 
-    teacher = cached_teacher(payload["teacher"]) if payload["teacher"] is not None else None
-    losses = train_shard(stepper, split.subset(rows), rows, settings, batch_size=batch_size,
-                         resume=resume, teacher=teacher, average=average, on_epoch=on_epoch)  # fmt: skip
-    state = stepper.final_state(rank, settings.method)
+    objective = get_objective(payload["objective"])
+    loss_fn = training_loss(objective, settings.train_settings(), payload["teacher"])
+    losses = run_steps(stepper, split.subset(rows), settings.train_settings(), loss_fn, rows=rows,
+                       batch_size=batch_size, resume=resume, average=average, on_epoch=on_epoch)  # fmt: skip
+    state = stepper.final_state(rank, settings.method == "lora")
     metrics = {
         "losses": losses,
         "resumed_from_step": resume[0],
@@ -167,41 +157,25 @@ def _worker_main(config: dict) -> None:
 
 
 # ---- driver --------------------------------------------------------------------------------------
-def _validate(settings: RecoverySettings, teacher_logits, rows: int, strategy: str) -> None:
+def _validate(
+    settings: RecoverySettings, teacher: Teacher | None, rows: int, strategy: str
+) -> None:
     where = "recover_distributed"
     if strategy not in STRATEGIES:
         raise DistributedRecoveryError(f"{where}: unknown strategy {strategy!r}; use {STRATEGIES}")
     if settings.method not in METHODS:
         raise DistributedRecoveryError(f"{where}: method {settings.method!r} needs runner: local")
-    if settings.loss == "kd" and teacher_logits is None:
-        raise DistributedRecoveryError(f"{where}: kd recovery needs teacher logits")
-    if teacher_logits is not None and teacher_logits.shape[0] != rows:
-        raise DistributedRecoveryError(
-            f"{where}: {teacher_logits.shape[0]} teacher rows, {rows} rows"
-        )
+    if settings.loss == "kd" and teacher is None:
+        raise DistributedRecoveryError(f"{where}: kd recovery needs a teacher")
+    if teacher is not None and hasattr(teacher, "__len__") and len(teacher) != rows:
+        raise DistributedRecoveryError(f"{where}: {len(teacher)} teacher rows, {rows} rows")
     settings.train_settings().validate()
     if strategy != "ddp":
         require_deepspeed()
 
 
-def connect_ray(cluster_cfg) -> None:
-    """Join the configured cluster (or the job's, under Ray Jobs), else start a quiet local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = getattr(cluster_cfg, "address", None)
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=False)
-        return
-    need = math.ceil(cluster_cfg.workers * cluster_cfg.cpus_per_worker)
-    ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-
-
 def _check_capacity(cluster_cfg) -> None:
     """On an embedded Ray, fail fast instead of waiting for CPUs that other actors hold."""
-    import ray
-
     need, free = (
         cluster_cfg.workers * cluster_cfg.cpus_per_worker,
         ray.available_resources().get("CPU", 0),
@@ -214,9 +188,6 @@ def _check_capacity(cluster_cfg) -> None:
 
 
 def _fit(payload, cluster_cfg, strategy: str, fault: dict | None, storage: Path):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     gpus, cpus = cluster_cfg.gpus_per_worker, cluster_cfg.cpus_per_worker
     resources = {"CPU": cpus} | ({"GPU": gpus} if gpus > 0 else {})
     trainer = TorchTrainer(
@@ -252,7 +223,8 @@ def recover_distributed(
     adapter,
     split: EncodedSplit,
     settings: RecoverySettings,
-    teacher_logits: Tensor | None,
+    objective_name: str,
+    teacher: Teacher | None,
     cluster_cfg,
     strategy: str = "ddp",
     *,
@@ -264,17 +236,15 @@ def recover_distributed(
     Checkpoints go under $CASCADE_RAY_STORAGE (shared storage on a multi-node cluster) or a local
     temp dir, removed afterwards. `adapter` is unused: workers rebuild it from the model.
     """
-    _validate(settings, teacher_logits, len(split), strategy)
+    _validate(settings, teacher, len(split), strategy)
     started, metrics = time.perf_counter(), {"losses": [], "trainable_params": 0}
     if settings.steps > 0:
-        import ray
-
-        connect_ray(cluster_cfg)
+        connect(cluster_cfg.address, cpus=cluster_cfg.workers * cluster_cfg.cpus_per_worker)
         _check_capacity(cluster_cfg)
-        teacher = teacher_logits.detach().cpu() if teacher_logits is not None else None
         attn = getattr(model.config, "_attn_implementation", None)
         payload = ray.put({"model_files": _model_files(model), "attn_implementation": attn,
-                           "split": split, "teacher": teacher, "settings": asdict(settings)})  # fmt: skip
+                           "split": split, "teacher": teacher, "objective": objective_name,
+                           "settings": asdict(settings)})  # fmt: skip
         root = os.environ.get("CASCADE_RAY_STORAGE")
         storage = Path(tempfile.mkdtemp(prefix="cascade-ray-train-", dir=root))
         try:

@@ -16,7 +16,7 @@ import ray
 import torch
 
 from cluster.executor import StaleVersionError
-from stages.estimate import EstimateRequest, Stats, collect_statistics
+from stages.estimate import EstimateRequest, Stats, collect_for
 
 
 class WorkerNotLoadedError(StaleVersionError):
@@ -120,7 +120,7 @@ class WorkerCore:
         if self._estimate_delay_s:
             time.sleep(self._estimate_delay_s)
         batches = [self._batches[i] for i in batch_indices]
-        stats = collect_statistics(self._model, self._adapter, batches, request)
+        stats = collect_for(self._model, self._adapter, batches, request)
         return {key: value.detach().cpu() for key, value in stats.items()}
 
 

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import os
 import sys
+import warnings
 
+from transformers.utils import logging as hf_logging
+
+from runner import cli_batch, cli_cluster, cli_export, cli_validate
+from runner.compare import load_compare_config, run_compare
+from runner.config import dump_config, load_config
+from runner.demo_models import DEMO_MODELS
 from runner.errors import user_errors
+from runner.job import run_job
+from runner.methods import load_method
+from runner.models import PACKAGED_MODELS
+from runner.progress import make_logger
+from runner.sia_report import sia_for_config
+from stages.arch import SUPPORTED_MODEL_TYPES
 
 EXIT_USAGE = 2
 
 
 def cmd_run(args) -> int:
-    from runner.config import load_config
-    from runner.job import run_job
 
     cfg = load_config(args.config, args.set)
     if args.address:
@@ -25,13 +34,12 @@ def cmd_run(args) -> int:
     if args.quiet:
         cfg.output.progress = False
     out = args.output or f"runs/{cfg.name}"
-    run_job(cfg, out, resume=args.resume, force=args.force, log=_logger(args.quiet))
+    run_job(cfg, out, resume=args.resume, force=args.force, log=make_logger(args.quiet))
     print(f"outputs in {out}")
     return 0
 
 
 def cmd_check(args) -> int:
-    from runner.config import dump_config, load_config
 
     cfg = load_config(args.config, args.set)
     print(f"{args.config}: OK ({len(cfg.models)} model(s), {len(cfg.stages)} stage(s))")
@@ -41,8 +49,6 @@ def cmd_check(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from runner.models import DEMO_MODELS, PACKAGED_MODELS
-    from stages.arch import SUPPORTED_MODEL_TYPES
 
     print("Supported architectures (model_type):", ", ".join(SUPPORTED_MODEL_TYPES))
     print("Built-in demo models:")
@@ -55,52 +61,35 @@ def cmd_models(args) -> int:
 
 
 def cmd_sia(args) -> int:
-    from runner.config import load_config
-    from runner.sia_report import sia_for_config
 
     cfg = load_config(args.config, args.set)
-    results = sia_for_config(cfg, log=_logger(args.quiet))
+    results = sia_for_config(cfg, log=make_logger(args.quiet))
     if args.json:
         print_json(results)
     return 0
 
 
 def cmd_compare(args) -> int:
-    from runner.compare import load_compare_config, run_compare
 
     cfg = load_compare_config(args.config, args.set)
     if args.methods:
-        from runner.methods import load_method
-
         cfg = cfg.model_copy(update={"methods": args.methods.split(",")})
         for method in cfg.methods:
             load_method(method)  # unknown names fail before any work
     if args.ratios:
         cfg = cfg.model_copy(update={"ratios": [float(r) for r in args.ratios.split(",")]})
     out = args.output or f"runs/{cfg.name}"
-    run_compare(cfg, out, log=_logger(args.quiet))
+    run_compare(cfg, out, log=make_logger(args.quiet))
     print(f"comparison in {out}/compare.md")
     return 0
-
-
-def _logger(quiet: bool):
-    def log(message: str) -> None:
-        if not quiet or message.startswith("WARNING"):
-            print(message, flush=True)
-
-    return log
 
 
 def _quiet_libraries(debug: bool) -> None:
     """Library chatter (weight-loading bars, deprecation notes) would bury the job's own output."""
     if debug:
         return
-    import warnings
-
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
@@ -149,9 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--quiet", action="store_true")
     compare.set_defaults(func=cmd_compare)
 
-    for module in ("runner.cli_cluster", "runner.cli_validate", "runner.cli_batch"):
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module).register(sub)
+    for module in (cli_cluster, cli_validate, cli_batch, cli_export):
+        module.register(sub)
     return parser
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from runner.batch import load_family, run_batch
+from runner.config import ConfigError
+from runner.progress import make_logger
+
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from runner.batch import load_family, run_batch
-    from runner.cli import _logger
-    from runner.config import ConfigError
-
     family = load_family(args.family, args.set)
     if args.concurrency is not None:
         if args.concurrency < 1:
@@ -17,7 +17,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
         family = family.model_copy(update={"concurrency": args.concurrency})
     out = args.output or f"runs/{family.name}"
     executor = "local" if args.local else "auto"
-    summary = run_batch(family, out, resume=args.resume, executor=executor, log=_logger(args.quiet))
+    summary = run_batch(
+        family, out, resume=args.resume, executor=executor, log=make_logger(args.quiet)
+    )
     counts = summary["counts"]
     print(
         f"family {family.name}: {counts['done']} compressed, {counts['skipped']} reused, "

@@ -7,8 +7,27 @@ runner/cli.py calls `register(subparsers)`. Errors print one line (cause + where
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from cluster.submit import (
+    CONFIG_ENV,
+    DEFAULT_OUTPUT_ROOT,
+    SubmitError,
+    job_logs,
+    job_message,
+    job_status,
+    output_dir,
+    resolve_token,
+    stop_job,
+    submit_job,
+)
+from runner.config import ConfigError, load_config, read_config_text
 
 EXIT_ERROR = 2
 
@@ -21,34 +40,29 @@ def _address(args) -> str:
 
 
 def _usage(message: str):
-    from cluster.submit import SubmitError
-
     return SubmitError(message)
 
 
 def _token(args) -> str | None:
-    from cluster.submit import resolve_token
-
     return resolve_token(args.token_file)
 
 
 def _followed(job_id: str, address: str, token: str | None) -> int:
-    from cluster.submit import job_logs
-
     status = job_logs(job_id, address, follow=True, token=token)
     print(f"\njob {job_id}: {status}", flush=True)
     return 0 if status == "SUCCEEDED" else 1
 
 
 def cmd_submit(args) -> int:
-    from cluster.submit import output_dir, submit_job
-
+    cfg = load_config(args.config, args.set)  # every problem listed here, before submitting
+    text = read_config_text(Path(args.config))
     address, token = _address(args), _token(args)
     extra = [item for pair in args.set for item in ("--set", pair)]
     if args.quiet:
         extra.append("--quiet")
     job_id = submit_job(
-        args.config,
+        text,
+        cfg.name,
         address,
         extra_args=extra,
         token=token,
@@ -64,8 +78,6 @@ def cmd_submit(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from cluster.submit import job_message, job_status
-
     address, token = _address(args), _token(args)
     status = job_status(args.job_id, address, token=token)
     message = job_message(args.job_id, address, token=token)
@@ -74,8 +86,6 @@ def cmd_status(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from cluster.submit import job_logs
-
     address, token = _address(args), _token(args)
     if args.follow:
         return _followed(args.job_id, address, token)
@@ -84,8 +94,6 @@ def cmd_logs(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    from cluster.submit import stop_job
-
     stopped = stop_job(args.job_id, _address(args), token=_token(args))
     print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
     return 0
@@ -95,9 +103,6 @@ def _guarded(command):
     """One-line errors for the cluster commands (SubmitError, ConfigError) with exit code 2."""
 
     def run(args) -> int:
-        from cluster.submit import SubmitError
-        from runner.config import ConfigError
-
         try:
             return command(args)
         except (SubmitError, ConfigError) as exc:
@@ -118,10 +123,35 @@ def _connection(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def register(subparsers) -> None:
-    """Add submit, status, logs and stop to the `cascade` sub-command parser."""
-    from cluster.submit import DEFAULT_OUTPUT_ROOT
+def cmd_run_submitted(args) -> int:
+    """Cluster side of `submit`: run the job whose text travelled in $CASCADE_JOB_CONFIG."""
+    from runner.cli import main  # lazy: runner.cli imports this module to register its commands
 
+    text = os.environ.get(CONFIG_ENV)
+    if not text:
+        raise SubmitError(f"${CONFIG_ENV} is empty: submit jobs with `cascade submit`")
+    output = os.path.expanduser(args.output)
+    extra = list(args.run_args) + _join_job_cluster(text)
+    with tempfile.TemporaryDirectory(prefix="cascade-job-") as tmp:
+        config = Path(tmp) / "job.yaml"
+        config.write_text(text, encoding="utf-8")
+        print(f"[cascade] job outputs -> {output}", flush=True)
+        return main(["run", str(config), "--output", output, *extra])
+
+
+def _join_job_cluster(config_text: str) -> list[str]:
+    """Inside a Ray job, Ray work joins the job's cluster ($RAY_ADDRESS) unless the config names one:
+    `ray.init(num_cpus=...)` would refuse to start a second, embedded Ray there."""
+    address = os.environ.get("RAY_ADDRESS")
+    raw = yaml.safe_load(config_text) or {}
+    cluster = raw.get("cluster") if isinstance(raw, dict) else None
+    if not address or (isinstance(cluster, dict) and cluster.get("address")):
+        return []
+    return ["--set", f"cluster.address={json.dumps(address)}"]  # quoted: read as YAML
+
+
+def register(subparsers) -> None:
+    """Add submit, status, logs and stop (and the cluster-side run-submitted) to `cascade`."""
     submit = subparsers.add_parser("submit", help="run a job on a Ray cluster (Ray Jobs API)")
     submit.add_argument("config")
     _connection(submit)
@@ -151,3 +181,9 @@ def register(subparsers) -> None:
     stop.add_argument("job_id")
     _connection(stop)
     stop.set_defaults(func=_guarded(cmd_stop))
+
+    # What a submitted job's entrypoint runs on the cluster (not for people: no help line).
+    submitted = subparsers.add_parser("run-submitted")
+    submitted.add_argument("output")
+    submitted.add_argument("run_args", nargs=argparse.REMAINDER)
+    submitted.set_defaults(func=_guarded(cmd_run_submitted))

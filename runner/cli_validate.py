@@ -10,6 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from runner.devices import DeviceError
+from runner.validate import ProbeError, validate_checkpoint
+from stages.arch import UnsupportedArchitecture
+from stages.checkpoint import CheckpointError
 
 EXIT_FITS = 0
 EXIT_BAD_INPUT = 2
@@ -40,19 +46,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _known_input_errors() -> tuple[type[BaseException], ...]:
-    from runner.devices import DeviceError
-    from stages.arch import UnsupportedArchitecture
-    from stages.checkpoint import CheckpointError
-    from stages.validate import ProbeError
-
-    return (DeviceError, CheckpointError, UnsupportedArchitecture, ProbeError, ValueError, OSError)
+KNOWN_INPUT_ERRORS = (
+    DeviceError,
+    CheckpointError,
+    UnsupportedArchitecture,
+    ProbeError,
+    ValueError,
+    OSError,
+)
 
 
 def _default_seq_len(checkpoint: str, cap: int = 128) -> int:
-    import json
-    from pathlib import Path
-
     try:
         config = json.loads((Path(checkpoint) / "config.json").read_text())
     except (OSError, ValueError):
@@ -62,8 +66,6 @@ def _default_seq_len(checkpoint: str, cap: int = 128) -> int:
 
 
 def cmd_validate(args) -> int:
-    from stages.validate import validate_checkpoint
-
     if args.seq_len is None:
         args.seq_len = _default_seq_len(args.checkpoint)
     if args.batch < 1 or args.seq_len < 1:
@@ -81,7 +83,7 @@ def cmd_validate(args) -> int:
             measure=not args.analytic_only,
             dtype=args.dtype,
         )
-    except _known_input_errors() as exc:
+    except KNOWN_INPUT_ERRORS as exc:
         print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(json.dumps(result, indent=1, default=str) if args.json else format_table(result))

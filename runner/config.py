@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -10,9 +9,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runner.data import DataConfig
-
-LAYER_CRITERIA = ("block_influence", "loss_delta")
-UNIT_CRITERIA = ("taylor", "wanda", "l2", "activation", "fluctuation", "condition")
+from runner.paths import dir_name_for_ref
+from runner.tasks import get_task, task_names
+from stages.criteria import criteria_for
 
 
 class ConfigError(ValueError):
@@ -28,12 +27,6 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def dir_name_for_ref(ref: str) -> str:
-    """The default output directory of a model: its ref's last path part, filesystem-safe."""
-    name = Path(ref.rstrip("/")).name or ref
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 class ModelConfig(Strict):
@@ -139,7 +132,7 @@ class PruneStageConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> PruneStageConfig:
-        allowed = LAYER_CRITERIA if self.kind == "layers" else UNIT_CRITERIA
+        allowed = criteria_for(self.kind)
         if self.criterion not in allowed:
             raise ValueError(
                 f"criterion {self.criterion!r} is not valid for {self.kind}; choose from {', '.join(allowed)}"
@@ -232,9 +225,10 @@ class EvaluationConfig(Strict):
 class JobConfig(Strict):
     name: str = Field("job", min_length=1)
     seed: int = 0
-    task: Literal["classification", "embedding"] = Field(
+    task: str = Field(
         "classification",
-        description="embedding: a bare encoder whose mean-pooled embeddings are distilled from the dense model",
+        description="what the model is for (runner/tasks): classification (bearing faults), "
+        "embedding (a bare encoder distilled from its dense embeddings)",
     )
     models: list[ModelConfig] = Field(min_length=1)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -246,6 +240,13 @@ class JobConfig(Strict):
     guards: GuardConfig = Field(default_factory=GuardConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        if value not in task_names():
+            raise ValueError(f"unknown task {value!r}; choose from {', '.join(task_names())}")
+        return value
 
     @field_validator("models", mode="before")
     @classmethod
@@ -266,49 +267,10 @@ class JobConfig(Strict):
                 problems.append("stages use share but target has no ratio, device or budget_bytes")
         if not any(isinstance(s, PruneStageConfig) for s in self.stages):
             problems.append("stages: at least one layers/heads/channels stage is required")
-        if self.task == "embedding":
-            problems += _embedding_problems(self)
+        problems += get_task(self.task).config_problems(self, names)
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-
-def _embedding_problems(cfg: JobConfig) -> list[str]:
-    """Options that mean nothing for an embedding model (no task head, the teacher is fixed)."""
-    names = stage_names(cfg.stages)
-    problems = [
-        f"stages.{i} ({names[i]}): loss kd needs class logits; embedding recovery always "
-        "distils the dense model's embeddings, so leave loss at its default"
-        for i, s in enumerate(cfg.stages)
-        if isinstance(s, RecoverStageConfig) and s.loss == "kd"
-    ]
-    problems += [
-        f"models.{i}.finetune_steps: fine-tuning trains a classification head, which the "
-        "embedding task does not have"
-        for i, m in enumerate(cfg.models)
-        if m.finetune_steps
-    ]
-    if cfg.calibration.batch_size < 2:
-        problems.append(
-            "calibration.batch_size: the embedding importance loss compares rows within a batch; "
-            "use at least 2"
-        )
-    for i, s in enumerate(cfg.stages):
-        if not isinstance(s, RecoverStageConfig):
-            continue
-        per_worker = (
-            -(-s.batch_size // cfg.cluster.workers) if s.runner == "ray_train" else s.batch_size
-        )
-        if per_worker < 2:
-            problems.append(
-                f"stages.{i}.batch_size: embedding distillation compares rows within a batch; each "
-                f"{'Ray Train worker' if s.runner == 'ray_train' else 'step'} gets {per_worker}, needs >= 2"
-            )
-    if cfg.evaluation.perplexity_file is not None:
-        problems.append(
-            "evaluation.perplexity_file: perplexity needs a causal LM, not an embedding encoder"
-        )
-    return problems
 
 
 def stage_names(stages: list) -> list[str]:
@@ -407,12 +369,32 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
-    path = Path(path)
+def read_config_text(path: Path) -> str:
+    """A job file's text, or a ConfigError naming why it cannot be read (missing, unreadable,
+    not UTF-8)."""
     if not path.is_file():
         raise ConfigError([("", f"config file not found: {path}")], str(path))
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            [("", f"cannot read the file ({exc.strerror or exc}); check its permissions")],
+            str(path),
+        ) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [("", f"not UTF-8 text (byte {exc.start}: 0x{data[exc.start]:02x}); save it as UTF-8")],
+            str(path),
+        ) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    path = Path(path)
+    text = read_config_text(path)
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"

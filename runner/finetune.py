@@ -16,11 +16,13 @@ from pathlib import Path
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
-from runner.config import dir_name_for_ref
-from runner.models import cache_root, source_dir, training_data_cfg
+from runner.demo_models import training_data_cfg
+from runner.models import source_dir
+from runner.paths import cache_root, dir_name_for_ref
 from runner.progress import step_bar
 from stages.atomic import atomic_directory
-from stages.training import TrainSettings, train_steps
+from stages.objectives import get_objective
+from stages.training import TrainSettings, train_steps, training_loss
 
 FINETUNE_BATCH = 16
 FINETUNE_CODE = "finetune-v1"  # bump when the fine-tuning recipe changes, to invalidate caches
@@ -52,7 +54,7 @@ def finetune_cache_key(model, model_cfg, seed: int, data_cfg) -> str:
 
 def _cache_dir(model, model_cfg, seed: int, data_cfg) -> Path:
     key = finetune_cache_key(model, model_cfg, seed, data_cfg)
-    return cache_root(None) / "finetuned" / f"{dir_name_for_ref(model_cfg.ref)}-{key}"
+    return cache_root() / "finetuned" / f"{dir_name_for_ref(model_cfg.ref)}-{key}"
 
 
 def _save(model, record: dict, target: Path) -> None:
@@ -81,7 +83,8 @@ def finetune_dense(
         steps=steps, lr=model_cfg.finetune_lr, batch_size=FINETUNE_BATCH, seed=seed
     )
     with step_bar(steps, f"{model_cfg.ref} fine-tune", progress) as on_step:
-        losses = train_steps(model, train_split, settings, on_step=on_step)
+        loss_fn = training_loss(get_objective("classification"), settings, None)
+        losses = train_steps(model, train_split, settings, loss_fn, on_step=on_step)
     model.eval()
     log(
         f"fine-tuned the dense model for {steps} steps in {time.perf_counter() - t0:.1f}s "

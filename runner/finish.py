@@ -4,128 +4,105 @@ from __future__ import annotations
 
 import time
 
+from cluster.shards import export_sharded
+from runner.errors import JobError
 from runner.models import count_params
-from runner.pipeline import JobError
 from runner.report import write_report
+from runner.report_html import write_job_html
+from runner.report_model import Report
+from runner.run_state import RunContext, RunState
+from runner.validate import ValidationFailed, check_fits, validate_for_job
 from stages.checkpoint import load_pruned, save_checkpoint
-from stages.training import evaluate
 
 
-def finish_model_run(run, start: float) -> dict:
-    cfg = run.cfg
-    ckpt_dir = run.out / "checkpoint"
+def export_and_evaluate(ctx: RunContext, state: RunState, sia: dict, start: float) -> dict:
+    """Write the checkpoint, measure the reloaded export, write the report; returns it as a dict.
+
+    A model that does not fit its target device fails the job AFTER its report is written.
+    """
+    _export(ctx, state)
+    # Evaluate the exported files, not the in-memory model: the report claims what the checkpoint does.
+    exported = load_pruned(ctx.out / "checkpoint")
+    final = {s: ctx.task.evaluate(exported, ctx.data, s) for s in ctx.task.final_splits}
+    validation = None
+    if ctx.cfg.target.device is not None:
+        validation = validate_for_job(exported, ctx.dense.params, ctx.cfg, ctx.model_cfg)
+        ctx.events.emit("validate", version=state.version, **validation)
+    perplexity = ctx.perplexity.measure(exported) if ctx.perplexity else None
+    report = build_report(ctx, state, sia, final, count_params(exported), validation, perplexity)
+    report.timing.total_seconds = round(time.perf_counter() - start, 2)
+    data = report.to_json()
+    write_report(ctx.out, data, plots=ctx.cfg.output.plots)
+    if ctx.cfg.output.plots:
+        write_job_html(ctx.out)
+    if validation is not None:
+        try:
+            check_fits(validation)
+        except ValidationFailed as exc:
+            ctx.events.emit("error", version=state.version, stage="validate", error=str(exc))
+            raise
+    ctx.events.emit(
+        "job_end",
+        version=state.version,
+        compression_ratio=report.final.compression_ratio,
+        accuracy=report.final.accuracy,
+    )
+    return data
+
+
+def _export(ctx: RunContext, state: RunState) -> None:
+    cfg, ckpt_dir = ctx.cfg, ctx.out / "checkpoint"
     t0 = time.perf_counter()
-    meta = {"job": cfg.name, "source_model": run.model_cfg.ref, "dense_params": run.dense_params}
+    meta = {"job": cfg.name, "source_model": ctx.model_cfg.ref, "dense_params": ctx.dense.params}
+    options = dict(require_uniform=cfg.target.uniform_layout, metadata=meta)
     try:
-        if (
-            cfg.cluster.executor == "ray"
-        ):  # workers write layer-range shards, merged into one checkpoint
-            from cluster.shards import export_sharded
-
-            export_sharded(
-                run.model,
-                run.tokenizer,
-                ckpt_dir,
-                run.executor.workers,
-                run.executor,
-                require_uniform=cfg.target.uniform_layout,
-                metadata=meta,
-            )
+        if cfg.cluster.executor == "ray":  # workers write layer-range shards, merged into one
+            workers = ctx.executor.workers
+            export_sharded(state.model, ctx.tokenizer, ckpt_dir, workers, ctx.executor, **options)
         else:
-            save_checkpoint(
-                run.model,
-                run.tokenizer,
-                ckpt_dir,
-                require_uniform=cfg.target.uniform_layout,
-                metadata=meta,
-            )
+            save_checkpoint(state.model, ctx.tokenizer, ckpt_dir, **options)
     except OSError as exc:
-        run.events.emit(
-            "error", version=run.version, stage="export", error=f"{type(exc).__name__}: {exc}"
-        )
+        error = f"{type(exc).__name__}: {exc}"
+        ctx.events.emit("error", version=state.version, stage="export", error=error)
         raise JobError(
             f"export to {ckpt_dir} failed ({exc.strerror or exc}); any previous checkpoint there is "
             "intact and the stage models are kept: fix the cause and rerun with --resume"
         ) from None
-    run.events.emit(
-        "export", version=run.version, path=str(ckpt_dir), seconds=time.perf_counter() - t0
-    )
-    # Evaluate the exported files, not the in-memory model: the report claims what the checkpoint does.
-    exported = load_pruned(ckpt_dir)
-    final_eval = {s: evaluate(exported, run.splits[s]) for s in ("test", "heldout")}
-    params = count_params(exported)
-    perplexity = run.perplexity.measure(exported) if run.perplexity else None
-    validation = None
-    if cfg.target.device is not None:
-        from stages.validate import validate_for_job
-
-        validation = validate_for_job(exported, run.dense_params, cfg, run.model_cfg)
-        run.events.emit("validate", version=run.version, **validation)
-    report = build_report(run, final_eval, params, validation, time.perf_counter() - start)
-    if perplexity is not None:
-        report["final"]["perplexity"] = perplexity | {"dense": run.dense_perplexity["perplexity"]}
-    write_report(run.out, report, plots=cfg.output.plots)
-    if cfg.output.plots:
-        from runner.report_html import write_job_html
-
-        write_job_html(run.out)
-    if validation is not None:  # the report is written first, then a model that does not fit fails
-        from stages.validate import ValidationFailed, check_fits
-
-        try:
-            check_fits(validation)
-        except ValidationFailed as exc:
-            run.events.emit("error", version=run.version, stage="validate", error=str(exc))
-            raise
-    run.events.emit(
-        "job_end",
-        version=run.version,
-        compression_ratio=report["final"]["compression_ratio"],
-        accuracy=report["final"]["accuracy"],
-    )
-    return report
+    elapsed = time.perf_counter() - t0
+    ctx.events.emit("export", version=state.version, path=str(ckpt_dir), seconds=elapsed)
 
 
-def build_report(run, final_eval, params: int, validation, total_seconds: float) -> dict:
-    dense_test = run.dense_eval["test"]
-    test, heldout = final_eval["test"], final_eval["heldout"]
-    embedding = {}
-    if test.cosine is not None:  # embedding task: agreement with the dense model's embeddings
-        embedding = {
-            "cosine": test.cosine,
-            "heldout_cosine": heldout.cosine,
-            "dense_cosine": dense_test.cosine,
-            "metric_note": "accuracy = leave-one-out 1-NN fault classification with the embeddings",
-        }
-    return {
-        "model": run.model_info,
-        "sia": run.sia,
-        "warnings": run.warnings,
-        "stages": run.records,
-        "final": {
-            "params": params,
-            "dense_params": run.dense_params,
-            "compression_ratio": run.dense_params / params,
-            "accuracy": test.accuracy,
-            "macro_f1": test.macro_f1,
-            "heldout_accuracy": heldout.accuracy,
-            "dense_accuracy": dense_test.accuracy,
-            "dense_macro_f1": dense_test.macro_f1,
-            "dense_heldout_accuracy": run.dense_eval["heldout"].accuracy,
-            "confusion": test.confusion,
-            "dense_finetune": run.finetune,
-            **embedding,
-            "checkpoint": str(run.out / "checkpoint"),
-        },
-        "validation": validation,
-        "timing": {
-            "total_seconds": round(total_seconds, 2),
-            "per_stage": {r["name"]: r["seconds"] for r in run.records},
-        },
-        "job": {
-            "name": run.cfg.name,
-            "seed": run.cfg.seed,
-            "executor": run.cfg.cluster.executor,
-            "workers": run.executor.workers,
-        },
+def build_report(
+    ctx: RunContext, state: RunState, sia: dict, final: dict, params: int, validation, perplexity
+) -> Report:
+    dense = ctx.dense
+    figures = {
+        "params": params,
+        "dense_params": dense.params,
+        "compression_ratio": dense.params / params,
+        **ctx.task.final_figures(final, dense.eval),
+        "dense_finetune": dense.finetune,
+        "checkpoint": str(ctx.out / "checkpoint"),
     }
+    if perplexity is not None:
+        figures["perplexity"] = perplexity | {"dense": dense.perplexity["perplexity"]}
+    return Report.model_validate(
+        {
+            "model": dense.info,
+            "sia": sia,
+            "warnings": dense.warnings,
+            "stages": state.records,
+            "final": figures,
+            "validation": validation,
+            "timing": {
+                "total_seconds": 0.0,
+                "per_stage": {r["name"]: r["seconds"] for r in state.records},
+            },
+            "job": {
+                "name": ctx.cfg.name,
+                "seed": ctx.cfg.seed,
+                "executor": ctx.cfg.cluster.executor,
+                "workers": ctx.executor.workers,
+            },
+        }
+    )

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from cluster.executor import cluster_session
 from runner.config import JobConfig, dump_config, same_job
-from runner.errors import user_errors
-from runner.pipeline import JobError, ModelRun
+from runner.errors import JobError, user_errors
+from runner.pipeline import run_model
 from runner.report import write_summary
 
 _JOB_MARKERS = ("job.yaml", "events.jsonl", "summary.json", "report.json")
@@ -73,10 +73,8 @@ def _run_models(cfg: JobConfig, out: Path, *, resume: bool, log) -> dict:
             reports[name] = json.loads((model_out / "report.json").read_text())
             continue
         log(f"[{name}] compressing {model_cfg.ref}")
-        run = ModelRun(
-            cfg, model_cfg, model_out, resume=resume and (model_out / "stages").exists(), log=log
-        )
-        reports[name] = run.run()
+        resume_model = resume and (model_out / "stages").exists()
+        reports[name] = run_model(cfg, model_cfg, model_out, resume=resume_model, log=log)
         f = reports[name]["final"]
         log(
             f"[{name}] done: {f['compression_ratio']:.2f}x, accuracy {f['accuracy']:.4f} "

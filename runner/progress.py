@@ -9,6 +9,16 @@ import sys
 from contextlib import contextmanager
 
 
+def make_logger(quiet: bool):
+    """The job's log function: every line, or (quiet) only warnings."""
+
+    def log(message: str) -> None:
+        if not quiet or message.startswith("WARNING"):
+            print(message, flush=True)
+
+    return log
+
+
 @contextmanager
 def step_bar(total: int, description: str, enabled: bool, unit: str = "step"):
     """Yields an on_step(step, loss) callback; a tqdm bar only when enabled and stderr is a TTY."""

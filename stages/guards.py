@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from stages.objective import model_outputs
-
 
 class NumericalError(RuntimeError):
     pass
@@ -23,7 +21,9 @@ def check_finite(model, batch: dict | None = None) -> None:
     model.eval()
     with torch.no_grad():
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-        logits = model_outputs(model, inputs)
+        out = model(**inputs)
     model.train(was_training)
-    if not torch.isfinite(logits).all():
-        raise NumericalError("non-finite logits on a calibration batch")
+    values = getattr(out, "logits", None)
+    values = values if values is not None else out.last_hidden_state
+    if not torch.isfinite(values).all():
+        raise NumericalError("non-finite outputs on a calibration batch")

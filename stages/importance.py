@@ -13,7 +13,7 @@ Conventions
   ``unit_width`` consecutive columns per unit (head_dim * heads_per_unit, or 1 for channels).
 * statistics of the out-projection input X [tokens, in] are sums, so shards simply add:
   ``count`` = N tokens, ``x_sum`` = sum_t X_t, ``x_sq_sum`` = sum_t X_t**2, ``gram`` = X^T X
-  (see :func:`activation_sums` and :func:`gram_sum`).
+  (collected by stages/statistics.py).
 * maths runs in float32 (float64 where cancellation or inversion needs it) whatever the input
   dtype; per-unit scores come back as float32 [units] on the input's device.
 """
@@ -76,14 +76,6 @@ def _rows(tensors: Sequence[Tensor], where: str, name: str = "unit_weights") -> 
     return [_wide(t).reshape(units, -1) for t in tensors]
 
 
-def unit_sum(per_column: Tensor, unit_width: int) -> Tensor:
-    """Per-unit total of a per-column score: s_u = sum_{j in u} s_j (consecutive columns)."""
-    if per_column.dim() != 1:
-        raise ImportanceError(f"unit_sum: expected a 1-D tensor, got {tuple(per_column.shape)}")
-    units = _n_units(per_column.shape[0], unit_width, "unit_sum")
-    return _wide(per_column).reshape(units, unit_width).sum(dim=1).float()
-
-
 def unit_columns(units: Sequence[int] | Tensor, unit_width: int) -> Tensor:
     """Column indices (int64, ascending per unit) covered by ``units``: u*w .. u*w + w - 1.
 
@@ -92,21 +84,6 @@ def unit_columns(units: Sequence[int] | Tensor, unit_width: int) -> Tensor:
     idx = torch.as_tensor(units, dtype=torch.long).reshape(-1)
     offsets = torch.arange(unit_width, dtype=torch.long, device=idx.device)
     return (idx[:, None] * unit_width + offsets[None, :]).reshape(-1)
-
-
-def activation_sums(x: Tensor, attention_mask: Tensor | None = None) -> tuple[int, Tensor, Tensor]:
-    """(count, x_sum, x_sq_sum) in float64 over the non-padding tokens of x [..., in].
-
-    Why: the sums are what hooks accumulate; adding two shards' sums equals one pass over both.
-    """
-    flat = _tokens(x, attention_mask, "activation_sums").double()
-    return flat.shape[0], flat.sum(dim=0), flat.square().sum(dim=0)
-
-
-def gram_sum(x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """Input Gram matrix G = X^T X [in, in] (float64) over the non-padding tokens of x [..., in]."""
-    flat = _tokens(x, attention_mask, "gram_sum").double()
-    return flat.T @ flat
 
 
 def _tokens(x: Tensor, attention_mask: Tensor | None, where: str) -> Tensor:
@@ -132,43 +109,21 @@ def l2_magnitude(unit_weights: Sequence[Tensor]) -> Tensor:
     return torch.stack([r.square().sum(dim=1) for r in rows]).sum(dim=0).sqrt().float()
 
 
-def taylor_weight(unit_weights: Sequence[Tensor], unit_grads: Sequence[Tensor]) -> Tensor:
-    """s_u = sum_t sum_k |W_t[u, k] * dL/dW_t[u, k]| (element-wise first-order Taylor).
+def taylor(mask_grad_sum: Tensor) -> Tensor:
+    """s_u = |dL/dm_u| at m = 1: the group-level first-order Taylor importance of unit u.
 
-    Paper: LLM-Pruner (Ma et al. 2023), element-wise first-order importance, summed per group.
-    ``unit_grads`` are the accumulated gradients, laid out exactly like ``unit_weights``.
+    Paper: LLM-Pruner (Ma et al. 2023), the vector-wise first-order term |dL/dW . W| of a coupled
+    group. A gate m_u multiplies unit u's output (its columns of the out-projection input), so
+    dL/dm_u = sum over the unit's out-projection weights W of dL/dW * W, and removing the unit
+    (m_u: 1 -> 0) changes the loss by -dL/dm_u to first order. L is the loss SUMMED over the whole
+    calibration set: the per-batch gradients are summed signed (gradients of summed losses add,
+    so Ray shards reduce exactly) and the absolute value is taken once, at the end.
     """
-    weights = _rows(unit_weights, "taylor_weight")
-    grads = _rows(unit_grads, "taylor_weight", "unit_grads")
-    if len(weights) != len(grads) or any(w.shape != g.shape for w, g in zip(weights, grads)):
+    if mask_grad_sum.dim() != 1:
         raise ImportanceError(
-            "taylor_weight: unit_grads shapes "
-            f"{[tuple(g.shape) for g in grads]} differ from unit_weights "
-            f"{[tuple(w.shape) for w in weights]}"
+            f"taylor: expected a 1-D [units] gradient sum, got {tuple(mask_grad_sum.shape)}"
         )
-    return torch.stack([(w * g).abs().sum(dim=1) for w, g in zip(weights, grads)]).sum(0).float()
-
-
-def taylor_mask(mask_grad_abs_sum: Tensor) -> Tensor:
-    """s_u = sum_batches |dL/dm_u| for a gate m_u = 1 multiplying unit u's output.
-
-    Paper: Michel et al. 2019 ("Are Sixteen Heads Really Better than One?"), head gates.
-    Why it is (almost) the identity: L(m_u=0) - L(m_u=1) ~= -dL/dm_u to first order, so the
-    gate gradient already IS the unit's removal cost; the caller only has to sum its ABSOLUTE
-    value per batch (signed gradients cancel across batches). Negative input means a signed sum
-    was passed, which is refused.
-    """
-    if mask_grad_abs_sum.dim() != 1:
-        raise ImportanceError(
-            f"taylor_mask: expected a 1-D [units] tensor, got {tuple(mask_grad_abs_sum.shape)}"
-        )
-    scores = _wide(mask_grad_abs_sum).float()
-    if not torch.isfinite(scores).all() or (scores < 0).any():
-        raise ImportanceError(
-            "taylor_mask: scores must be finite accumulated |dL/dm| (>= 0); got negative or "
-            "non-finite values (was a signed gradient sum passed?)"
-        )
-    return scores.clone()
+    return mask_grad_sum.abs()
 
 
 def wanda(out_weight: Tensor, x_sq_sum: Tensor, count: Number, unit_width: int) -> Tensor:

@@ -65,3 +65,35 @@ def plan_layer_removal(
         scores=[float(s) for s in scores],
         note=note,
     )
+
+
+def max_layers_for_target(
+    model, adapter, params_target: int, later: set[str], min_keep: dict[str, int]
+) -> int:
+    """Most layers that can stay if the later head/channel stages (`later`) are to reach
+    `params_target` at all.
+
+    Each kept layer costs at least its min_keep heads and channels (min_keep = {"layers": ...,
+    "heads": ..., "channels": ...}); without this bound a coarse layer stage can leave more layers
+    than the target allows, and the ratio is silently missed.
+    """
+    n_layers = len(adapter.layers(model))
+    floors = []
+    for i in range(n_layers):
+        floor = adapter.layer_cost(model, i)
+        if "heads" in later:
+            spare = adapter.attn_units(model, i) - min_keep["heads"]
+            floor -= spare * adapter.attn_unit_cost(model, i)
+        if "channels" in later:
+            spare = adapter.mlp_units(model, i) - min_keep["channels"]
+            floor -= spare * adapter.mlp_unit_cost(model, i)
+        floors.append(floor)
+    params = sum(p.numel() for p in model.parameters())
+    room = params_target - (params - sum(adapter.layer_cost(model, i) for i in range(n_layers)))
+    keep = 0
+    for floor in sorted(floors):
+        if room < floor:
+            break
+        room -= floor
+        keep += 1
+    return max(keep, min_keep["layers"])

@@ -13,9 +13,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
 
 from stages.masking import unit_masks
-from stages.training import EncodedSplit, TrainSettings, train_steps
+from stages.objectives import Objective, Teacher
+from stages.split import EncodedSplit
+from stages.training import TrainSettings, train_steps, training_loss
 
 
 @dataclass(frozen=True)
@@ -50,42 +54,33 @@ class RecoverySettings:
         )
 
 
-def cached_teacher(logits: torch.Tensor):
-    """KD teacher from logits cached once per training row: no second model copy in memory."""
-
-    def lookup(batch: dict) -> torch.Tensor:
-        return logits[batch["index"].cpu()]
-
-    return lookup
-
-
 def recover(
     model,
     adapter,
     split: EncodedSplit,
     settings: RecoverySettings,
-    teacher_logits=None,
+    objective: Objective,
+    teacher: Teacher | None = None,
     on_step=None,
 ):
     """Returns (model, metrics). The returned model holds merged weights and no LoRA modules.
 
-    teacher_logits: a [rows, classes] tensor aligned with `split` (kd only).
+    teacher: the objective's teacher lookup for `split`'s rows (kd only).
     """
-    if settings.loss == "kd" and teacher_logits is None:
-        raise ValueError("kd recovery needs teacher logits")
-    if teacher_logits is not None:
-        teacher_logits = cached_teacher(teacher_logits)
+    if settings.loss == "kd" and teacher is None:
+        raise ValueError("kd recovery needs a teacher")
+    loss_fn = training_loss(objective, settings.train_settings(), teacher)
     start = time.perf_counter()
     losses: list[float] = []
     if settings.steps == 0:
         return model, {"losses": [], "seconds": 0.0, "trainable_params": 0}
     if settings.method == "lora":
-        model, losses, trainable = _lora(model, adapter, split, settings, teacher_logits, on_step)
+        model, losses, trainable = _lora(model, adapter, split, settings, loss_fn, on_step)
     elif settings.method == "full":
         trainable = sum(p.numel() for p in model.parameters())
-        losses = _train(model, split, settings, teacher_logits, list(model.parameters()), on_step)
+        losses = _train(model, split, settings, loss_fn, list(model.parameters()), on_step)
     elif settings.method == "mask":
-        losses, trainable = _mask_tuning(model, adapter, split, settings, teacher_logits, on_step)
+        losses, trainable = _mask_tuning(model, adapter, split, settings, loss_fn, on_step)
     else:
         raise ValueError(f"unknown recovery method {settings.method!r}")
     model.eval()
@@ -98,7 +93,7 @@ def recover(
     }
 
 
-def _train(model, split, settings, teacher_logits, params, on_step=None):
+def _train(model, split, settings, loss_fn, params, on_step=None):
     model.train()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -106,12 +101,7 @@ def _train(model, split, settings, teacher_logits, params, on_step=None):
         p.requires_grad_(True)
     try:
         return train_steps(
-            model,
-            split,
-            settings.train_settings(),
-            teacher_logits=teacher_logits,
-            params=params,
-            on_step=on_step,
+            model, split, settings.train_settings(), loss_fn, params=params, on_step=on_step
         )
     finally:
         for p in model.parameters():
@@ -120,8 +110,6 @@ def _train(model, split, settings, teacher_logits, params, on_step=None):
 
 def lora_config(adapter, settings: RecoverySettings):
     """The LoRA setup every recovery path uses (in-process and Ray Train)."""
-    from peft import LoraConfig
-
     return LoraConfig(
         r=settings.lora_rank,
         lora_alpha=settings.lora_alpha,
@@ -134,24 +122,24 @@ def lora_config(adapter, settings: RecoverySettings):
 
 def wrap_lora(model, adapter, settings: RecoverySettings):
     """peft-wrap with a LoRA init seeded by the stage, not the global RNG (so resume == rerun)."""
-    from peft import get_peft_model
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         return get_peft_model(model, lora_config(adapter, settings))
 
 
-def _lora(model, adapter, split, settings, teacher_logits, on_step):
+def prepare_trainable(model: nn.Module, adapter, settings: RecoverySettings):
+    """(module to train, its trainable parameters); the LoRA init is seeded by settings.seed."""
+    if settings.method == "full":
+        return model, [p.requires_grad_(True) for p in model.parameters()]
     peft_model = wrap_lora(model, adapter, settings)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
+
+
+def _lora(model, adapter, split, settings, loss_fn, on_step):
+    peft_model, trainable = prepare_trainable(model, adapter, settings)
     peft_model.train()
     losses = train_steps(
-        peft_model,
-        split,
-        settings.train_settings(),
-        teacher_logits=teacher_logits,
-        params=trainable,
-        on_step=on_step,
+        peft_model, split, settings.train_settings(), loss_fn, params=trainable, on_step=on_step
     )
     merged = peft_model.merge_and_unload()
     for p in merged.parameters():
@@ -159,7 +147,7 @@ def _lora(model, adapter, split, settings, teacher_logits, on_step):
     return merged, losses, sum(p.numel() for p in trainable)
 
 
-def _mask_tuning(model, adapter, split, settings, teacher_logits, on_step=None):
+def _mask_tuning(model, adapter, split, settings, loss_fn, on_step=None):
     n_layers = len(adapter.layers(model))
     device = next(model.parameters()).device
     attn = {
@@ -172,7 +160,7 @@ def _mask_tuning(model, adapter, split, settings, teacher_logits, on_step=None):
     }
     params = list(attn.values()) + list(mlp.values())
     with unit_masks(model, adapter, attn=attn, mlp=mlp):
-        losses = _train(model, split, settings, teacher_logits, params, on_step)
+        losses = _train(model, split, settings, loss_fn, params, on_step)
     _fold_masks(model, adapter, attn, mlp)
     return losses, sum(p.numel() for p in params)
 

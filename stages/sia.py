@@ -20,7 +20,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from stages.importance import normalised_interaction, spearman
-from stages.objective import summed_loss
+from stages.objectives import Objective
 
 Component = tuple[int, int]  # (layer, component index)
 LossFn = Callable[[list[Component]], float]  # loss with these components removed
@@ -105,10 +105,10 @@ def component_masks(model, adapter, granularity: str, masks: dict[int, torch.Ten
         yield
 
 
-def _loss(model, batches) -> torch.Tensor:
+def _loss(model, batches, objective: Objective) -> torch.Tensor:
     total = 0.0
     for b in batches:
-        total = total + summed_loss(model, b)
+        total = total + objective.importance_loss(model, b)
     return total
 
 
@@ -125,7 +125,14 @@ def _masks_for(
 
 
 def run_sia(
-    model, adapter, batches: list[dict], cfg, *, seed: int = 0, max_batches: int = 2
+    model,
+    adapter,
+    batches: list[dict],
+    cfg,
+    objective: Objective,
+    *,
+    seed: int = 0,
+    max_batches: int = 2,
 ) -> dict:
     """Measure additivity and stability for heads and channels on the calibration batches."""
     device = next(model.parameters()).device
@@ -145,12 +152,12 @@ def run_sia(
                         model, adapter, granularity, _masks_for(removed, counts, device)
                     ),
                 ):
-                    return float(_loss(model, batches))
+                    return float(_loss(model, batches, objective))
 
             def score_fn(removed, counts=counts, granularity=granularity):
                 masks = _masks_for(removed, counts, device, requires_grad=True)
                 with torch.enable_grad(), component_masks(model, adapter, granularity, masks):
-                    _loss(model, batches).backward()
+                    _loss(model, batches, objective).backward()
                 return {
                     (i, c): float(m.grad[c].abs()) for i, m in masks.items() for c in range(len(m))
                 }

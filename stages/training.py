@@ -1,7 +1,13 @@
-"""The one training / evaluation loop shared by recovery, demo training and baselines.
+"""The one training loop: recovery (in-process and under Ray Train), demo training, fine-tuning.
 
-Splits are tokenised once into in-memory tensors (the demo texts are short), so every
-stage trains and evaluates on exactly the same token ids without re-tokenising.
+`run_steps` is the loop. It reads shuffled batches of a split (or of one worker's shard of it)
+epoch by epoch, asks a `loss_fn` for the loss and hands it to a `Stepper` (plain torch here;
+DDP-wrapped or DeepSpeed under Ray Train, cluster/). `train_steps` is the in-process entry. Because
+a Ray Train worker runs the very same `run_steps` on its shard, one worker reproduces the
+in-process weights exactly.
+
+Epoch e shuffles with seed + e and dropout draws from a CPU RNG seeded with seed + e (forked, so
+the caller's RNG is untouched), which makes a run resumable at any epoch boundary.
 """
 
 from __future__ import annotations
@@ -9,243 +15,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Literal, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.objective import (
-    cosine_to_targets,
-    embedding_loss,
-    model_outputs,
-    nearest_neighbour_predictions,
-    task_loss,
-)
+from stages.objectives import Objective, Teacher, model_device
+from stages.split import EncodedSplit
 
-__all__ = [
-    "EncodedSplit",
-    "EvalResult",
-    "TrainSettings",
-    "TrainingError",
-    "encode_split",
-    "evaluate",
-    "kd_loss",
-    "lr_multiplier",
-    "macro_f1",
-    "confusion_matrix",
-    "predict",
-    "train_steps",
-]
+LossFn = Callable[[nn.Module, dict], Tensor]
+STATE_FILE = "trainer_state.pt"
 
 
 class TrainingError(ValueError):
-    """A training or evaluation input is unusable (bad settings, empty split, NaN loss)."""
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class EncodedSplit:
-    """A dataset split tokenised once and kept as tensors (padded to the split's longest)."""
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    labels: Tensor
-    targets: Tensor | None = None  # dense-model embeddings per row (embedding task)
-
-    def __post_init__(self) -> None:
-        n = self.input_ids.shape[0]
-        bad_targets = self.targets is not None and self.targets.shape[0] != n
-        if (
-            self.attention_mask.shape != self.input_ids.shape
-            or self.labels.shape != (n,)
-            or bad_targets
-        ):
-            raise TrainingError(
-                "EncodedSplit: shapes disagree "
-                f"(input_ids {tuple(self.input_ids.shape)}, attention_mask "
-                f"{tuple(self.attention_mask.shape)}, labels {tuple(self.labels.shape)}"
-                + (f", targets {tuple(self.targets.shape)})" if self.targets is not None else ")")
-            )
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def subset(self, idx: Tensor | Iterable[int] | slice) -> EncodedSplit:
-        """Rows `idx` (indices, bool mask or slice) as a new split."""
-        if not isinstance(idx, (Tensor, slice)):
-            idx = torch.as_tensor(list(idx), dtype=torch.long)
-        targets = self.targets[idx] if self.targets is not None else None
-        return EncodedSplit(
-            self.input_ids[idx], self.attention_mask[idx], self.labels[idx], targets
-        )
-
-    def with_targets(self, targets: Tensor) -> EncodedSplit:
-        """The same rows, carrying the dense model's embeddings (switches losses to distillation)."""
-        return EncodedSplit(self.input_ids, self.attention_mask, self.labels, targets)
-
-    def batches(
-        self, batch_size: int, *, shuffle: bool = False, seed: int = 0
-    ) -> Iterator[dict[str, Tensor]]:
-        """Yield batches; columns that are padding in every row of a batch are trimmed."""
-        if batch_size < 1:
-            raise TrainingError(f"EncodedSplit.batches: batch_size must be >= 1, got {batch_size}")
-        n = len(self)
-        if shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        else:
-            order = torch.arange(n)
-        for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
-            mask = self.attention_mask[rows]
-            used = mask.any(dim=0).nonzero()
-            lo, hi = (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, mask.shape[1])
-            batch = {
-                "input_ids": self.input_ids[rows, lo:hi],
-                "attention_mask": mask[:, lo:hi],
-                "labels": self.labels[rows],
-                "index": rows,  # row positions in this split (cached teacher logits use them)
-            }
-            if self.targets is not None:
-                batch["targets"] = self.targets[rows]
-            yield batch
-
-
-def encode_split(dataset: Any, tokenizer: Any, max_length: int = 96) -> EncodedSplit:
-    """Tokenise a split with "text"/"label" columns, padding to its longest text."""
-    for column in ("text", "label"):
-        if column not in dataset.column_names:
-            raise TrainingError(f"encode_split: dataset has no {column!r} column")
-    if len(dataset) == 0:
-        raise TrainingError("encode_split: dataset split is empty")
-    if tokenizer.pad_token_id is None:
-        raise TrainingError("encode_split: tokenizer has no pad token (set tokenizer.pad_token)")
-    enc = tokenizer(
-        list(dataset["text"]),
-        padding="longest",
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-    )
-    labels = torch.as_tensor(list(dataset["label"]), dtype=torch.long)
-    return EncodedSplit(enc["input_ids"].long(), enc["attention_mask"].long(), labels)
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-@dataclass
-class EvalResult:
-    """Metrics of one model on one split.
-
-    Embedding task: accuracy/macro-F1/confusion are leave-one-out 1-NN fault classification with
-    the embeddings, and `cosine` is the mean cosine similarity to the dense model's embeddings.
-    """
-
-    accuracy: float
-    macro_f1: float
-    loss: float
-    confusion: list[list[int]]  # confusion[true][predicted]
-    n: int
-    cosine: float | None = None
-
-
-def confusion_matrix(labels: Tensor, preds: Tensor, num_labels: int) -> Tensor:
-    """Counts [true, predicted] as a num_labels x num_labels long tensor."""
-    flat = labels.long() * num_labels + preds.long()
-    return torch.bincount(flat, minlength=num_labels * num_labels).view(num_labels, num_labels)
-
-
-def macro_f1(confusion: Tensor) -> float:
-    """Mean per-class F1 over classes that occur in the labels or the predictions.
-
-    Same convention as sklearn's default (labels = union of y_true and y_pred).
-    """
-    conf = confusion.double()
-    tp = conf.diagonal()
-    support = conf.sum(dim=1)
-    predicted = conf.sum(dim=0)
-    present = (support + predicted) > 0
-    if not bool(present.any()):
-        return 0.0
-    f1 = 2 * tp / (support + predicted).clamp_min(1)
-    return float(f1[present].mean())
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _num_labels(model: nn.Module, explicit: int | None, logits_width: int) -> int:
-    if explicit is not None:
-        return explicit
-    config = getattr(model, "config", None)
-    return int(getattr(config, "num_labels", None) or logits_width)
-
-
-def evaluate(
-    model: nn.Module, split: EncodedSplit, *, batch_size: int = 64, num_labels: int | None = None
-) -> EvalResult:
-    """Accuracy, macro-F1, mean loss and confusion matrix; restores the model's mode.
-
-    A split carrying dense embeddings (`targets`) is scored as an embedding model (see EvalResult).
-    """
-    if len(split) == 0:
-        raise TrainingError("evaluate: split is empty")
-    logits = predict(model, split, batch_size=batch_size)
-    labels = split.labels
-    if split.targets is not None:
-        return _evaluate_embeddings(logits, split)
-    k = _num_labels(model, num_labels, logits.shape[-1])
-    preds = logits.argmax(dim=-1)
-    conf = confusion_matrix(labels, preds, max(k, int(labels.max()) + 1, logits.shape[-1]))
-    return EvalResult(
-        accuracy=float((preds == labels).double().mean()),
-        macro_f1=macro_f1(conf),
-        loss=float(F.cross_entropy(logits, labels)),
-        confusion=conf.tolist(),
-        n=len(split),
-    )
-
-
-def predict(model: nn.Module, split: EncodedSplit, *, batch_size: int = 64) -> Tensor:
-    """Logits (classifier) or normalised embeddings (bare encoder) for every row, on the CPU."""
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    outputs: list[Tensor] = []
-    try:
-        with torch.no_grad():
-            for batch in split.batches(batch_size):
-                batch = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-                outputs.append(model_outputs(model, batch).float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(outputs)
-
-
-def _evaluate_embeddings(embeddings: Tensor, split: EncodedSplit) -> EvalResult:
-    assert split.targets is not None
-    if len(split) < 2:
-        raise TrainingError("evaluate: an embedding split needs at least 2 rows (1-NN accuracy)")
-    labels = split.labels
-    preds = nearest_neighbour_predictions(embeddings, labels)
-    conf = confusion_matrix(labels, preds, int(labels.max()) + 1)
-    return EvalResult(
-        accuracy=float((preds == labels).double().mean()),
-        macro_f1=macro_f1(conf),
-        loss=float(embedding_loss(embeddings, split.targets)),
-        confusion=conf.tolist(),
-        n=len(split),
-        cosine=float(cosine_to_targets(embeddings, split.targets).mean()),
-    )
-
-
-# ----------------------------------------------------------------------------- training
+    """A training input is unusable (bad settings, empty split, no trainable weights, NaN loss)."""
 
 
 @dataclass
@@ -294,50 +78,180 @@ def lr_multiplier(step: int, total: int, warmup_fraction: float, schedule: str =
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def kd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    labels: Tensor,
+def training_loss(objective: Objective, settings: TrainSettings, teacher: Teacher | None) -> LossFn:
+    """The objective's loss (`ce`), or its distillation loss against `teacher` (`kd`)."""
+    if settings.loss == "kd" and teacher is None:
+        raise TrainingError("training: loss='kd' needs a teacher")
+
+    def loss(model: nn.Module, batch: dict) -> Tensor:
+        outputs = objective.outputs(model, batch)
+        if settings.loss == "ce":
+            return objective.loss(outputs, batch)
+        with torch.no_grad():
+            target = teacher(batch).detach().to(outputs.device)
+        if target.shape != outputs.shape:
+            raise TrainingError(
+                f"training: teacher outputs shape {tuple(target.shape)} != student "
+                f"{tuple(outputs.shape)}"
+            )
+        return objective.kd_loss(
+            outputs,
+            target,
+            batch,
+            temperature=settings.kd_temperature,
+            alpha=settings.kd_alpha,
+        )
+
+    return loss
+
+
+# ---- steppers ------------------------------------------------------------------------------------
+class Stepper(Protocol):
+    """One optimiser step from a loss, and the state a resumed run needs."""
+
+    model: nn.Module
+
+    def step(self, loss: Tensor) -> None: ...
+
+    def save(self, directory: Path, rank: int) -> bool: ...
+
+    def load(self, directory: Path) -> None: ...
+
+    def final_state(self, rank: int, lora: bool) -> dict[str, Tensor] | None: ...
+
+
+def plain_state(module: nn.Module, lora: bool) -> dict[str, Tensor]:
+    """State dict of the plain model (LoRA merged, wrappers gone), cloned so it can be stored."""
+    model = module.merge_and_unload() if lora else module
+    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+class TorchStepper:
+    """AdamW + linear warmup / cosine (or linear) decay + gradient clipping."""
+
+    def __init__(self, model: nn.Module, trainable: list[nn.Parameter], settings: TrainSettings):
+        settings.validate()
+        self.model, self.trainable, self.clip = model, trainable, settings.grad_clip
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=settings.lr, weight_decay=settings.weight_decay
+        )
+        total, warmup, schedule = settings.steps, settings.warmup_fraction, settings.schedule
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_multiplier(s, total, warmup, schedule)
+        )
+
+    def step(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def _inner(self) -> nn.Module:
+        return getattr(self.model, "module", self.model)  # DDP wraps the trained module
+
+    def save(self, directory: Path, rank: int) -> bool:
+        """Rank 0 writes trainable weights + optimiser + schedule; True if it wrote files."""
+        if rank != 0:
+            return False
+        weights = {
+            n: p.detach().cpu() for n, p in self._inner().named_parameters() if p.requires_grad
+        }
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        torch.save(state | {"weights": weights}, directory / STATE_FILE)
+        return True
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for name, param in self._inner().named_parameters():
+                if param.requires_grad:
+                    param.copy_(state["weights"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def final_state(self, rank: int, lora: bool) -> dict[str, Tensor] | None:
+        return plain_state(self._inner(), lora) if rank == 0 else None
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+def steps_per_epoch(rows: int, batch_size: int) -> int:
+    return math.ceil(rows / batch_size)
+
+
+def epoch_batches(split: EncodedSplit, rows: Tensor, batch_size: int, seed: int) -> Iterator[dict]:
+    """One shuffled pass over `split`; "index" = each row's index in the full split (`rows`)."""
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    for start in range(0, len(split), batch_size):
+        pick = order[start : start + batch_size]
+        batch = next(split.subset(pick).batches(len(pick)))
+        yield batch | {"index": rows[pick]}
+
+
+def run_steps(
+    stepper: Stepper,
+    split: EncodedSplit,
+    settings: TrainSettings,
+    loss_fn: LossFn,
     *,
-    temperature: float,
-    alpha: float,
-) -> Tensor:
-    """alpha * KL(teacher || student) * T^2 + (1 - alpha) * CE(student, labels)."""
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
-    if alpha >= 1.0:
-        return kl
-    return alpha * kl + (1.0 - alpha) * F.cross_entropy(student_logits.float(), labels)
+    rows: Tensor | None = None,
+    batch_size: int | None = None,
+    resume: tuple[int, list[float]] = (0, []),
+    average: Callable[[Tensor], float] = float,
+    on_step: Callable[[int, float], None] | None = None,
+    on_epoch: Callable[[int, list[float]], None] | None = None,
+) -> list[float]:
+    """Train to settings.steps from resume = (step at an epoch boundary, losses so far).
 
-
-def _endless_batches(
-    split: EncodedSplit, batch_size: int, seed: int
-) -> Iterator[dict[str, Tensor]]:
-    epoch = 0
-    while True:
-        yield from split.batches(batch_size, shuffle=True, seed=seed + epoch)
-        epoch += 1
+    `split` is what this process trains on (a worker's shard), `rows` its rows' indices in the
+    full split (teachers look rows up by them). `average` turns a loss into its mean over the
+    workers. `on_epoch(step, losses)` runs after every full pass that is not the last.
+    """
+    rows = torch.arange(len(split)) if rows is None else rows
+    batch_size = batch_size or settings.batch_size
+    device = model_device(stepper.model)
+    per_epoch = steps_per_epoch(len(split), batch_size)
+    step, losses = resume[0], list(resume[1])
+    if step % per_epoch and step < settings.steps:
+        raise TrainingError(f"resume step {step} is not an epoch boundary")
+    epoch = step // per_epoch
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(settings.seed + epoch)
+        while step < settings.steps:
+            for batch in epoch_batches(split, rows, batch_size, settings.seed + epoch):
+                batch = {k: v if k == "index" else v.to(device) for k, v in batch.items()}
+                loss = loss_fn(stepper.model, batch)
+                value = average(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingError(f"training loss is {value} at step {step}")
+                stepper.step(loss)
+                losses.append(value)
+                if on_step is not None:
+                    on_step(step, value)
+                step += 1
+                if step == settings.steps:
+                    break
+            epoch += 1
+            if on_epoch is not None and step < settings.steps:
+                on_epoch(step, losses)
+    return losses
 
 
 def train_steps(
     model: nn.Module,
     split: EncodedSplit,
     settings: TrainSettings,
+    loss_fn: LossFn,
     *,
-    teacher_logits: Callable[[dict], Tensor] | None = None,
     params: Iterable[nn.Parameter] | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train `settings.steps` AdamW steps on shuffled batches; return per-step losses.
+    """Train `settings.steps` AdamW steps in this process; return the per-step losses.
 
-    Deterministic under `settings.seed` (batch order and dropout RNG, without disturbing
-    the caller's global RNG). `teacher_logits(batch)` is called under no_grad with the
-    batch already on the model's device; the model's train/eval mode is restored afterwards.
+    Deterministic under `settings.seed`; the model's train/eval mode is restored afterwards.
     """
     settings.validate()
-    if settings.loss == "kd" and teacher_logits is None:
-        raise TrainingError("train_steps: loss='kd' needs a teacher_logits callable")
     if len(split) == 0:
         raise TrainingError("train_steps: training split is empty")
     trainable = [p for p in (params if params is not None else model.parameters())]
@@ -346,66 +260,11 @@ def train_steps(
         raise TrainingError("train_steps: no trainable parameters (all have requires_grad=False)")
     if settings.steps == 0:
         return []
-
-    device = _model_device(model)
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: lr_multiplier(
-            step, settings.steps, settings.warmup_fraction, settings.schedule
-        ),
-    )
-    # Fork the CPU RNG (and the model's CUDA device) so seeding here leaves the caller's alone.
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    losses: list[float] = []
+    stepper = TorchStepper(model, trainable, settings)
     was_training = model.training
     model.train()
     try:
-        with torch.random.fork_rng(devices=rng_devices):
-            torch.manual_seed(settings.seed)
-            batches = _endless_batches(split, settings.batch_size, settings.seed)
-            for step in range(settings.steps):
-                batch = {k: v.to(device) for k, v in next(batches).items()}
-                loss = _batch_loss(model, batch, settings, teacher_logits)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingError(f"train_steps: loss is {value} at step {step}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if settings.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                losses.append(value)
-                if on_step is not None:
-                    on_step(step, value)
+        return run_steps(stepper, split, settings, loss_fn, on_step=on_step)
     finally:
         model.train(was_training)
-        optimizer.zero_grad(set_to_none=True)
-    return losses
-
-
-def _batch_loss(
-    model: nn.Module,
-    batch: dict[str, Tensor],
-    settings: TrainSettings,
-    teacher_logits: Callable[[dict], Tensor] | None,
-) -> Tensor:
-    logits = model_outputs(model, batch)
-    if settings.loss == "ce":
-        return task_loss(logits, batch)
-    assert teacher_logits is not None
-    with torch.no_grad():
-        target = teacher_logits(batch).detach().to(logits.device)
-    if target.shape != logits.shape:
-        raise TrainingError(
-            f"train_steps: teacher logits shape {tuple(target.shape)} != student "
-            f"{tuple(logits.shape)}"
-        )
-    return kd_loss(
-        logits,
-        target,
-        batch["labels"],
-        temperature=settings.kd_temperature,
-        alpha=settings.kd_alpha,
-    )
+        stepper.optimizer.zero_grad(set_to_none=True)

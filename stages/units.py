@@ -82,7 +82,7 @@ def _bias_deltas(
         if not units:
             continue
         module = adapter.out_proj(layers[i], granularity)
-        cols = torch.cat([torch.arange(u * width, (u + 1) * width) for u in units])
+        cols = imp.unit_columns(units, width)
         delta = imp.bias_compensation(
             adapter.out_proj_weight(module).detach(), stats[f"{i}.x_sum"], stats["tokens"], cols
         )

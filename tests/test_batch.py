@@ -190,7 +190,7 @@ def tiny_checkpoints(tmp_path_factory) -> list[str]:
     from transformers import AutoModelForSequenceClassification
 
     from runner.data import CLASS_NAMES, DataConfig, build_dataset
-    from runner.models import DEMO_MODELS, build_tokenizer, demo_config
+    from runner.demo_models import DEMO_MODELS, build_tokenizer, demo_config
 
     root = tmp_path_factory.mktemp("tiny-family")
     tokenizer = build_tokenizer(build_dataset(DataConfig(**TINY_DATA))["train"]["text"])

@@ -13,18 +13,20 @@ from transformers import BertModel
 
 from runner.config import ConfigError, parse_config
 from runner.data import DataConfig, build_dataset
+from runner.demo_models import build_tokenizer
 from runner.job import run_job
-from runner.models import ModelError, build_tokenizer, load_model
-from stages.checkpoint import load_pruned
-from stages.objective import (
+from runner.models import ModelError, load_model
+from stages.checkpoint import load_pruned, save_checkpoint
+from stages.objectives import get_objective
+from stages.objectives.embedding import (
     embedding_loss,
     embedding_sensitivity_loss,
     mean_pool,
     nearest_neighbour_predictions,
-    summed_loss,
-    task_loss,
 )
-from stages.training import encode_split, evaluate, predict
+from stages.split import encode_split
+
+EMBED = get_objective("embedding")
 
 
 # ----------------------------------------------------------------------------- pure maths
@@ -76,14 +78,13 @@ def test_importance_loss_has_a_gradient_at_the_dense_embeddings() -> None:
     assert student.grad.abs().sum() > 1e-2
 
 
-def test_task_loss_switches_on_targets() -> None:
+def test_each_objective_has_its_own_loss() -> None:
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
     batch = {"labels": torch.tensor([0, 1])}
-    assert torch.isclose(
-        task_loss(logits, batch), torch.nn.functional.cross_entropy(logits, batch["labels"])
-    )
+    ce = get_objective("classification").loss(logits, batch)
+    assert torch.isclose(ce, torch.nn.functional.cross_entropy(logits, batch["labels"]))
     with_targets = batch | {"targets": logits}
-    assert torch.isclose(task_loss(logits, with_targets), embedding_loss(logits, logits))
+    assert torch.isclose(EMBED.loss(logits, with_targets), embedding_loss(logits, logits))
 
 
 def test_nearest_neighbour_is_leave_one_out() -> None:
@@ -111,27 +112,26 @@ def save_tiny_encoder(path: Path) -> Path:
 
 def test_load_model_embedding_gives_bare_encoder(tmp_path) -> None:
     path = save_tiny_encoder(tmp_path / "enc")
-    model, _ = load_model(str(path), task="embedding")
+    model, _ = load_model(str(path), head="encoder")
     assert isinstance(model, BertModel) and model.pooler is None
     with pytest.raises(ModelError, match="demo models are classifiers"):
-        load_model("demo-tiny-gpt2", task="embedding")
+        load_model("demo-tiny-gpt2", head="encoder")
 
 
 def test_evaluate_reports_cosine_to_dense(tmp_path) -> None:
     path = save_tiny_encoder(tmp_path / "enc")
-    model, tok = load_model(str(path), task="embedding")
+    model, tok = load_model(str(path), head="encoder")
     data = build_dataset(DataConfig(samples_per_class_per_load=2, calibration_size=8))
-    split = encode_split(data["test"], tok, 64)
-    split = split.with_targets(predict(model, split))
-    dense = evaluate(model, split)
+    split = EMBED.dense_targets(model, encode_split(data["test"], tok, 64))
+    dense = EMBED.evaluate(model, split)
     assert dense.cosine == pytest.approx(1.0, abs=1e-5)
     assert 0.0 <= dense.accuracy <= 1.0 and dense.n == len(split)
     with torch.no_grad():  # damage one layer: cosine must drop below 1
         model.encoder.layer[0].output.dense.weight.mul_(-3.0)
-    assert evaluate(model, split).cosine < 0.99
+    assert EMBED.evaluate(model, split).cosine < 0.99
     batch = next(split.batches(4))
     with torch.no_grad():
-        assert "targets" in batch and float(summed_loss(model, batch)) > 0
+        assert "targets" in batch and float(EMBED.importance_loss(model, batch)) > 0
 
 
 # ----------------------------------------------------------------------------- config
@@ -156,14 +156,12 @@ def test_embedding_config_rejects_classifier_options() -> None:
 
 
 def test_a_pruned_export_must_suit_the_task(tmp_path) -> None:
-    from stages.checkpoint import save_checkpoint
-
     path = save_tiny_encoder(tmp_path / "enc")
-    encoder, tok = load_model(str(path), task="embedding")
+    encoder, tok = load_model(str(path), head="encoder")
     save_checkpoint(encoder, tok, tmp_path / "export")
-    with pytest.raises(ModelError, match="bare encoder .* does not fit task 'classification'"):
+    with pytest.raises(ModelError, match="holds a BertModel, which does not fit a classification"):
         load_model(str(tmp_path / "export"), num_labels=10)
-    assert isinstance(load_model(str(tmp_path / "export"), task="embedding")[0], BertModel)
+    assert isinstance(load_model(str(tmp_path / "export"), head="encoder")[0], BertModel)
 
 
 # ----------------------------------------------------------------------------- end to end

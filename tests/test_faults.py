@@ -17,7 +17,7 @@ from conftest import tiny_job
 
 from runner.config import parse_config
 from runner.job import run_job
-from runner.pipeline import JobError
+from runner.errors import JobError
 from stages.checkpoint import load_pruned, verify_manifest
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ from tiny_models import tiny_gpt2
 
 from runner.config import ModelConfig
 from runner.finetune import finetune_dense
-from stages.training import EncodedSplit
+from stages.split import EncodedSplit
 
 
 def _split(n: int = 32) -> EncodedSplit:

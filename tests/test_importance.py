@@ -11,20 +11,16 @@ from scipy.stats import spearmanr
 from stages.importance import (
     ImportanceError,
     activation_norm,
-    activation_sums,
     bias_compensation,
     block_influence,
     condition_scores,
     cosine_distance_stats,
     fluctuation,
-    gram_sum,
     l2_magnitude,
     normalised_interaction,
     spearman,
-    taylor_mask,
-    taylor_weight,
+    taylor,
     unit_columns,
-    unit_sum,
     wanda,
 )
 
@@ -37,11 +33,20 @@ def _close(actual: torch.Tensor, expected, rtol: float = 1e-5, atol: float = 1e-
     )
 
 
-def test_unit_sum_and_columns():
-    _close(unit_sum(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), 3), [6.0, 15.0])
+def activation_sums(x, mask=None):
+    """(count, x_sum, x_sq_sum) of the real tokens, as stages/statistics.py accumulates them."""
+    flat = x.reshape(-1, x.shape[-1]) if mask is None else x[mask.bool()]
+    flat = flat.double()
+    return flat.shape[0], flat.sum(0), flat.square().sum(0)
+
+
+def gram_sum(x, mask=None):
+    flat = (x.reshape(-1, x.shape[-1]) if mask is None else x[mask.bool()]).double()
+    return flat.T @ flat
+
+
+def test_unit_columns():
     assert unit_columns([2, 0], 2).tolist() == [4, 5, 0, 1]
-    with pytest.raises(ImportanceError, match="width 4"):
-        unit_sum(torch.ones(6), 4)
 
 
 def test_l2_magnitude_over_several_matrices():
@@ -51,21 +56,23 @@ def test_l2_magnitude_over_several_matrices():
         l2_magnitude([torch.ones(2, 3), torch.ones(3, 3)])
 
 
-def test_taylor_weight_sums_abs_products():
-    w = [torch.tensor([[1.0, -2.0], [3.0, 4.0]]), torch.tensor([[2.0], [1.0]])]
-    g = [torch.tensor([[0.5, 0.5], [-1.0, 0.0]]), torch.tensor([[-1.0], [0.25]])]
-    # row 0: |0.5| + |-1| + |-2| = 3.5 ; row 1: |-3| + 0 + |0.25| = 3.25
-    _close(taylor_weight(w, g), [3.5, 3.25])
-    with pytest.raises(ImportanceError, match="differ"):
-        taylor_weight(w, [torch.ones(2, 3), torch.ones(2, 1)])
-
-
-def test_taylor_mask_passes_abs_sums_and_rejects_signed():
-    _close(
-        taylor_mask(torch.tensor([0.3, 0.0, 2.0], dtype=torch.bfloat16)), [0.3, 0.0, 2.0], rtol=1e-2
-    )
-    with pytest.raises(ImportanceError, match="signed"):
-        taylor_mask(torch.tensor([0.1, -0.2]))
+def test_taylor_is_the_group_first_order_term_of_the_summed_loss():
+    """By hand: y = W (m * x) with out-projection W [1, 2] and unit gates m; L = sum over 2
+    "batches" of y. dL/dm_u = sum_batches W[0, u] * x_u, signed sums first, |.| at the end:
+    unit 0: 2 * (1 + (-1)) = 0 (its effects cancel over the calibration set), unit 1: 3 * (2 + 1)
+    = 9. That equals |sum_k dL/dW_k * W_k| over the unit's column (LLM-Pruner's vector-wise term).
+    """
+    w = torch.tensor([[2.0, 3.0]])
+    batches = [torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 1.0])]
+    mask = torch.ones(2, requires_grad=True)
+    weight = w.clone().requires_grad_(True)
+    sum((weight @ (mask * x)).sum() for x in batches).backward()
+    _close(taylor(mask.grad), [0.0, 9.0])
+    _close(taylor(mask.grad), (weight.grad * weight).sum(0).abs().detach())
+    # per-batch |grad| summed would have scored unit 0 as 4: that is NOT the definition
+    assert float(taylor(mask.grad)[0]) != 4.0
+    with pytest.raises(ImportanceError, match="1-D"):
+        taylor(torch.ones(2, 2))
 
 
 def test_wanda_by_hand_2x4_unit_width_2():
@@ -159,7 +166,7 @@ def test_condition_scores_equal_brute_force_obs_error():
     assert scores[[0, 4]].max() < scores[[1, 2, 3]].min()
     _close(
         condition_scores(w[:, :4], gram_sum(x[:, :4]), 2, damp=0.0),
-        unit_sum(condition_scores(w[:, :4], gram_sum(x[:, :4]), 1, damp=0.0), 2),
+        condition_scores(w[:, :4], gram_sum(x[:, :4]), 1, damp=0.0).reshape(2, 2).sum(1),
     )
     with pytest.raises(ImportanceError, match="not positive definite"):
         condition_scores(w, torch.zeros(5, 5), 1, damp=0.0)

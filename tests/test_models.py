@@ -1,29 +1,27 @@
-"""Tests for runner.models: tokenizer, demo configs, loading errors, demo training + cache."""
+"""runner.models (loading, safetensors only, heads) and runner.demo_models (tokenizer, configs,
+demo training + cache)."""
 
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, GPT2Config
 
+import runner.demo_models as demo
 import runner.models as models
 from runner.data import CLASS_NAMES, DataConfig
-from runner.models import (
+from runner.demo_models import (
     DEMO_MODELS,
-    ModelError,
+    DemoModelError,
     build_tokenizer,
-    count_params,
     demo_cache_key,
     demo_config,
-    describe_model,
     get_demo_model,
-    load_model,
 )
+from runner.models import ModelError, count_params, describe_model, load_model
 
 TEXTS = ["rms 0.3 kurt 14 env 4.7x", "rms 0.19 kurt 3.5", "rms 0.3 hf 0.84"]
 
@@ -137,9 +135,7 @@ def test_load_model_uses_load_pruned_for_pruned_checkpoints(tmp_path, monkeypatc
         calls.append(Path(path))
         return AutoModelForSequenceClassification.from_pretrained(path)
 
-    fake = types.ModuleType("stages.checkpoint")
-    fake.load_pruned = fake_load_pruned  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "stages.checkpoint", fake)
+    monkeypatch.setattr(models, "load_pruned", fake_load_pruned)
     model, _ = load_model(str(tmp_path))
     assert calls == [tmp_path] and model.config.num_labels == 3
 
@@ -173,7 +169,7 @@ def test_demo_tiny_model_trains_caches_and_reloads_identically(tmp_path, monkeyp
     def no_training(*args, **kwargs):
         raise AssertionError("cache hit must not retrain")
 
-    monkeypatch.setattr(models, "train_steps", no_training)
+    monkeypatch.setattr(demo, "train_steps", no_training)
     again, tok2 = get_demo_model(
         "demo-tiny-llama", cache_dir=tmp_path, data_cfg=TINY_DATA, progress=False
     )
@@ -208,14 +204,14 @@ def test_atomic_save_tolerates_a_racing_writer(tmp_path: Path) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "src")
     tok = build_tokenizer(TEXTS)
     target = tmp_path / "cache" / "demo-x-123"
-    models._save_atomically(model, tok, target, {"who": "first"})
-    models._save_atomically(model, tok, target, {"who": "second"})  # lost the race: no error
-    assert json.loads((target / models._MARKER).read_text())["who"] == "first"
+    demo._save_atomically(model, tok, target, {"who": "first"})
+    demo._save_atomically(model, tok, target, {"who": "second"})  # lost the race: no error
+    assert json.loads((target / demo._MARKER).read_text())["who"] == "first"
     assert [p.name for p in target.parent.iterdir()] == ["demo-x-123"]
 
 
-def test_unknown_demo_name_is_a_model_error() -> None:
-    with pytest.raises(ModelError, match="unknown demo model"):
+def test_unknown_demo_name_is_a_user_error() -> None:
+    with pytest.raises(DemoModelError, match="unknown demo model"):
         get_demo_model("demo-nope")
 
 

@@ -8,9 +8,10 @@ from conftest import tiny_job
 
 from runner.config import parse_config
 from runner.job import run_job
-from runner.pipeline import JobError
+from runner.errors import JobError
 from stages.checkpoint import load_pruned
-from stages.training import encode_split, evaluate
+from stages.objectives import get_objective
+from stages.split import encode_split
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +121,8 @@ def test_checkpoint_reloads_with_the_reported_accuracy(finished_job):
     cfg = parse_config(tiny_job())
     _, tokenizer = load_model("demo-tiny-gpt2", progress=False, data_cfg=cfg.data)
     test = encode_split(build_dataset(DataConfig(**cfg.data.model_dump()))["test"], tokenizer, 96)
-    assert evaluate(model, test).accuracy == pytest.approx(report["final"]["accuracy"])
+    accuracy = get_objective("classification").evaluate(model, test).accuracy
+    assert accuracy == pytest.approx(report["final"]["accuracy"])
 
 
 def test_existing_output_is_refused_without_force(finished_job):

@@ -11,21 +11,31 @@ import torch
 from tiny_models import tiny_gpt2, tiny_llama
 
 from cluster.train import recover_distributed
-from cluster.train_loop import (
-    DistributedRecoveryError,
-    TorchStepper,
-    batch_loss,
-    epoch_batches,
-    merged_state,
-    per_worker_batch_size,
-    prepare_trainable,
-    shard_indices,
-    steps_per_epoch,
-    train_shard,
-)
+from cluster.train_loop import DistributedRecoveryError, per_worker_batch_size, shard_indices
 from stages.arch import get_adapter
-from stages.recover import RecoverySettings, cached_teacher, recover
-from stages.training import EncodedSplit
+from stages.objectives import CachedOutputs, get_objective
+from stages.recover import RecoverySettings, prepare_trainable, recover
+from stages.split import EncodedSplit
+from stages.training import (
+    TorchStepper,
+    epoch_batches,
+    plain_state,
+    run_steps,
+    steps_per_epoch,
+    training_loss,
+)
+
+CLASSIFY = get_objective("classification")
+
+
+def loss_fn(settings: RecoverySettings, teacher=None):
+    return training_loss(CLASSIFY, settings.train_settings(), teacher)
+
+
+def worker_stepper(model, settings: RecoverySettings) -> TorchStepper:
+    """What a Ray Train worker builds: LoRA-wrapped model, its trainable params, a TorchStepper."""
+    trained, params = prepare_trainable(model, get_adapter(model), settings)
+    return TorchStepper(trained, params, settings.train_settings())
 
 
 def make_split(rows: int = 24, seq: int = 8, seed: int = 0) -> EncodedSplit:
@@ -55,19 +65,19 @@ def test_shards_cover_every_row_like_distributed_sampler():
 def test_single_worker_loop_reproduces_in_process_recover_exactly(build, loss):
     model, split = build(), make_split(20)
     settings = RecoverySettings(steps=7, batch_size=6, lr=5e-3, seed=3, loss=loss)
-    teacher = torch.randn(len(split), 3, generator=torch.Generator().manual_seed(1))
+    teacher = CachedOutputs(torch.randn(len(split), 3, generator=torch.Generator().manual_seed(1)))
     reference = copy.deepcopy(model)
-    torch.manual_seed(settings.seed)  # recover() draws the LoRA init from the global RNG
-    reference, metrics = recover(reference, get_adapter(reference), split, settings, teacher)
+    adapter = get_adapter(reference)
+    reference, metrics = recover(reference, adapter, split, settings, CLASSIFY, teacher)
 
-    trained, params = prepare_trainable(model, get_adapter(model), settings)
+    stepper = worker_stepper(model, settings)  # world = 1: the whole split is rank 0's shard
     rows = shard_indices(len(split), 0, 1)
-    losses = train_shard(
-        TorchStepper(trained, params, settings), split.subset(rows), rows, settings,
-        batch_size=6, teacher=cached_teacher(teacher),
+    losses = run_steps(
+        stepper, split.subset(rows), settings.train_settings(), loss_fn(settings, teacher),
+        rows=rows, batch_size=per_worker_batch_size(settings.batch_size, 1),
     )  # fmt: skip
     assert losses == metrics["losses"]
-    state, expected = merged_state(trained, "lora"), reference.state_dict()
+    state, expected = plain_state(stepper.model, lora=True), reference.state_dict()
     assert state.keys() == expected.keys()
     assert all(torch.equal(state[k], expected[k]) for k in expected)
 
@@ -80,8 +90,13 @@ def test_resuming_at_an_epoch_boundary_gives_the_uninterrupted_result(tmp_path):
         pass
 
     def fresh_stepper() -> TorchStepper:
-        model = tiny_gpt2()
-        return TorchStepper(*prepare_trainable(model, get_adapter(model), settings), settings)
+        return worker_stepper(tiny_gpt2(), settings)
+
+    def train(stepper, **kwargs):
+        return run_steps(
+            stepper, split.subset(rows), settings.train_settings(), loss_fn(settings),
+            rows=rows, batch_size=8, **kwargs,
+        )  # fmt: skip
 
     def run(stop_after_epoch: int | None):
         stepper, saved = fresh_stepper(), {}
@@ -93,17 +108,12 @@ def test_resuming_at_an_epoch_boundary_gives_the_uninterrupted_result(tmp_path):
                 raise WorkerDied
 
         try:
-            losses = train_shard(
-                stepper, split.subset(rows), rows, settings, batch_size=8, on_epoch=on_epoch
-            )
+            losses = train(stepper, on_epoch=on_epoch)
         except WorkerDied:
             stepper = fresh_stepper()
             stepper.load(tmp_path)
-            resume = (saved["step"], saved["losses"])
-            losses = train_shard(
-                stepper, split.subset(rows), rows, settings, batch_size=8, resume=resume
-            )
-        return losses, merged_state(stepper.model, "lora")
+            losses = train(stepper, resume=(saved["step"], saved["losses"]))
+        return losses, plain_state(stepper.model, lora=True)
 
     full_losses, full = run(None)
     resumed_losses, resumed = run(1)  # 3 steps per epoch: dies after step 3, resumes there
@@ -111,28 +121,33 @@ def test_resuming_at_an_epoch_boundary_gives_the_uninterrupted_result(tmp_path):
     assert all(torch.equal(resumed[k], full[k]) for k in full)
 
 
+CLS = "classification"
+
+
 def test_bad_requests_fail_before_starting_ray():
     model, split = tiny_gpt2(), make_split()
     adapter, cfg = get_adapter(model), cluster_cfg(2)
     with pytest.raises(DistributedRecoveryError, match="unknown strategy 'fsdp'"):
-        recover_distributed(model, adapter, split, RecoverySettings(), None, cfg, "fsdp")
+        recover_distributed(model, adapter, split, RecoverySettings(), CLS, None, cfg, "fsdp")
     with pytest.raises(DistributedRecoveryError, match="method 'mask'"):
-        recover_distributed(model, adapter, split, RecoverySettings(method="mask"), None, cfg)
-    with pytest.raises(DistributedRecoveryError, match="teacher logits"):
-        recover_distributed(model, adapter, split, RecoverySettings(loss="kd"), None, cfg)
+        recover_distributed(model, adapter, split, RecoverySettings(method="mask"), CLS, None, cfg)
+    with pytest.raises(DistributedRecoveryError, match="needs a teacher"):
+        recover_distributed(model, adapter, split, RecoverySettings(loss="kd"), CLS, None, cfg)
     if importlib.util.find_spec("deepspeed") is None:
         with pytest.raises(DistributedRecoveryError, match=r"pip install \.\[deepspeed\]"):
             recover_distributed(
-                model, adapter, split, RecoverySettings(), None, cfg, "deepspeed_zero2"
+                model, adapter, split, RecoverySettings(), CLS, None, cfg, "deepspeed_zero2"
             )
-    same, metrics = recover_distributed(model, adapter, split, RecoverySettings(steps=0), None, cfg)
+    same, metrics = recover_distributed(
+        model, adapter, split, RecoverySettings(steps=0), CLS, None, cfg
+    )
     assert same is model and metrics["losses"] == [] and metrics["first_loss"] is None
 
 
 def simulate_two_worker_ddp(model, split, settings):
     """What 2-rank DDP computes, in one process: mean of the ranks' losses (= averaged grads)."""
-    trained, params = prepare_trainable(model, get_adapter(model), settings)
-    stepper = TorchStepper(trained, params, settings)
+    stepper = worker_stepper(model, settings)
+    trained, loss = stepper.model, loss_fn(settings)
     batch_size = per_worker_batch_size(settings.batch_size, 2)
     rows = [shard_indices(len(split), r, 2) for r in range(2)]
     losses, epoch = [], 0  # the tiny models have no dropout: no RNG to match
@@ -141,13 +156,13 @@ def simulate_two_worker_ddp(model, split, settings):
             epoch_batches(split.subset(r), r, batch_size, settings.seed + epoch) for r in rows
         ]
         for pair in zip(*streams):
-            loss = sum(batch_loss(trained, b, settings, None) for b in pair) / 2
-            stepper.step(loss)
-            losses.append(float(loss))
+            mean = sum(loss(trained, b) for b in pair) / 2
+            stepper.step(mean)
+            losses.append(float(mean))
             if len(losses) == settings.steps:
                 break
         epoch += 1
-    return losses, merged_state(trained, "lora")
+    return losses, plain_state(trained, lora=True)
 
 
 @pytest.mark.slow
@@ -163,7 +178,15 @@ def test_ray_train_ddp_resumes_after_a_killed_worker_and_matches_simulation(tmp_
     try:
         fault = {"epoch": 1, "marker": str(tmp_path / "killed")}
         out, metrics = recover_distributed(
-            model, get_adapter(model), split, settings, None, cluster_cfg(2), "ddp", fault=fault
+            model,
+            get_adapter(model),
+            split,
+            settings,
+            CLS,
+            None,
+            cluster_cfg(2),
+            "ddp",
+            fault=fault,
         )
     finally:
         ray.shutdown()

@@ -9,8 +9,9 @@ import pytest
 from tiny_models import tiny_gpt2
 
 from runner.data import CLASS_NAMES
-from runner.models import DEMO_MODELS, count_params, demo_config
-from runner.pipeline import chance_level_warning
+from runner.demo_models import DEMO_MODELS, demo_config
+from runner.models import count_params
+from runner.tasks import chance_level_warning
 from runner.report import render_markdown
 from runner.report_html import (
     write_compare_html,

@@ -8,7 +8,10 @@ from tiny_models import tiny_gpt2, tiny_llama
 
 from runner.config import SIAConfig
 from stages.arch import get_adapter
+from stages.objectives import get_objective
 from stages.sia import additivity, combine, component_masks, run_sia, stability
+
+CLASSIFY = get_objective("classification")
 
 COUNTS = [6, 5, 4]
 EFFECT = {
@@ -92,7 +95,7 @@ def test_run_sia_on_a_real_model_reports_both_granularities(build):
         for _ in range(2)
     ]
     before = [p.clone() for p in model.parameters()]
-    result = run_sia(model, adapter, batches, SIAConfig(pairs=4), seed=0)
+    result = run_sia(model, adapter, batches, SIAConfig(pairs=4), CLASSIFY, seed=0)
     assert set(result["details"]) == {"heads", "channels"}
     assert result["details"]["heads"]["components"] == sum(
         adapter.attn_units(model, i) * adapter.heads_per_unit(model)

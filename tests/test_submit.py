@@ -27,6 +27,7 @@ from cluster.submit import (
     resolve_token,
     submit_job,
 )
+from runner import cli_cluster
 from runner.cli_cluster import register
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def test_submit_sends_project_config_and_bearer_token(job_file, fake_client, tmp
     assert env["excludes"] == EXCLUDES
     assert yaml.safe_load(env["env_vars"][submit.CONFIG_ENV]) == TINY_JOB
     assert sent["entrypoint"] == (
-        f"python -m cluster.submit run-job /data/runs/{job_id} --set stages.1.steps=2"
+        f"python -m runner.cli run-submitted /data/runs/{job_id} --set stages.1.steps=2"
     )
     out = capsys.readouterr().out
     assert f"/data/runs/{job_id}" in out and "s3cret" not in out
@@ -127,7 +128,7 @@ def test_invalid_config_and_unreachable_server_are_one_line_errors(job_file, tmp
     with pytest.raises(
         SubmitError, match=f"cannot reach the Ray job server at http://127.0.0.1:{port}"
     ):
-        submit_job(job_file, f"http://127.0.0.1:{port}", token="tok")
+        submit_job(job_file.read_text(), "tiny", f"http://127.0.0.1:{port}", token="tok")
     assert cli(["status", "some-job", "--address", f"http://127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot reach") and len(err.strip().splitlines()) == 1
@@ -144,14 +145,14 @@ def test_job_side_joins_the_jobs_cluster_unless_the_config_names_one(monkeypatch
     from runner.config import load_config
 
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    extra = submit._join_job_cluster(yaml.safe_dump(TINY_JOB))
+    extra = cli_cluster._join_job_cluster(yaml.safe_dump(TINY_JOB))
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(TINY_JOB))
     assert load_config(path, [extra[1]]).cluster.address == "10.0.0.1:6379"
     named = {**TINY_JOB, "cluster": {"address": "other:6379"}}
-    assert submit._join_job_cluster(yaml.safe_dump(named)) == []
+    assert cli_cluster._join_job_cluster(yaml.safe_dump(named)) == []
     monkeypatch.delenv("RAY_ADDRESS")
-    assert submit._join_job_cluster(yaml.safe_dump(TINY_JOB)) == []
+    assert cli_cluster._join_job_cluster(yaml.safe_dump(TINY_JOB)) == []
 
 
 # ---- a real local Ray head with the dashboard's job server ---------------------------------------
@@ -227,8 +228,9 @@ def _wait_for_job_server(
 def test_submitted_job_succeeds_and_writes_its_report(ray_head, job_file, tmp_path):
     root = tmp_path / "runs"
     job_id = submit_job(
-        job_file, ray_head, extra_args=["--set", "stages.1.steps=2"], output_root=str(root)
-    )
+        job_file.read_text(), "tiny", ray_head, extra_args=["--set", "stages.1.steps=2"],
+        output_root=str(root),
+    )  # fmt: skip
     chunks: list[str] = []
     status = submit.job_logs(job_id, ray_head, follow=True, write=chunks.append)
     logs = "".join(chunks)

@@ -1,4 +1,4 @@
-"""Tests for stages.training: encoding, exact metrics, the training loop, KD and determinism."""
+"""The training loop (stages.training), split encoding, exact metrics and classification KD."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from stages.training import (
-    EncodedSplit,
-    TrainingError,
-    TrainSettings,
-    confusion_matrix,
-    encode_split,
-    evaluate,
-    kd_loss,
-    lr_multiplier,
-    macro_f1,
-    train_steps,
-)
+from stages.metrics import confusion_matrix, macro_f1
+from stages.objectives import get_objective
+from stages.objectives.classification import kd_loss
+from stages.split import EncodedSplit, SplitError, encode_split
+from stages.training import TrainingError, TrainSettings, lr_multiplier, train_steps, training_loss
+
+CLASSIFY = get_objective("classification")
+evaluate = CLASSIFY.evaluate
+
+
+def _train(model, split, settings, teacher=None, **kwargs) -> list[float]:
+    return train_steps(model, split, settings, training_loss(CLASSIFY, settings, teacher), **kwargs)
 
 
 class LookupModel(nn.Module):
@@ -50,7 +50,7 @@ def test_evaluate_exact_metrics_on_known_logits() -> None:
     table = 2.0 * torch.nn.functional.one_hot(torch.tensor(preds), 3).float()
     model = LookupModel(table)
     model.train()
-    result = evaluate(model, _lookup_split(labels), batch_size=4)
+    result = evaluate(model, _lookup_split(labels))
 
     assert result.n == 6
     assert result.accuracy == pytest.approx(4 / 6)
@@ -61,7 +61,7 @@ def test_evaluate_exact_metrics_on_known_logits() -> None:
     p_miss = 1 / (math.exp(2) + 2)
     expected_loss = -(4 * math.log(p_hit) + 2 * math.log(p_miss)) / 6
     assert result.loss == pytest.approx(expected_loss, rel=1e-5)
-    assert model.modes_seen == [False, False]  # two batches, both in eval mode
+    assert model.modes_seen and not any(model.modes_seen)  # every batch in eval mode
     assert model.training  # mode restored
 
 
@@ -105,7 +105,7 @@ def test_encode_split_pads_to_longest_and_batches_trim_padding() -> None:
 def test_encode_split_rejects_missing_column() -> None:
     from datasets import Dataset
 
-    with pytest.raises(TrainingError, match="'label'"):
+    with pytest.raises(SplitError, match="'label'"):
         encode_split(Dataset.from_dict({"text": ["a"]}), TinyWordTokenizer(["a"]))
 
 
@@ -146,7 +146,7 @@ def test_train_steps_lowers_loss_and_reaches_high_accuracy() -> None:
     model, split = _tiny_classifier(), _toy_split()
     before = evaluate(model, split)
     seen: list[int] = []
-    losses = train_steps(
+    losses = _train(
         model, split, TrainSettings(steps=80, lr=1e-2, batch_size=16),
         on_step=lambda step, loss: seen.append(step),
     )  # fmt: skip
@@ -160,14 +160,14 @@ def test_train_steps_lowers_loss_and_reaches_high_accuracy() -> None:
 def test_train_steps_is_deterministic_and_leaves_global_rng_alone() -> None:
     settings = TrainSettings(steps=15, lr=5e-3, batch_size=8, seed=3)
     state = torch.get_rng_state()
-    a = train_steps(_tiny_classifier(), _toy_split(), settings)
+    a = _train(_tiny_classifier(), _toy_split(), settings)
     torch.set_rng_state(state)
-    b = train_steps(_tiny_classifier(), _toy_split(), settings)
+    b = _train(_tiny_classifier(), _toy_split(), settings)
     assert a == b
     state = torch.get_rng_state()
-    train_steps(_tiny_classifier(), _toy_split(), settings)
+    _train(_tiny_classifier(), _toy_split(), settings)
     assert torch.equal(torch.get_rng_state(), state)
-    c = train_steps(_tiny_classifier(), _toy_split(), TrainSettings(steps=15, lr=5e-3, seed=4))
+    c = _train(_tiny_classifier(), _toy_split(), TrainSettings(steps=15, lr=5e-3, seed=4))
     assert c != a
 
 
@@ -178,7 +178,7 @@ def test_kd_with_student_as_teacher_has_zero_loss() -> None:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     settings = TrainSettings(steps=5, loss="kd", kd_alpha=1.0, kd_temperature=3.0)
-    losses = train_steps(model, split, settings, teacher_logits=teacher)
+    losses = _train(model, split, settings, teacher)
     assert max(abs(x) for x in losses) < 1e-6
 
 
@@ -191,7 +191,7 @@ def test_kd_uses_teacher_logits() -> None:
         return 10.0 * torch.nn.functional.one_hot(batch["labels"], 3).float()
 
     settings = TrainSettings(steps=40, lr=1e-2, loss="kd", kd_alpha=1.0)
-    losses = train_steps(model, split, settings, teacher_logits=confident_teacher)
+    losses = _train(model, split, settings, confident_teacher)
     assert len(calls) == 40
     assert losses[0] > 0.1 and losses[-1] < 0.5 * losses[0]
 
@@ -210,10 +210,10 @@ def test_kd_loss_formula() -> None:
 
 
 def test_kd_without_teacher_and_bad_settings_raise() -> None:
-    with pytest.raises(TrainingError, match="teacher_logits"):
-        train_steps(_tiny_classifier(), _toy_split(), TrainSettings(steps=1, loss="kd"))
+    with pytest.raises(TrainingError, match="needs a teacher"):
+        _train(_tiny_classifier(), _toy_split(), TrainSettings(steps=1, loss="kd"))
     with pytest.raises(TrainingError, match="kd_alpha"):
-        train_steps(_tiny_classifier(), _toy_split(), TrainSettings(steps=1, kd_alpha=2.0))
+        _train(_tiny_classifier(), _toy_split(), TrainSettings(steps=1, kd_alpha=2.0))
 
 
 def test_only_given_params_change() -> None:
@@ -221,7 +221,7 @@ def test_only_given_params_change() -> None:
     head = list(model.score.parameters())
     frozen = {k: v.clone() for k, v in model.transformer.state_dict().items()}
     old_head = [p.detach().clone() for p in head]
-    train_steps(model, _toy_split(), TrainSettings(steps=3, lr=1e-2), params=head)
+    _train(model, _toy_split(), TrainSettings(steps=3, lr=1e-2), params=head)
     assert all(torch.equal(v, model.transformer.state_dict()[k]) for k, v in frozen.items())
     assert any(not torch.equal(a, b) for a, b in zip(old_head, head))
 
@@ -231,7 +231,7 @@ def test_non_finite_loss_raises() -> None:
     with torch.no_grad():
         model.score.weight.fill_(float("nan"))
     with pytest.raises(TrainingError, match="step 0"):
-        train_steps(model, _toy_split(), TrainSettings(steps=2))
+        _train(model, _toy_split(), TrainSettings(steps=2))
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero() -> None:

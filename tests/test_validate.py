@@ -32,7 +32,7 @@ from stages import memory_model as mm
 from stages.arch import get_adapter
 from stages.budget import stage_budget
 from stages.checkpoint import load_pruned, save_checkpoint
-from stages.validate import (
+from runner.validate import (
     ValidationFailed,
     check_fits,
     params_for_budget,
@@ -232,7 +232,7 @@ def test_dense_comparison_reports_measured_reductions_and_rooflines(measured):
 
 
 def test_budget_below_the_measured_peak_is_a_does_not_fit(measured, gpt2_pair, monkeypatch):
-    import stages.validate as validate
+    import runner.validate as validate
 
     _, pruned, _ = gpt2_pair
     replay = {
@@ -366,7 +366,7 @@ def test_job_on_a_device_target_plans_the_compression_and_reports_validation(tmp
 
 def test_a_model_that_does_not_fit_fails_the_job_after_writing_the_report(tmp_path, monkeypatch):
     from runner.job import run_job
-    from stages.validate import ValidationFailed
+    from runner.validate import ValidationFailed
 
     monkeypatch.setenv("CASCADE_VALIDATE_MEASURE", "0")
     raw = tiny_job(target={"ratio": 1.6, "device": NANO, "budget_bytes": 4096})

@@ -1,6 +1,6 @@
 """Does a pruned checkpoint fit an edge device? Analytic memory, a measured run, a roofline.
 
-The measured run happens in a SEPARATE PROCESS (`python -m stages.validate --probe ...`) so the
+The measured run happens in a SEPARATE PROCESS (`python -m runner.validate --probe ...`) so the
 caller's own memory never pollutes the figure: it loads the checkpoint, runs forward passes over
 batch x seq_len random tokens (KV cache on for decoders) and reports
   CPU:  peak RSS growth over the process's RSS before loading (VmHWM is reset after loading, so
@@ -15,18 +15,28 @@ stages.memory_model, which also gives the analytic estimate.
 
 from __future__ import annotations
 
+import argparse
+import ctypes
+import ctypes.util
 import dataclasses
+import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from runner.devices import load_device, resolve_budget
+from runner.models import load_model
 from stages import memory_model as mm
+from stages.arch import get_adapter
+from stages.checkpoint import load_pruned, model_class, save_checkpoint
 
 PROBE_TIMEOUT_S = 900
 GIB = 1024**3
@@ -63,7 +73,7 @@ def measure_inference(
         "repeats": repeats,
         "budget-bytes": budget_bytes,
     }
-    cmd = [sys.executable, "-m", "stages.validate", "--probe", str(ref)]
+    cmd = [sys.executable, "-m", "runner.validate", "--probe", str(ref)]
     cmd += [f"--{key}={value}" for key, value in options.items() if value is not None]
     root = str(Path(__file__).resolve().parents[1])
     env = dict(
@@ -241,8 +251,6 @@ def validate_for_job(exported_model, dense_params: int, job_cfg, model_cfg) -> d
     path = Path(str(getattr(exported_model, "name_or_path", "") or ""))
     if (path / "config.json").is_file():
         return validate_model(path, shape, dense_shape, **common)
-    from stages.checkpoint import save_checkpoint
-
     with tempfile.TemporaryDirectory(prefix="cascade-validate-") as tmp:
         saved = save_checkpoint(exported_model, None, Path(tmp) / "checkpoint")
         return validate_model(saved, shape, dense_shape, **common)
@@ -289,7 +297,7 @@ def params_for_budget(model, target_cfg, job_cfg) -> int:
     return min(shape.params, params)
 
 
-# ---- measured run (child side: python -m stages.validate --probe REF ...) ---------------------
+# ---- measured run (child side: python -m runner.validate --probe REF ...) ---------------------
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -299,29 +307,25 @@ def _rss_kib(field: str) -> int:
 
 
 def _load_for_probe(ref: str, dtype, device: str):
-    """A pruned checkpoint (load_pruned), a plain HF directory, or a built-in demo name."""
-    from transformers import AutoModelForSequenceClassification
+    """A pruned checkpoint (load_pruned), a plain HF directory, or a built-in demo name.
 
-    from stages.checkpoint import load_pruned
-
+    The caller verified a checkpoint's manifest before starting the probe."""
     config_file = Path(ref) / "config.json"
     if config_file.is_file() and "pruning" in json.loads(config_file.read_text()):
         return load_pruned(ref, device=device, dtype=dtype, verify=False)
     if config_file.is_file():
-        model = AutoModelForSequenceClassification.from_pretrained(ref, dtype=dtype)
+        config = AutoConfig.from_pretrained(ref)
+        cls = (
+            model_class(config, ref) if config.architectures else AutoModelForSequenceClassification
+        )
+        model = cls.from_pretrained(ref, dtype=dtype, use_safetensors=True)
     else:
-        from runner.models import load_model
-
         model, _ = load_model(ref, dtype=dtype, progress=False)
     return model.to(device).eval()
 
 
 def _release_freed_memory() -> None:
     """Collect garbage and hand glibc's freed-but-kept pages back, so they are not counted."""
-    import ctypes
-    import ctypes.util
-    import gc
-
     gc.collect()
     libc_name = ctypes.util.find_library("c")
     try:
@@ -333,8 +337,6 @@ def _release_freed_memory() -> None:
 
 
 def _random_inputs(model, batch: int, seq_len: int, device: str) -> dict:
-    from stages.arch import get_adapter
-
     gen = torch.Generator().manual_seed(0)
     vocab, pad = model.config.vocab_size, model.config.pad_token_id
     ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
@@ -362,20 +364,11 @@ def _warm_cpu_runtime(ref: str, dtype) -> None:
 
 
 def _probe(args) -> dict:
-    import statistics
-    import time
-
-    import transformers  # noqa: F401 - imported before the baseline so it is not counted
-
-    import stages.checkpoint  # noqa: F401
-
     dtype = getattr(torch, args.dtype)
     cuda = args.device.startswith("cuda")
     if cuda and args.budget_bytes:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_bytes / total))
-    if not (Path(args.ref) / "config.json").is_file():
-        import runner.models  # noqa: F401 - demo models: loader imported before the baseline
     if not cuda:
         _warm_cpu_runtime(args.ref, dtype)
     baseline = 0 if cuda else _rss_kib("VmRSS") * 1024
@@ -414,9 +407,7 @@ def _probe(args) -> dict:
 
 
 def _probe_main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m stages.validate")
+    parser = argparse.ArgumentParser(prog="python -m runner.validate")
     parser.add_argument("--probe", dest="ref", required=True, help="checkpoint dir or demo name")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=128)

@@ -1,0 +1,64 @@
+"""A recover stage: LoRA / full / mask tuning in-process or under Ray Train, then the barrier."""
+
+from __future__ import annotations
+
+from runner.config import RecoverStageConfig
+from runner.progress import step_bar
+from runner.run_state import RunContext, RunState
+from runner.workers import sync_workers
+from stages.guards import check_finite
+from stages.recover import RecoverySettings, recover
+
+
+def recover_stage(ctx: RunContext, state: RunState, idx: int, stage: RecoverStageConfig, name: str):
+    """Train, merge, check, bump the version, sync workers; returns (params before, metrics)."""
+    before = state.snapshot()
+    teacher = _teacher(ctx, state, stage)
+    settings = RecoverySettings.from_stage(stage, seed=ctx.cfg.seed + idx)
+    ctx.events.emit(
+        "recover_start",
+        stage=name,
+        version=state.version,
+        steps=stage.steps,
+        method=stage.method,
+        runner=stage.runner,
+    )
+    train = ctx.data.splits["train"]
+    objective = ctx.task.objective
+    if stage.runner == "ray_train":
+        # lazy: Ray Train (and Ray) load only for jobs that ask for them (start-up cost)
+        from cluster.train import recover_distributed
+
+        state.model, metrics = recover_distributed(
+            state.model, state.adapter, train, settings, objective.name, teacher,
+            ctx.cfg.cluster, stage.strategy,
+        )  # fmt: skip
+    else:
+        label = f"{ctx.model_cfg.ref} {name}"
+        with step_bar(settings.steps, label, ctx.cfg.output.progress) as on_step:
+            state.model, metrics = recover(
+                state.model, state.adapter, train, settings, objective, teacher, on_step
+            )
+    check_finite(state.model, ctx.calibration[0])
+    state.version += 1
+    ctx.events.emit(
+        "recover_end",
+        stage=name,
+        version=state.version,
+        first_loss=metrics.get("first_loss"),
+        last_loss=metrics.get("last_loss"),
+    )
+    sync_workers(ctx, state, name)
+    kept = {k: v for k, v in metrics.items() if k != "losses"}
+    return before, kept | {"losses": metrics["losses"][::10]}
+
+
+def _teacher(ctx: RunContext, state: RunState, stage: RecoverStageConfig):
+    if stage.loss != "kd":
+        return None
+    teacher = state.teachers.get(stage.teacher)
+    if teacher is None:  # resumed past the stage that cached it: the model as it is now stands in
+        teacher = state.teachers.setdefault(
+            "dense", ctx.task.objective.make_teacher(state.model, ctx.data.splits["train"])
+        )
+    return teacher

@@ -1,0 +1,127 @@
+"""Everything a model's cascade needs before the first stage, one small `_setup_*` per component."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cluster.executor import Executor, make_executor
+from runner.config import JobConfig, ModelConfig, RecoverStageConfig
+from runner.errors import JobError
+from runner.events import EventLog
+from runner.lm_head import PerplexityProbe
+from runner.models import count_params, describe_model, load_model, source_dir
+from runner.preflight import preflight
+from runner.run_state import DenseFacts, RunContext, RunState
+from runner.stage_store import StageStore
+from runner.tasks import Task, TaskData, get_task
+from runner.validate import params_for_budget
+from stages.arch import get_adapter
+
+DENSE_SPLITS = ("validation", "test", "heldout")
+
+
+def start_run(
+    cfg: JobConfig, model_cfg: ModelConfig, out: Path, log
+) -> tuple[RunContext, RunState]:
+    """Load and measure the dense model, build the data and the executor: the run's start."""
+    task = get_task(cfg.task)
+    model, tokenizer = setup_model(cfg, model_cfg, task)
+    adapter = get_adapter(model)
+    data = task.build_data(cfg, model_cfg, model, tokenizer)
+    calibration = _setup_calibration(cfg, data)
+    executor = _setup_executor(cfg, adapter, calibration)
+    try:
+        finetune = task.prepare_dense(cfg, model_cfg, model, data, log)
+        perplexity = _setup_perplexity(cfg, model_cfg, tokenizer, model)
+        dense = _setup_dense(task, model, model_cfg, data, finetune, perplexity, log)
+        params_target = _setup_params_target(cfg, model, dense.params)
+        preflight(cfg, model_cfg.ref, model, adapter, dense.params, params_target)
+    except BaseException:
+        executor.close()
+        raise
+    ctx = RunContext(
+        cfg=cfg, model_cfg=model_cfg, task=task, out=out, log=log,
+        events=EventLog(out / "events.jsonl"), store=StageStore(out / "stages"),
+        tokenizer=tokenizer, data=data, calibration=calibration, executor=executor,
+        dense=dense, params_target=params_target, perplexity=perplexity,
+    )  # fmt: skip
+    state = RunState(
+        model=model, adapter=adapter, layer_origin=list(range(len(adapter.layers(model))))
+    )
+    if _needs_dense_teacher(cfg):
+        state.teachers["dense"] = task.objective.make_teacher(model, data.splits["train"])
+    return ctx, state
+
+
+def setup_model(cfg: JobConfig, model_cfg: ModelConfig, task: Task):
+    return load_model(
+        model_cfg.ref,
+        head=task.head,
+        trust_remote_code=model_cfg.trust_remote_code,
+        dtype=getattr(torch, model_cfg.dtype),
+        progress=cfg.output.progress,
+        data_cfg=cfg.data,
+        seed=cfg.seed,
+        **task.load_kwargs(cfg),
+    )
+
+
+def _setup_calibration(cfg: JobConfig, data: TaskData) -> list[dict]:
+    split = data.splits["calibration"]
+    if len(split) < cfg.calibration.min_samples:
+        raise JobError(
+            f"calibration set has {len(split)} rows, fewer than calibration.min_samples="
+            f"{cfg.calibration.min_samples} (data.calibration_size)"
+        )
+    return list(split.batches(cfg.calibration.batch_size))
+
+
+def _setup_executor(cfg: JobConfig, adapter, calibration: list[dict]) -> Executor:
+    executor = make_executor(cfg.cluster, adapter)
+    executor.set_calibration(calibration)
+    return executor
+
+
+def _setup_perplexity(cfg: JobConfig, model_cfg: ModelConfig, tokenizer, model):
+    if cfg.evaluation.perplexity_file is None:
+        return None
+    source = source_dir(model_cfg.ref)
+    if source is None:
+        raise JobError(
+            f"evaluation.perplexity_file: demo model {model_cfg.ref!r} is a classifier "
+            "trained from scratch and has no language-model head; use a causal-LM checkpoint"
+        )
+    return PerplexityProbe(cfg.evaluation, source, model_cfg.ref, tokenizer, model)
+
+
+def _setup_dense(task: Task, model, model_cfg, data, finetune, perplexity, log) -> DenseFacts:
+    evals = {s: task.evaluate(model, data, s) for s in DENSE_SPLITS if s in data.splits}
+    warnings = task.dense_warnings(evals)
+    for warning in warnings:
+        log(f"WARNING: {warning}")
+    return DenseFacts(
+        params=count_params(model),
+        info=describe_model(model) | {"name": model_cfg.ref},
+        eval=evals,
+        finetune=finetune,
+        warnings=warnings,
+        perplexity=perplexity.measure(model) if perplexity else None,
+    )
+
+
+def _setup_params_target(cfg: JobConfig, model, dense_params: int) -> int | None:
+    target = cfg.target
+    if target.ratio is not None:
+        return int(dense_params / target.ratio)
+    if target.device is not None or target.budget_bytes is not None:
+        return params_for_budget(model, target, cfg)
+    return None
+
+
+def _needs_dense_teacher(cfg: JobConfig) -> bool:
+    return any(
+        isinstance(s, RecoverStageConfig) and s.loss == "kd" and s.teacher == "dense"
+        for s in cfg.stages
+    )

@@ -1,0 +1,92 @@
+"""The Task protocol: what a job's task decides, so the cascade itself never branches on it.
+
+A task chooses the head the model loads with, builds the data (train / validation / test /
+calibration splits, plus whatever its metrics need), names the objective every stage
+differentiates (stages/objectives), says which metrics a stage record and the final report carry,
+and which config options make no sense for it. Adding a task = one new module in runner/tasks
+that calls `register_task`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from torch import nn
+
+from stages.metrics import EvalResult
+from stages.objectives import Objective
+from stages.split import EncodedSplit
+
+
+@dataclass
+class TaskData:
+    """Splits every stage reads (train, validation, test, calibration; `final_splits` too) and
+    whatever else the task's own metrics need (`extras`)."""
+
+    splits: dict[str, EncodedSplit]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(Protocol):
+    name: ClassVar[str]
+    head: ClassVar[str]  # models.Head: classification | encoder | causal_lm
+    objective: ClassVar[Objective]
+    final_splits: ClassVar[tuple[str, ...]]  # evaluated on the exported checkpoint
+
+    def config_problems(self, cfg, stage_names: list[str]) -> list[str]:
+        """Options of `cfg` (a JobConfig) that mean nothing for this task, as messages."""
+        ...
+
+    def load_kwargs(self, cfg) -> dict:
+        """Extra arguments of runner.models.load_model (e.g. num_labels of a new head)."""
+        ...
+
+    def build_data(self, cfg, model_cfg, model: nn.Module, tokenizer) -> TaskData: ...
+
+    def prepare_dense(self, cfg, model_cfg, model: nn.Module, data: TaskData, log) -> dict | None:
+        """Whatever the dense model needs before pruning (a task head's fine-tune); its record."""
+        ...
+
+    def evaluate(self, model: nn.Module, data: TaskData, split: str) -> EvalResult: ...
+
+    def stage_metrics(self, result: EvalResult) -> dict:
+        """The fields a stage record shows for the validation split."""
+        ...
+
+    def final_figures(self, final: dict[str, EvalResult], dense: dict[str, EvalResult]) -> dict:
+        """report.json["final"] fields of this task (exported model vs the dense one)."""
+        ...
+
+    def dense_warnings(self, dense: dict[str, EvalResult]) -> list[str]: ...
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(cls: type) -> type:
+    _TASKS[cls.name] = cls()
+    return cls
+
+
+def get_task(name: str) -> Task:
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(_TASKS))}") from None
+
+
+def task_names() -> tuple[str, ...]:
+    return tuple(_TASKS)
+
+
+def chance_level_warning(accuracy: float, classes: int, what: str) -> str | None:
+    """A dense model no better than guessing makes every pruning figure meaningless: say so loudly."""
+    chance = 1.0 / max(classes, 1)
+    if classes < 2 or accuracy > 1.5 * chance:
+        return None
+    return (
+        f"the dense model's {what} test accuracy {accuracy:.4f} is at chance level ({chance:.4f} for "
+        f"{classes} classes): compression figures say nothing about it; check the model, the data "
+        "and, for a fine-tuned head, finetune_steps/finetune_lr"
+    )
