@@ -113,9 +113,9 @@ def cluster_session(cluster_cfg):
     if cluster_cfg.executor != "ray":
         yield
         return
-    import ray
+    import ray  # lazy: local jobs never load Ray (start-up cost)
 
-    from cluster.ray_executor import start_ray
+    from cluster.ray_executor import start_ray  # lazy: imports Ray
 
     started = start_ray(cluster_cfg)
     try:
@@ -128,6 +128,6 @@ def cluster_session(cluster_cfg):
 def make_executor(cluster_cfg, adapter) -> Executor:
     if cluster_cfg.executor == "local":
         return LocalExecutor(adapter)
-    from cluster.ray_executor import RayExecutor  # imports ray
+    from cluster.ray_executor import RayExecutor  # lazy: imports Ray (start-up cost)
 
     return RayExecutor(cluster_cfg, adapter)

@@ -20,6 +20,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from cluster.executor import LocalExecutor
 from stages.arch import get_adapter
 from stages.checkpoint import (
     INDEX,
@@ -84,8 +85,6 @@ def write_shard(tensors: dict[str, Tensor], path: str) -> dict:
 def _uses_ray(executor) -> bool:
     if executor is None:
         return False
-    from cluster.executor import LocalExecutor
-
     return not isinstance(executor, LocalExecutor)
 
 
@@ -99,7 +98,7 @@ def _write_shards(
     ]
     if not _uses_ray(executor):
         return [write_shard(tensors, path) for tensors, path in jobs]
-    import ray
+    import ray  # lazy: only a Ray executor's export loads Ray (start-up cost)
 
     if not ray.is_initialized():
         raise ShardExportError(

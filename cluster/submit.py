@@ -59,7 +59,7 @@ def resolve_token(token_file: str | os.PathLike | None = None) -> str | None:
 
 
 def _client(address: str, token: str | None):
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient  # lazy: only cluster commands need it
 
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:

@@ -39,7 +39,7 @@ def per_worker_batch_size(batch_size: int, world: int) -> int:
 # ---- DeepSpeed (imported only when asked) --------------------------------------------------------
 def require_deepspeed():
     try:
-        import deepspeed
+        import deepspeed  # lazy: optional dependency, JIT-compiles ops on first use
     except ImportError as err:
         raise DistributedRecoveryError(
             f"strategy deepspeed_* needs DeepSpeed, which is not installed ({err}); "

@@ -16,6 +16,8 @@ import ray
 import torch
 
 from cluster.executor import StaleVersionError
+from stages.arch import get_adapter
+from stages.checkpoint import load_pruned
 from stages.estimate import EstimateRequest, Stats, collect_for
 
 
@@ -80,8 +82,6 @@ class WorkerCore:
         if self._load_delay_s:
             time.sleep(self._load_delay_s)
         if checkpoint_dir is not None:
-            from stages.checkpoint import load_pruned
-
             new_model = load_pruned(checkpoint_dir, attn_implementation=attn_implementation)
         elif model is not None:
             new_model = model
@@ -96,8 +96,6 @@ class WorkerCore:
             else new_model.to(self._device)
         )
         if adapter is None:
-            from stages.arch import get_adapter
-
             adapter = get_adapter(new_model)
         self._model, self._adapter, self._version = new_model.eval(), adapter, version
         return version

@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 
+from tqdm import tqdm
+
 
 def make_logger(quiet: bool):
     """The job's log function: every line, or (quiet) only warnings."""
@@ -25,8 +27,6 @@ def step_bar(total: int, description: str, enabled: bool, unit: str = "step"):
     if not enabled or total == 0 or not sys.stderr.isatty():
         yield None
         return
-    from tqdm import tqdm
-
     bar = tqdm(total=total, desc=description, leave=False, file=sys.stderr, unit=unit)
 
     def on_step(step: int, loss: float | None = None) -> None:
