@@ -60,7 +60,7 @@ def test_imports_inside_functions_state_their_reason(package):
     problems = []
     for path in _modules(package):
         lines = path.read_text().splitlines()
-        for name, node, in_function in _imports(ast.parse("\n".join(lines))):
+        for _name, node, in_function in _imports(ast.parse("\n".join(lines))):
             if not in_function:
                 continue
             line = lines[node.lineno - 1]
