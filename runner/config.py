@@ -8,9 +8,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from runner.choice_tasks import ChoiceTaskSpec
 from runner.data import DataConfig
 from runner.paths import dir_name_for_ref
 from runner.tasks import get_task, task_names
+from runner.text_sources import TextSource
 from stages.criteria import criteria_for
 
 
@@ -157,7 +159,11 @@ class RecoverStageConfig(Strict):
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0.0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    loss: Literal["ce", "kd"] = "ce"
+    loss: Literal["ce", "lm", "kd"] = Field(
+        "ce",
+        description="ce: the task's own loss (next-token CE for causal_lm, also called lm); "
+        "kd: distillation from `teacher`",
+    )
     teacher: Literal["pre_stage", "dense"] = "pre_stage"
     kd_temperature: float = Field(2.0, gt=0.0)
     kd_alpha: float = Field(0.5, ge=0.0, le=1.0)
@@ -205,8 +211,39 @@ class GuardConfig(Strict):
     retry_shrink: float = Field(0.5, gt=0.0, lt=1.0)
 
 
+class DataSection(DataConfig):
+    """The YAML `data:` section: the bearing data (runner/data.py DataConfig) and, for causal_lm
+    jobs, local text sources (runner/text_sources.py): validation_fraction / test_fraction split
+    their documents, calibration_size counts calibration blocks."""
+
+    sources: list[TextSource] = Field(
+        default_factory=list,
+        description="causal_lm: files, folders, globs or builtin:<corpus>, one domain each",
+    )
+
+
+DEFAULT_PROMPTS = (
+    "What is the capital of France?",
+    "Explain in one sentence what a ball bearing does.",
+    "Write a Python function that returns the square of a number.",
+)
+
+
 class EvaluationConfig(Strict):
     """Extra measurements of the dense model and of the exported checkpoint."""
+
+    choice_tasks: list[ChoiceTaskSpec] = Field(
+        default_factory=list,
+        description="causal_lm: zero-shot multiple choice (bearing_qa, cloze or a JSONL file)",
+    )
+    stage_choice_items: int = Field(
+        50, ge=0, description="causal_lm: items per choice task measured after every stage"
+    )
+    prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROMPTS),
+        description="causal_lm: prompts whose greedy completions the report shows",
+    )
+    max_new_tokens: int = Field(32, ge=1, le=1024)
 
     perplexity_file: str | None = Field(
         None, description="local UTF-8 text file: perplexity of a causal LM's backbone + LM head"
@@ -231,7 +268,7 @@ class JobConfig(Strict):
         "embedding (a bare encoder distilled from its dense embeddings)",
     )
     models: list[ModelConfig] = Field(min_length=1)
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: DataSection = Field(default_factory=DataSection)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     target: TargetConfig = Field(default_factory=TargetConfig)
     stages: list[StageConfig] = Field(min_length=1)

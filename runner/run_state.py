@@ -22,7 +22,6 @@ from runner.events import EventLog
 from runner.models import count_params
 from runner.stage_store import StageStore
 from runner.tasks import Task, TaskData
-from stages.metrics import EvalResult
 from stages.objectives import Teacher
 
 
@@ -32,7 +31,7 @@ class DenseFacts:
 
     params: int
     info: dict  # runner.models.describe_model
-    eval: dict[str, EvalResult]  # validation / test / heldout as the task evaluates them
+    measures: dict  # what the task's final report compares (Task.measure on the dense model)
     finetune: dict | None  # the task head's fine-tune record, if one ran
     warnings: list[str]
     perplexity: dict | None

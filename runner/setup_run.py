@@ -19,8 +19,6 @@ from runner.tasks import Task, TaskData, get_task
 from runner.validate import params_for_budget
 from stages.arch import get_adapter
 
-DENSE_SPLITS = ("validation", "test", "heldout")
-
 
 def start_run(
     cfg: JobConfig, model_cfg: ModelConfig, out: Path, log
@@ -97,14 +95,14 @@ def _setup_perplexity(cfg: JobConfig, model_cfg: ModelConfig, tokenizer, model):
 
 
 def _setup_dense(task: Task, model, model_cfg, data, finetune, perplexity, log) -> DenseFacts:
-    evals = {s: task.evaluate(model, data, s) for s in DENSE_SPLITS if s in data.splits}
-    warnings = task.dense_warnings(evals)
+    measures = task.measure(model, data)
+    warnings = task.dense_warnings(measures)
     for warning in warnings:
         log(f"WARNING: {warning}")
     return DenseFacts(
         params=count_params(model),
         info=describe_model(model) | {"name": model_cfg.ref},
-        eval=evals,
+        measures=measures,
         finetune=finetune,
         warnings=warnings,
         perplexity=perplexity.measure(model) if perplexity else None,

@@ -12,16 +12,20 @@ from torch import Tensor
 class EvalResult:
     """Metrics of one model on one split.
 
-    Embedding task: accuracy/macro-F1/confusion are leave-one-out 1-NN fault classification with
-    the embeddings, and `cosine` is the mean cosine similarity to the dense model's embeddings.
+    Classification: accuracy, macro-F1, confusion[true][predicted]. Embedding task: the same as
+    leave-one-out 1-NN fault classification with the embeddings, and `cosine`, the mean cosine
+    similarity to the dense model's embeddings. Causal LM: `accuracy` is next-token top-1
+    accuracy, `loss` the mean NLL per token, `perplexity` exp(loss) over `tokens` predictions.
     """
 
     accuracy: float
-    macro_f1: float
+    macro_f1: float | None
     loss: float
-    confusion: list[list[int]]  # confusion[true][predicted]
+    confusion: list[list[int]] | None
     n: int
     cosine: float | None = None
+    perplexity: float | None = None
+    tokens: int | None = None
 
 
 def confusion_matrix(labels: Tensor, preds: Tensor, num_labels: int) -> Tensor:

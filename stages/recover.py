@@ -40,7 +40,9 @@ class RecoverySettings:
     def from_stage(cls, stage, *, seed: int) -> RecoverySettings:
         """From a recover stage config (any object with these attribute names)."""
         names = [f.name for f in dataclasses.fields(cls) if f.name != "seed"]
-        return cls(**{name: getattr(stage, name) for name in names}, seed=seed)
+        values = {name: getattr(stage, name) for name in names}
+        values["loss"] = "ce" if values["loss"] == "lm" else values["loss"]  # lm = the LM's own CE
+        return cls(**values, seed=seed)
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings(

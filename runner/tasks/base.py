@@ -32,7 +32,6 @@ class Task(Protocol):
     name: ClassVar[str]
     head: ClassVar[str]  # models.Head: classification | encoder | causal_lm
     objective: ClassVar[Objective]
-    final_splits: ClassVar[tuple[str, ...]]  # evaluated on the exported checkpoint
 
     def config_problems(self, cfg, stage_names: list[str]) -> list[str]:
         """Options of `cfg` (a JobConfig) that mean nothing for this task, as messages."""
@@ -48,17 +47,28 @@ class Task(Protocol):
         """Whatever the dense model needs before pruning (a task head's fine-tune); its record."""
         ...
 
-    def evaluate(self, model: nn.Module, data: TaskData, split: str) -> EvalResult: ...
-
-    def stage_metrics(self, result: EvalResult) -> dict:
-        """The fields a stage record shows for the validation split."""
+    def evaluate(self, model: nn.Module, data: TaskData, split: str) -> EvalResult:
+        """One split's metrics (guards compare validation `accuracy` before and after a cut)."""
         ...
 
-    def final_figures(self, final: dict[str, EvalResult], dense: dict[str, EvalResult]) -> dict:
-        """report.json["final"] fields of this task (exported model vs the dense one)."""
+    def stage_metrics(self, model: nn.Module, data: TaskData) -> dict:
+        """The fields a stage record shows (validation); always includes "accuracy"."""
         ...
 
-    def dense_warnings(self, dense: dict[str, EvalResult]) -> list[str]: ...
+    def measure(self, model: nn.Module, data: TaskData) -> dict:
+        """Everything the final report compares, measured once on the dense model and once on
+        the exported checkpoint."""
+        ...
+
+    def headline(self, measures: dict) -> float:
+        """The one accuracy figure events, summaries and compare tables show."""
+        ...
+
+    def final_figures(self, final: dict, dense: dict) -> dict:
+        """report.json["final"] fields of this task from two `measure` results."""
+        ...
+
+    def dense_warnings(self, dense: dict) -> list[str]: ...
 
 
 _TASKS: dict[str, Task] = {}
@@ -78,6 +88,19 @@ def get_task(name: str) -> Task:
 
 def task_names() -> tuple[str, ...]:
     return tuple(_TASKS)
+
+
+def text_only_problems(cfg, task: str) -> list[str]:
+    """Options only a causal_lm job reads, set on a job of another task."""
+    problems = [
+        f"stages.{i}.loss: lm is next-token cross-entropy, for task causal_lm; the {task} "
+        "task's own loss is ce"
+        for i, s in enumerate(cfg.stages)
+        if s.kind == "recover" and s.loss == "lm"
+    ]
+    if cfg.data.sources:
+        problems.append(f"data.sources: text sources feed task causal_lm, not {task}")
+    return problems
 
 
 def chance_level_warning(accuracy: float, classes: int, what: str) -> str | None:

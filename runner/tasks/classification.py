@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from runner.data import CLASS_NAMES, build_dataset
 from runner.finetune import finetune_dense
-from runner.tasks.base import TaskData, chance_level_warning, register_task
+from runner.tasks.base import TaskData, chance_level_warning, register_task, text_only_problems
 from stages.objectives import get_objective
 from stages.split import encode_split
 
@@ -26,10 +26,9 @@ class ClassificationTask:
     name: ClassVar[str] = "classification"
     head: ClassVar[str] = "classification"
     objective = get_objective("classification")
-    final_splits: ClassVar[tuple[str, ...]] = ("test", "heldout")
 
     def config_problems(self, cfg, stage_names: list[str]) -> list[str]:
-        return []
+        return text_only_problems(cfg, self.name)
 
     def load_kwargs(self, cfg) -> dict:
         return {"num_labels": len(CLASS_NAMES)}
@@ -46,8 +45,15 @@ class ClassificationTask:
     def evaluate(self, model, data: TaskData, split: str):
         return self.objective.evaluate(model, data.splits[split])
 
-    def stage_metrics(self, result) -> dict:
+    def stage_metrics(self, model, data: TaskData) -> dict:
+        result = self.evaluate(model, data, "validation")
         return {"accuracy": result.accuracy, "macro_f1": result.macro_f1}
+
+    def measure(self, model, data: TaskData) -> dict:
+        return {s: self.evaluate(model, data, s) for s in ("test", "heldout")}
+
+    def headline(self, measures: dict) -> float:
+        return measures["test"].accuracy
 
     def final_figures(self, final: dict, dense: dict) -> dict:
         test, heldout, dense_test = final["test"], final["heldout"], dense["test"]

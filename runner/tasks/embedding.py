@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from runner.tasks.base import TaskData, chance_level_warning, register_task
+from runner.tasks.base import TaskData, chance_level_warning, register_task, text_only_problems
 from runner.tasks.classification import bearing_splits
 from stages.objectives import get_objective
 
@@ -18,7 +18,6 @@ class EmbeddingTask:
     name: ClassVar[str] = "embedding"
     head: ClassVar[str] = "encoder"
     objective = get_objective("embedding")
-    final_splits: ClassVar[tuple[str, ...]] = ("test", "heldout")
 
     def config_problems(self, cfg, stage_names: list[str]) -> list[str]:
         problems = [
@@ -38,7 +37,7 @@ class EmbeddingTask:
                 "calibration.batch_size: the embedding importance loss compares rows within a "
                 "batch; use at least 2"
             )
-        problems += _batch_problems(cfg)
+        problems += _batch_problems(cfg) + text_only_problems(cfg, self.name)
         if cfg.evaluation.perplexity_file is not None:
             problems.append(
                 "evaluation.perplexity_file: perplexity needs a causal LM, not an embedding encoder"
@@ -58,8 +57,15 @@ class EmbeddingTask:
     def evaluate(self, model, data: TaskData, split: str):
         return self.objective.evaluate(model, data.splits[split])
 
-    def stage_metrics(self, result) -> dict:
+    def stage_metrics(self, model, data: TaskData) -> dict:
+        result = self.evaluate(model, data, "validation")
         return {"accuracy": result.accuracy, "macro_f1": result.macro_f1, "cosine": result.cosine}
+
+    def measure(self, model, data: TaskData) -> dict:
+        return {s: self.evaluate(model, data, s) for s in ("test", "heldout")}
+
+    def headline(self, measures: dict) -> float:
+        return measures["test"].accuracy
 
     def final_figures(self, final: dict, dense: dict) -> dict:
         test, heldout, dense_test = final["test"], final["heldout"], dense["test"]

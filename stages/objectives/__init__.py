@@ -18,7 +18,7 @@ Adding an objective = one new module here that calls `register_objective`.
 """
 
 # Built-in objectives register themselves on import.
-from stages.objectives import classification, embedding  # noqa: E402,F401,I001
+from stages.objectives import causal_lm, classification, embedding  # noqa: E402,F401,I001
 from stages.objectives.base import (
     CachedOutputs,
     Objective,

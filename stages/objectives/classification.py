@@ -48,6 +48,11 @@ class ClassificationObjective:
     def kd_loss(
         self, outputs: Tensor, teacher: Tensor, batch: dict, *, temperature: float, alpha: float
     ) -> Tensor:
+        teacher = teacher.detach().to(outputs.device)
+        if teacher.shape != outputs.shape:
+            raise ValueError(
+                f"kd: teacher logits shape {tuple(teacher.shape)} != student {tuple(outputs.shape)}"
+            )
         return kd_loss(outputs, teacher, batch["labels"], temperature=temperature, alpha=alpha)
 
     def make_teacher(self, model: nn.Module, split: EncodedSplit) -> CachedOutputs:

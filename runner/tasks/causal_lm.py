@@ -1,0 +1,193 @@
+"""Causal language models in and out: real text, perplexity, zero-shot choice accuracy, generation.
+
+The model loads as `AutoModelForCausalLM`; `data.sources` (runner/text_sources.py) become packed
+blocks split by document; calibration draws from the domains by weight. The report compares the
+exported model with the dense one on test perplexity (overall and per domain), zero-shot
+multiple-choice accuracy (`evaluation.choice_tasks`, scored like lm-evaluation-harness) and greedy
+completions of fixed prompts (`evaluation.prompts`).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from runner.choice_tasks import build_choice_tasks
+from runner.data import DataConfig
+from runner.tasks.base import TaskData, register_task
+from runner.text_sources import PackedBlocks, build_text_splits
+from stages.choice_eval import evaluate_choice_tasks
+from stages.objectives import get_objective
+from stages.split import EncodedSplit
+
+LM_SPLITS = ("train", "validation", "test", "calibration")
+CHOICE_BATCH = 8
+
+
+def encoded(blocks: PackedBlocks) -> EncodedSplit:
+    """Packed blocks as an EncodedSplit; a row's label is its domain index (reports split by it)."""
+    return EncodedSplit(blocks.input_ids, blocks.attention_mask, blocks.domain_ids.clone())
+
+
+def bearing_data(cfg) -> DataConfig:
+    """The bearing settings of the job's data section (for the built-in bearing corpora)."""
+    return DataConfig.model_validate(
+        {k: v for k, v in cfg.data.model_dump().items() if k in DataConfig.model_fields}
+    )
+
+
+def chat_prompt(tokenizer, prompt: str) -> list[int]:
+    """An instruct model's chat form of `prompt` when its tokenizer has a template, else raw."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+@torch.no_grad()
+def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuation of each prompt (KV cache on), decoded without special tokens."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    try:
+        texts = []
+        for prompt in prompts:
+            ids = torch.tensor([chat_prompt(tokenizer, prompt)], device=device)
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                max_new_tokens=max_new_tokens, pad_token_id=pad,
+            )  # fmt: skip
+            texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+        return texts
+    finally:
+        model.train(was_training)
+
+
+@register_task
+class CausalLMTask:
+    name: ClassVar[str] = "causal_lm"
+    head: ClassVar[str] = "causal_lm"
+    objective = get_objective("causal_lm")
+
+    def config_problems(self, cfg, stage_names: list[str]) -> list[str]:
+        problems = []
+        if not cfg.data.sources:
+            problems.append(
+                "data.sources: a causal_lm job needs text; list local files or built-in corpora "
+                "(builtin:stdlib_docs, builtin:bearing_notes, builtin:bearing_qa)"
+            )
+        problems += [
+            f"models.{i}.finetune_steps: fine-tuning trains a classification head; a causal LM "
+            "keeps its own"
+            for i, m in enumerate(cfg.models)
+            if m.finetune_steps
+        ]
+        if cfg.evaluation.perplexity_file is not None:
+            problems.append(
+                "evaluation.perplexity_file: a causal_lm job measures perplexity on the test "
+                "documents of data.sources; add the file there as a source with its own domain"
+            )
+        return problems
+
+    def load_kwargs(self, cfg) -> dict:
+        return {}
+
+    def build_data(self, cfg, model_cfg, model, tokenizer) -> TaskData:
+        bearing = bearing_data(cfg)
+        text = build_text_splits(
+            cfg.data.sources, tokenizer, model_cfg.max_length, seed=cfg.data.seed,
+            validation_fraction=cfg.data.validation_fraction,
+            test_fraction=cfg.data.test_fraction, calibration_blocks=cfg.data.calibration_size,
+            calibration_batch_size=cfg.calibration.batch_size, data_cfg_for_bearing=bearing,
+        )  # fmt: skip
+        splits = {name: encoded(getattr(text, name)) for name in LM_SPLITS}
+        evaluation = cfg.evaluation
+        choices = build_choice_tasks(
+            evaluation.choice_tasks, tokenizer, test_documents=text.test_documents,
+            data_cfg=bearing, seed=cfg.seed,
+        )  # fmt: skip
+        extras = {
+            "by_domain": {d: encoded(b) for d, b in text.test_by_domain.items() if len(b)},
+            "choices": choices,
+            "stage_choices": {k: v[: evaluation.stage_choice_items] for k, v in choices.items()},
+            "prompts": list(evaluation.prompts),
+            "max_new_tokens": evaluation.max_new_tokens,
+            "tokenizer": tokenizer,
+            "text_stats": text.stats,
+        }
+        return TaskData(splits, extras)
+
+    def prepare_dense(self, cfg, model_cfg, model, data: TaskData, log) -> dict | None:
+        return None
+
+    def evaluate(self, model, data: TaskData, split: str):
+        return self.objective.evaluate(model, data.splits[split])
+
+    def stage_metrics(self, model, data: TaskData) -> dict:
+        val = self.evaluate(model, data, "validation")
+        metrics = {"accuracy": val.accuracy, "perplexity": val.perplexity}
+        if data.extras["stage_choices"]:
+            scores = _choices(model, data.extras["stage_choices"], data)
+            metrics["choice_acc_norm"] = {k: v["acc_norm"] for k, v in scores.items()}
+        return metrics
+
+    def measure(self, model, data: TaskData) -> dict:
+        extras = data.extras
+        return {
+            "test": self.evaluate(model, data, "test"),
+            "prompts": extras["prompts"],
+            "by_domain": {
+                d: self.objective.evaluate(model, s) for d, s in extras["by_domain"].items()
+            },
+            "choices": _choices(model, extras["choices"], data),
+            "generations": greedy_completions(
+                model, extras["tokenizer"], extras["prompts"], extras["max_new_tokens"]
+            ),
+        }
+
+    def headline(self, measures: dict) -> float:
+        return measures["test"].accuracy
+
+    def final_figures(self, final: dict, dense: dict) -> dict:
+        test, dense_test = final["test"], dense["test"]
+        return {
+            "accuracy": test.accuracy,
+            "dense_accuracy": dense_test.accuracy,
+            "lm_perplexity": test.perplexity,
+            "dense_lm_perplexity": dense_test.perplexity,
+            "perplexity_by_domain": {
+                d: {
+                    "pruned": result.perplexity,
+                    "dense": dense["by_domain"][d].perplexity,
+                    "tokens": result.tokens,
+                }
+                for d, result in final["by_domain"].items()
+            },
+            "choice_accuracy": {
+                name: {
+                    "acc": score["acc"],
+                    "acc_norm": score["acc_norm"],
+                    "dense_acc": dense["choices"][name]["acc"],
+                    "dense_acc_norm": dense["choices"][name]["acc_norm"],
+                    "n": score["n"],
+                }
+                for name, score in final["choices"].items()
+            },
+            "generations": [
+                {"prompt": p, "dense": d, "pruned": g}
+                for p, d, g in zip(final["prompts"], dense["generations"], final["generations"])
+            ],
+        }
+
+    def dense_warnings(self, dense: dict) -> list[str]:
+        return []
+
+
+def _choices(model, tasks: dict, data: TaskData) -> dict:
+    tokenizer = data.extras["tokenizer"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return evaluate_choice_tasks(model, tasks, batch_size=CHOICE_BATCH, pad_id=pad)
