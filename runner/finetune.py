@@ -82,7 +82,7 @@ def finetune_dense(
     settings = TrainSettings(
         steps=steps, lr=model_cfg.finetune_lr, batch_size=FINETUNE_BATCH, seed=seed
     )
-    with step_bar(steps, f"{model_cfg.ref} fine-tune", progress) as on_step:
+    with step_bar(steps, f"{model_cfg.ref} fine-tune", progress, log=log) as on_step:
         loss_fn = training_loss(get_objective("classification"), settings, None)
         losses = train_steps(model, train_split, settings, loss_fn, on_step=on_step)
     model.eval()

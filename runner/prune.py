@@ -99,7 +99,7 @@ def _estimate(ctx: RunContext, state: RunState, request: EstimateRequest, name: 
     """One calibration pass on every worker, with a bar over batches (or Ray shards)."""
     label = f"{ctx.model_cfg.ref} {name} {request.criterion}"
     units = ctx.executor.progress_units()
-    with count_bar(units, label, ctx.cfg.output.progress, "batch") as on_progress:
+    with count_bar(units, label, ctx.cfg.output.progress, "batch", ctx.log) as on_progress:
         return ctx.executor.estimate(request, state.version, on_progress)
 
 

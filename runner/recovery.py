@@ -35,7 +35,7 @@ def recover_stage(ctx: RunContext, state: RunState, idx: int, stage: RecoverStag
         )  # fmt: skip
     else:
         label = f"{ctx.model_cfg.ref} {name}"
-        with step_bar(settings.steps, label, ctx.cfg.output.progress) as on_step:
+        with step_bar(settings.steps, label, ctx.cfg.output.progress, log=ctx.log) as on_step:
             state.model, metrics = recover(
                 state.model, state.adapter, train, settings, objective, teacher, on_step
             )

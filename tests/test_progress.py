@@ -1,10 +1,10 @@
-"""Progress bars: a callback on a terminal, nothing in logs or quiet mode."""
+"""Progress: a bar on a terminal, a heartbeat line in logs, nothing when nothing listens."""
 
 import io
 
 import torch
 
-from runner.progress import step_bar
+from runner.progress import Heartbeat, step_bar
 
 
 class FakeTTY(io.StringIO):
@@ -38,7 +38,7 @@ def test_count_bar_ticks_up_to_the_reported_count(monkeypatch):
     ticks = []
 
     @contextmanager
-    def recording_bar(total, description, enabled, unit):
+    def recording_bar(total, description, enabled, unit, log=None):
         assert (total, unit) == (4, "batch")
         yield lambda step, loss=None: ticks.append(step)
 
@@ -74,3 +74,24 @@ def test_local_estimate_reports_every_calibration_batch():
     seen = []
     executor.estimate(EstimateRequest("channels", "wanda"), 0, seen.append)
     assert seen == [1, 2, 3] and executor.progress_units() == 3
+
+
+def test_logs_get_a_heartbeat_line_when_not_on_a_terminal(monkeypatch):
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    lines: list[str] = []
+    with step_bar(200, "recover1", enabled=True, log=lines.append) as on_step:
+        assert isinstance(on_step, Heartbeat)
+        on_step.interval = 0.0  # every step is "30 s later" here
+        on_step(0, 2.5)
+        on_step(1, 2.25)
+    assert len(lines) == 2
+    assert lines[-1].startswith("[progress] recover1: step 2/200, loss 2.2500,")
+    assert "steps/s" not in lines[-1] and "step/s" in lines[-1] and "s left" in lines[-1]
+
+
+def test_heartbeat_stays_quiet_between_intervals():
+    lines: list[str] = []
+    beat = Heartbeat(10, "fine-tune", lines.append, "step", interval=3600.0)
+    for step in range(10):
+        beat(step, 1.0)
+    assert lines == []
