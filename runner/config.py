@@ -181,6 +181,11 @@ class SIAConfig(Strict):
     removal_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     policy: Literal["warn", "shrink", "stop"] = "warn"
     shrink_steps: int = Field(2, ge=2, description="split each prune stage into this many steps")
+    batches: int = Field(2, ge=1, description="calibration batches the loss is measured on")
+    rows: int | None = Field(None, ge=1, description="rows kept of each batch (default: all)")
+    max_tokens: int | None = Field(
+        None, ge=2, description="tokens kept of each row (default: all); sampling for big models"
+    )
 
 
 class ClusterConfig(Strict):

@@ -387,9 +387,12 @@ def _split_sizes(n: int, cfg: DataConfig) -> tuple[int, int]:
 
 
 def build_dataset(cfg: DataConfig) -> datasets.DatasetDict:
-    """Synthetic datasets are pure functions of the config: build each once per process."""
+    """Synthetic datasets are pure functions of the config: build each once per process.
+
+    `cfg` may be a richer data section (a job's, with text sources): only the bearing fields count.
+    """
     if cfg.source == "synthetic":
-        return _build_synthetic_cached(cfg.model_dump_json())
+        return _build_synthetic_cached(cfg.model_dump_json(include=set(DataConfig.model_fields)))
     return _build_dataset(cfg)
 
 

@@ -124,6 +124,22 @@ def _masks_for(
     return masks
 
 
+def sample_batches(batches: list[dict], cfg) -> list[dict]:
+    """The first cfg.batches calibration batches, each cut to cfg.rows rows and cfg.max_tokens
+    tokens: every loss evaluation is a forward pass, so its cost scales with what is kept."""
+    rows, tokens = getattr(cfg, "rows", None), getattr(cfg, "max_tokens", None)
+    kept = []
+    for batch in batches[: getattr(cfg, "batches", 2)]:
+        cut = {}
+        for key, value in batch.items():
+            value = value[:rows] if rows else value
+            if tokens and key in ("input_ids", "attention_mask") and value.dim() == 2:
+                value = value[:, :tokens]
+            cut[key] = value
+        kept.append(cut)
+    return kept
+
+
 def run_sia(
     model,
     adapter,
@@ -132,11 +148,10 @@ def run_sia(
     objective: Objective,
     *,
     seed: int = 0,
-    max_batches: int = 2,
 ) -> dict:
     """Measure additivity and stability for heads and channels on the calibration batches."""
     device = next(model.parameters()).device
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches[:max_batches]]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in sample_batches(batches, cfg)]
     rng = random.Random(seed)
     was_training = model.training
     model.eval()
