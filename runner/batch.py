@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from runner.config import (
+    ClusterConfig,
     ConfigError,
     JobConfig,
     ModelConfig,
@@ -35,10 +37,13 @@ from runner.config import (
     parse_config,
     same_job,
 )
+from runner.devices import DeviceError, load_device
 from runner.errors import JobError
 from runner.job import run_job
 from runner.methods import compose, load_method
 from runner.progress import step_bar
+from runner.report_model import FamilyRow, Report
+from runner.report_pages import write_family_report
 from stages.atomic import write_json_atomic
 
 FAMILY_JSON = "family.json"
@@ -129,8 +134,6 @@ def parse_family(raw: dict, source: str = "family") -> FamilyConfig:
             problems.append(("method", exc.problems[0][1]))
             method_ok = False
     if family.target.device is not None:
-        from runner.devices import DeviceError, load_device
-
         try:
             load_device(family.target.device)
         except DeviceError as exc:
@@ -171,8 +174,6 @@ def job_config(family: FamilyConfig, model: ModelConfig) -> JobConfig:
 
 def job_resources(family: FamilyConfig) -> tuple[float, float]:
     """(cpus, gpus) one job reserves: its workers' share when the job asked for Ray, else 1 CPU."""
-    from runner.config import ClusterConfig
-
     cluster = ClusterConfig.model_validate(family.job.get("cluster", {}))
     workers = cluster.workers if cluster.executor == "ray" else 1
     return workers * cluster.cpus_per_worker, workers * cluster.gpus_per_worker
@@ -183,8 +184,6 @@ def run_one(
     cfg_yaml: str, out: str, log_path: str, resume: bool, force: bool, threads: int
 ) -> dict:
     """Run one model's job (in a Ray task or in-process); never raises, returns status + report."""
-    import torch
-
     torch.set_num_threads(max(1, threads))
     out_dir = Path(out)
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -255,12 +254,13 @@ def _log_result(entry: Entry, log) -> None:
     if r["status"] == "failed":
         log(f"[batch] {entry.name}: FAILED: {r['error']} (see {entry.log})")
     elif r["status"] == "done":
-        f = r["report"]["final"]
+        report = Report.model_validate(r["report"])
+        f = report.final
         log(
-            f"[batch] {entry.name}: done in {r['seconds']:.0f}s: {f['compression_ratio']:.2f}x, "
-            f"accuracy {f['accuracy']:.4f} (dense {f['dense_accuracy']:.4f})"
+            f"[batch] {entry.name}: done in {r['seconds']:.0f}s: {f.compression_ratio:.2f}x, "
+            f"accuracy {f.accuracy:.4f} (dense {f.dense_accuracy:.4f})"
         )
-        for warning in r["report"].get("warnings") or []:
+        for warning in report.warnings:
             log(f"[batch] {entry.name}: WARNING: {warning}")
 
 
@@ -297,8 +297,6 @@ def run_batch(
         _dispatch(family, todo, use_ray, executor, cpus, gpus, log, tick)
     summary = build_summary(family, entries, mode, cpus, gpus, time.perf_counter() - started)
     write_json_atomic(out / FAMILY_JSON, summary)
-    from runner.report_html import write_family_report
-
     write_family_report(out)
     return summary
 
@@ -311,7 +309,7 @@ def _dispatch(family, todo, use_ray, executor, cpus, gpus, log, tick) -> None:
 
     if todo and use_ray:
         address = family.job.get("cluster", {}).get("address")
-        from cluster.batch import dispatch_on_ray
+        from cluster.batch import dispatch_on_ray  # lazy: ray is optional (imported there)
 
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
         dispatch_on_ray(
@@ -347,9 +345,8 @@ def _claim_output(out: Path, name: str) -> None:
 
 # ----------------------------------------------------------------------------- summary
 def build_summary(family: FamilyConfig, entries: list[Entry], mode, cpus, gpus, seconds) -> dict:
-    from runner.report_html import family_row
-
-    rows = [family_row(e.name, e.ref, e.out, e.result) for e in entries]
+    """family.json's content; its rows are typed (`FamilyRow`) and written as they were set."""
+    rows = [FamilyRow.from_result(e.name, e.ref, e.out, e.result).to_json() for e in entries]
     return {
         "name": family.name,
         "description": family.description,

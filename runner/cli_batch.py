@@ -7,6 +7,7 @@ import argparse
 from runner.batch import load_family, run_batch
 from runner.config import ConfigError
 from runner.progress import make_logger
+from runner.report_model import FamilySummary
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -17,17 +18,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
         family = family.model_copy(update={"concurrency": args.concurrency})
     out = args.output or f"runs/{family.name}"
     executor = "local" if args.local else "auto"
-    summary = run_batch(
-        family, out, resume=args.resume, executor=executor, log=make_logger(args.quiet)
-    )
-    counts = summary["counts"]
+    raw = run_batch(family, out, resume=args.resume, executor=executor, log=make_logger(args.quiet))
+    summary = FamilySummary.model_validate(raw)
+    counts = summary.counts
     print(
         f"family {family.name}: {counts['done']} compressed, {counts['skipped']} reused, "
-        f"{counts['failed']} failed in {summary['seconds']:.0f}s -> {out}/family.html"
+        f"{counts['failed']} failed in {summary.seconds:.0f}s -> {out}/family.html"
     )
-    for row in summary["models"]:
-        if row["status"] == "failed":
-            print(f"  {row['model']}: {row['error']}")
+    for row in summary.models:
+        if row.status == "failed":
+            print(f"  {row.model}: {row.error}")
     return 1 if counts["failed"] else 0
 
 

@@ -11,6 +11,7 @@ from runner.config import JobConfig, dump_config, same_job
 from runner.errors import JobError, user_errors
 from runner.pipeline import run_model
 from runner.report import write_summary
+from runner.report_model import Report
 
 _JOB_MARKERS = ("job.yaml", "events.jsonl", "summary.json", "report.json")
 
@@ -63,7 +64,7 @@ def run_job(
 
 
 def _run_models(cfg: JobConfig, out: Path, *, resume: bool, log) -> dict:
-    reports = {}
+    reports, typed = {}, {}
     single = len(cfg.models) == 1
     for model_cfg in cfg.models:
         name = model_cfg.output_name
@@ -71,15 +72,17 @@ def _run_models(cfg: JobConfig, out: Path, *, resume: bool, log) -> dict:
         if not single and resume and (model_out / "report.json").is_file():
             log(f"[{name}] already finished, skipping")
             reports[name] = json.loads((model_out / "report.json").read_text())
+            typed[name] = Report.model_validate(reports[name])
             continue
         log(f"[{name}] compressing {model_cfg.ref}")
         resume_model = resume and (model_out / "stages").exists()
         reports[name] = run_model(cfg, model_cfg, model_out, resume=resume_model, log=log)
-        f = reports[name]["final"]
+        typed[name] = Report.model_validate(reports[name])
+        f = typed[name].final
         log(
-            f"[{name}] done: {f['compression_ratio']:.2f}x, accuracy {f['accuracy']:.4f} "
-            f"(dense {f['dense_accuracy']:.4f}) -> {model_out / 'checkpoint'}"
+            f"[{name}] done: {f.compression_ratio:.2f}x, accuracy {f.accuracy:.4f} "
+            f"(dense {f.dense_accuracy:.4f}) -> {model_out / 'checkpoint'}"
         )
     if not single:
-        write_summary(out, reports)
+        write_summary(out, typed)
     return reports

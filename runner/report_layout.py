@@ -1,5 +1,4 @@
-"""Pictures for the reports: one job's stages, pruned layout per layer and confusion matrix;
-a family's accuracy / size / SIA / device-fit plots.
+"""A job's parameters per layer, pruned and dense, and the picture of the pruned layout.
 
 The per-layer parameter counts come from the checkpoint's config ("pruning" layout section) and the
 source model's dense shape, both built on the meta device: exact counts, no weights read.
@@ -7,31 +6,18 @@ source model's dense shape, both built on the meta device: exact counts, no weig
 
 from __future__ import annotations
 
-import base64
 import copy
-import io
 from pathlib import Path
 
 import transformers
+from matplotlib.figure import Figure
+from transformers import AutoConfig
 
+from runner.demo_models import DEMO_MODELS
+from runner.report_figures import png_bytes
+from runner.report_model import Report
+from stages.arch import LayerLayout, get_adapter
 from stages.checkpoint import build_on_meta
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def png_base64(fig) -> str:
-    """The figure as base64 PNG (and closed)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    _plt().close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 # ----------------------------------------------------------------------------- layer breakdown
@@ -45,8 +31,6 @@ def _build_meta(config, layouts=None):
 
 
 def _count(model) -> dict:
-    from stages.arch import get_adapter
-
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     in_layer = {id(p) for layer in layers for p in layer.parameters()}
@@ -67,15 +51,10 @@ def _count(model) -> dict:
 
 def _dense_model(config, source: str | None):
     """The source model's dense shape: built-in demo spec, or the source checkpoint's config."""
-    from runner.models import DEMO_MODELS
-    from stages.arch import LayerLayout
-
     if source in DEMO_MODELS:
         s = DEMO_MODELS[source]
         return _build_meta(config, [LayerLayout(s.heads, s.kv_heads, s.intermediate)] * s.layers)
     if source and (Path(source) / "config.json").is_file():
-        from transformers import AutoConfig
-
         src = AutoConfig.from_pretrained(source)
         src.architectures, src.num_labels = config.architectures, config.num_labels
         return _build_meta(src)
@@ -84,10 +63,6 @@ def _dense_model(config, source: str | None):
 
 def layer_breakdown(job_dir: str | Path) -> dict | None:
     """Params per layer (attention / MLP / norms) + embeddings, pruned and dense; None if unknown."""
-    from transformers import AutoConfig
-
-    from stages.arch import LayerLayout
-
     ckpt = Path(job_dir) / "checkpoint"
     if not (ckpt / "config.json").is_file():
         return None
@@ -105,39 +80,21 @@ def layer_breakdown(job_dir: str | Path) -> dict | None:
     return result
 
 
-# ----------------------------------------------------------------------------- job figures
-def stages_figure(report: dict) -> str:
-    plt = _plt()
-    f = report["final"]
-    names = ["dense"] + [r["name"] for r in report["stages"]] + ["final (export)"]
-    acc = [f["dense_accuracy"]] + [r["accuracy"] for r in report["stages"]] + [f["accuracy"]]
-    params = [f["dense_params"]] + [r["params_after"] for r in report["stages"]] + [f["params"]]
-    fig, ax = plt.subplots(figsize=(9, 3.8))
-    ax2 = ax.twinx()
-    ax2.bar(names, params, alpha=0.25, color="tab:orange")
-    ax2.set_ylabel("parameters")
-    ax.plot(names, acc, "o-", color="tab:blue", zorder=3)
-    ax.set_zorder(ax2.get_zorder() + 1)
-    ax.patch.set_visible(False)
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("accuracy (stages: validation; dense/final: test)")
-    ax.tick_params(axis="x", rotation=25)
-    ax.set_title("accuracy (line) and parameters (bars) per stage")
-    fig.tight_layout()
-    return png_base64(fig)
-
-
-def _origins(report: dict, n: int) -> list[int]:
-    origin = (report["stages"][-1].get("layer_origin") if report["stages"] else None) or []
+# ----------------------------------------------------------------------------- layout figure
+def _origins(report: Report, n: int) -> list[int]:
+    """Original index of each kept layer (the last stage's record), identity when unknown."""
+    origin = report.stages[-1].layer_origin if report.stages else []
     return list(origin) if len(origin) == n else list(range(n))
 
 
-def layout_figure(report: dict, bd: dict) -> str:
-    plt = _plt()
+def layout_figure(report: Report, bd: dict) -> bytes:
+    """Parameters per layer at its original index (removed layers marked) over the dense outline,
+    and the share of query heads / KV heads / FFN channels each layer kept."""
     pruned, dense = bd["pruned"], bd["dense"]
     origins = _origins(report, len(pruned["layers"]))
     n = len(dense["layers"]) if dense else max(origins) + 1
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    fig = Figure(figsize=(9, 6))
+    ax, ax2 = fig.subplots(2, 1, sharex=True)
     if dense:
         att = [x["attention"] for x in dense["layers"]]
         mlp = [x["mlp"] + x["norm"] for x in dense["layers"]]
@@ -181,123 +138,4 @@ def layout_figure(report: dict, bd: dict) -> str:
     ax2.set_xlabel("layer")
     ax2.set_xticks(range(n))
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    return png_base64(fig)
-
-
-def confusion_figure(confusion: list[list[int]]) -> str:
-    from runner.data import CLASS_NAMES
-
-    plt = _plt()
-    size = len(confusion)
-    names = list(CLASS_NAMES) if size == len(CLASS_NAMES) else [str(i) for i in range(size)]
-    fig, ax = plt.subplots(figsize=(5.5, 4.8))
-    ax.imshow(confusion, cmap="Blues")
-    for i, row in enumerate(confusion):
-        for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(size), names, rotation=60, fontsize=7)
-    ax.set_yticks(range(size), names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("confusion matrix (test split, exported checkpoint)")
-    fig.tight_layout()
-    return png_base64(fig)
-
-
-# ----------------------------------------------------------------------------- family plots
-def family_plots(out_dir: Path, rows: list[dict]) -> list[Path]:
-    """plots/size.png (accuracy and params vs dense size), sia.png, device.png (when validated)."""
-    plt = _plt()
-    ok = sorted((r for r in rows if "accuracy" in r), key=lambda r: r["dense_params"])
-    plot_dir = out_dir / "plots"
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    if ok:
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-        human = FuncFormatter(lambda v, _: f"{v / 1e6:.3g}M" if v >= 1e5 else f"{v / 1e3:.3g}k")
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        for arch in dict.fromkeys(r["architecture"] for r in ok):
-            pts = [r for r in ok if r["architecture"] == arch]
-            x = [r["dense_params"] for r in pts]
-            label = f"{arch.removesuffix('ForSequenceClassification')} ({pts[0]['attention']}/{pts[0]['mlp']})"
-            line = ax.plot(x, [r["accuracy"] for r in pts], "o-", label=f"{label} pruned")[0]
-            color = line.get_color()
-            ax.plot(
-                x,
-                [r["dense_accuracy"] for r in pts],
-                "s--",
-                color=color,
-                alpha=0.5,
-                label=f"{label} dense",
-            )
-            ax2.plot(x, [r["params"] for r in pts], "o-", color=color, label=f"{label} pruned")
-            ax2.plot(x, x, "s--", color=color, alpha=0.5, label=f"{label} dense")
-            for r in pts:
-                ax.annotate(
-                    r["model"],
-                    (r["dense_params"], r["accuracy"]),
-                    fontsize=6,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
-        lowest = min(min(r["accuracy"], r["dense_accuracy"]) for r in ok)
-        ax.set(
-            ylim=(max(0.0, lowest - 0.1), 1.02),
-            xlabel="dense parameters",
-            ylabel="test accuracy",
-            title="accuracy vs model size",
-        )
-        ax2.set(
-            ylim=(0, None),
-            xlabel="dense parameters",
-            ylabel="parameters",
-            title="parameters vs model size",
-        )
-        for a in (ax, ax2):
-            a.set_xscale("log")
-            a.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-            a.xaxis.set_major_formatter(human)
-            a.xaxis.set_minor_formatter(NullFormatter())
-            a.grid(alpha=0.3)
-            a.legend(fontsize=6)
-        ax2.yaxis.set_major_formatter(human)
-        written.append(_save(fig, plot_dir / "size.png"))
-    sia = [r for r in ok if r.get("sia_score") is not None]
-    if sia:
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        colors = ["tab:green" if r["sia_satisfied"] else "tab:red" for r in sia]
-        ax.bar([r["model"] for r in sia], [r["sia_score"] for r in sia], color=colors)
-        ax.axhline(sia[0]["sia_threshold"], color="k", ls="--", label="threshold")
-        ax.set(ylabel="SIA score (lower: more independent)", title="SIA score per model")
-        ax.tick_params(axis="x", rotation=25)
-        ax.legend()
-        written.append(_save(fig, plot_dir / "sia.png"))
-    dev = [r for r in ok if r.get("fits") is not None]
-    if dev:
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        colors = ["tab:green" if r["fits"] else "tab:red" for r in dev]
-        ax.bar(
-            [r["model"] for r in dev],
-            [r["peak_bytes"] / 2**30 for r in dev],
-            color=colors,
-            label="peak",
-        )
-        budgets = [r["budget_bytes"] / 2**30 for r in dev]
-        xs = range(len(dev))
-        ax.hlines(
-            budgets, [x - 0.45 for x in xs], [x + 0.45 for x in xs], "k", "--", label="budget"
-        )
-        ax.set(ylabel="GiB", title=f"fits on {dev[0]['device']}? (green: yes)")
-        ax.tick_params(axis="x", rotation=25)
-        ax.legend()
-        written.append(_save(fig, plot_dir / "device.png"))
-    return written
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    _plt().close(fig)
-    return path
+    return png_bytes(fig)

@@ -109,3 +109,190 @@ class Report(_Part):
     @classmethod
     def read(cls, path: str | Path) -> Report:
         return cls.model_validate(json.loads(Path(path).read_text()))
+
+
+# ----------------------------------------------------------------------------- typed views
+class _View(BaseModel):
+    """A typed reading of a free-form part of report.json (kept a dict there, so its keys and their
+    order stay exactly as the writer made them); unknown keys are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class DenseFinetune(_View):
+    """final.dense_finetune, written by runner/finetune.py."""
+
+    steps: int
+    lr: float
+    first_loss: float
+    last_loss: float
+    cached: bool = False
+
+
+class Perplexity(_View):
+    """final.perplexity, written by runner/lm_head.py (+ the dense model's figure)."""
+
+    file: str
+    tokens: int
+    window: int | None = None
+    perplexity: float
+    dense: float | None = None
+
+
+class DeviceFit(_View):
+    """report.validation, written by runner/validate.py."""
+
+    device: str
+    budget_bytes: float
+    peak_bytes: float
+    fits: bool
+    dense_peak_bytes: float | None = None
+    latency_ms: dict[str, float | None] | None = None
+
+
+# ----------------------------------------------------------------------------- compare / family rows
+class _Row(BaseModel):
+    """A line of compare.json / family.json. Field order is the JSON key order; `to_json` writes
+    only the fields that were set, so a failed row carries its error and no empty figures."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class CompareRow(_Row):
+    """One method at one ratio of `cascade compare`: the run's headline figures, or its error."""
+
+    model: str
+    ref: str | None = None
+    method: str
+    ratio: float
+    dir: str
+    error: str | None = None
+    architecture: str | None = None
+    attention: str | None = None
+    mlp: str | None = None
+    achieved_ratio: float | None = None
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    heldout_accuracy: float | None = None
+    params: int | None = None
+    dense_accuracy: float | None = None
+    seconds: float | None = None
+    sia_score: float | None = None
+    sia_satisfied: bool | None = None
+
+    def with_report(self, report: Report) -> CompareRow:
+        f = report.final
+        return self.model_validate(
+            self.to_json()
+            | {
+                "architecture": report.model.architecture,
+                "attention": report.model.attention,
+                "mlp": report.model.mlp,
+                "achieved_ratio": f.compression_ratio,
+                "accuracy": f.accuracy,
+                "macro_f1": f.macro_f1,
+                "heldout_accuracy": f.heldout_accuracy,
+                "params": f.params,
+                "dense_accuracy": f.dense_accuracy,
+                "seconds": report.timing.total_seconds,
+                "sia_score": report.sia.score,
+                "sia_satisfied": report.sia.satisfied,
+            }
+        )
+
+
+class CompareResult(_Part):
+    """compare.json."""
+
+    name: str
+    methods: list[str]
+    ratios: list[float]
+    recovery_steps: int
+    rows: list[CompareRow]
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    @classmethod
+    def read(cls, path: str | Path) -> CompareResult:
+        return cls.model_validate(json.loads(Path(path).read_text()))
+
+
+Number = int | float  # copied through as written (a byte budget may be either)
+
+
+class FamilyRow(_Row):
+    """One model of `cascade batch`: status, error, headline figures, SIA and device fit."""
+
+    model: str
+    ref: str
+    dir: str
+    status: str
+    error: str | None = None
+    architecture: str | None = None
+    attention: str | None = None
+    mlp: str | None = None
+    dense_params: int | None = None
+    params: int | None = None
+    compression_ratio: float | None = None
+    accuracy: float | None = None
+    dense_accuracy: float | None = None
+    macro_f1: float | None = None
+    heldout_accuracy: float | None = None
+    sia_score: float | None = None
+    sia_threshold: float | None = None
+    sia_satisfied: bool | None = None
+    device: str | None = None
+    budget_bytes: Number | None = None
+    peak_bytes: Number | None = None
+    fits: bool | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def from_result(cls, name: str, ref: str, out: Path, result: dict) -> FamilyRow:
+        """From batch's result of one job: status, error?, report? (report.json's content),
+        seconds?. A model without a report keeps its error and time only."""
+        row: dict[str, Any] = dict(model=name, ref=ref, dir=str(out), status=result["status"])
+        row |= {"error": result["error"]} if "error" in result else {}
+        if not result.get("report"):
+            seconds = {"seconds": result["seconds"]} if "seconds" in result else {}
+            return cls.model_validate(row | seconds)
+        rep = Report.model_validate(result["report"])
+        f, sia, val = rep.final, rep.sia, rep.validation or {}
+        row |= dict(architecture=rep.model.architecture, attention=rep.model.attention)
+        row |= dict(mlp=rep.model.mlp, dense_params=f.dense_params, params=f.params)
+        row |= dict(compression_ratio=f.compression_ratio, accuracy=f.accuracy)
+        row |= dict(dense_accuracy=f.dense_accuracy, macro_f1=f.macro_f1)
+        row |= dict(heldout_accuracy=f.heldout_accuracy, sia_score=sia.score)
+        row |= dict(sia_threshold=sia.threshold, sia_satisfied=sia.satisfied)
+        row |= {k: val.get(k) for k in ("device", "budget_bytes", "peak_bytes", "fits")}
+        return cls.model_validate(row | {"seconds": rep.timing.total_seconds})
+
+
+class Execution(_Part):
+    mode: str
+    cpus_per_job: float
+    gpus_per_job: float
+
+
+class FamilySummary(BaseModel):
+    """family.json, as the family page reads it (batch.build_summary writes it)."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    description: str = ""
+    method: str
+    target: dict[str, Any]
+    recovery_steps: int | None = None
+    execution: Execution
+    concurrency: int | None = None
+    seconds: float
+    counts: dict[str, int]
+    models: list[FamilyRow]
+
+    @classmethod
+    def read(cls, path: str | Path) -> FamilySummary:
+        return cls.model_validate(json.loads(Path(path).read_text()))

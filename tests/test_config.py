@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_report_html import fake_report
 
 from runner.compare import load_compare_config
 from runner.config import ConfigError, load_config, parse_config
@@ -195,16 +196,12 @@ def _fake_compare(monkeypatch, calls: list):
         calls.append((job.models[0], out))
         out.mkdir(parents=True, exist_ok=True)
         (out / "job.yaml").write_text(dump_config(job))
-        model = {"architecture": "GPT2", "attention": "mha", "mlp": "gelu"}
-        final = {"compression_ratio": 1.5, "accuracy": 0.5, "macro_f1": 0.5, "params": 10}
-        report = {"model": model, "final": final | {"dense_accuracy": 0.6}}
-        report["timing"] = {"total_seconds": 1.0}
+        report = fake_report(job.models[0].output_name)
         (out / "report.json").write_text(json.dumps(report))
         return {job.models[0].output_name: report}
 
     monkeypatch.setattr(compare, "run_job", fake_run_job)
-    monkeypatch.setattr(compare, "plot_compare", lambda result, path: None)
-    monkeypatch.setattr("runner.report_html.write_compare_html", lambda out: None)
+    monkeypatch.setattr(compare, "write_compare_report", lambda out, result: None)
     return compare
 
 

@@ -1,9 +1,14 @@
-"""Self-contained HTML reports: job (stage table, layer picture, SIA, device fit, confusion), compare, family."""
+"""Report pages: job (stage table, layer picture, SIA, device fit, confusion), compare, family.
+
+HTML pages are self-contained; report.md and report.html of a job say the same thing."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from tiny_models import tiny_gpt2
@@ -11,15 +16,12 @@ from tiny_models import tiny_gpt2
 from runner.data import CLASS_NAMES
 from runner.demo_models import DEMO_MODELS, demo_config
 from runner.models import count_params
-from runner.tasks import chance_level_warning
-from runner.report import render_markdown
-from runner.report_html import (
-    write_compare_html,
-    write_family_html,
-    write_family_report,
-    write_job_html,
-)
+from runner.report import job_page, write_job_html, write_report
+from runner.report_blocks import render_markdown
 from runner.report_layout import layer_breakdown
+from runner.report_model import Report
+from runner.report_pages import write_compare_report, write_family_html, write_family_report
+from runner.tasks import chance_level_warning
 from stages.arch import get_adapter
 from stages.checkpoint import save_checkpoint
 
@@ -166,8 +168,6 @@ def test_job_html_without_checkpoint_or_validation_still_renders(tmp_path):
 
 
 def test_compare_html_marks_failures_and_embeds_the_plot(tmp_path):
-    from runner.compare import plot_compare
-
     rows = [
         {
             "model": "m",
@@ -194,10 +194,13 @@ def test_compare_html_marks_failures_and_embeds_the_plot(tmp_path):
         "rows": rows,
     }
     (tmp_path / "compare.json").write_text(json.dumps(result))
-    plot_compare(result, tmp_path / "compare.png")
-    page = write_compare_html(tmp_path).read_text()
+    page = write_compare_report(tmp_path).read_text()
     assert_self_contained(page)
     assert "0.8000 / 0.700 (2.0x)" in page and "JobError: boom" in page and ">failed<" in page
+    md = (tmp_path / "compare.md").read_text()
+    assert "| cascade | 0.8000 / 0.700 (2.0x) |" in md and "| flap | failed: JobError |" in md
+    assert "![accuracy vs compression](compare.png)" in md
+    assert (tmp_path / "compare.png").read_bytes() == _embedded_pngs(page)[0]
 
 
 @pytest.mark.parametrize("with_device", [False, True])
@@ -271,14 +274,144 @@ def test_warnings_and_dense_finetune_reach_markdown_and_html(tmp_path):
         "first_loss": 2.3,
         "last_loss": 2.29,
     }
-    text = render_markdown(report, [])
+    text = _markdown(report)
     assert "**WARNING:** the dense model's classification test accuracy 0.1000 is at chance" in text
     assert "300 steps at lr 0.0005, training loss 2.300 -> 2.290" in text
     (tmp_path / "report.json").write_text(json.dumps(report))
     page = write_job_html(tmp_path).read_text()
-    assert '<p class="bad"><b>Warning:</b> the dense model&#x27;s classification' in page
+    assert '<p class="bad"><b>WARNING:</b> the dense model&#x27;s classification' in page
     assert "300 steps at lr 0.0005, training loss 2.300 -&gt; 2.290." in page
     report["final"]["dense_finetune"]["cached"] = True
-    assert "2.290 (weights loaded from the fine-tune cache)." in render_markdown(report, [])
-    quiet = render_markdown(fake_report(), [])
+    assert "2.290 (weights loaded from the fine-tune cache)." in _markdown(report)
+    quiet = _markdown(fake_report())
     assert "WARNING" not in quiet and "fine-tuned first" not in quiet
+
+
+def _markdown(report: dict) -> str:
+    return render_markdown(job_page(Report.model_validate(report), None, figures=False))
+
+
+def _embedded_pngs(page: str) -> list[bytes]:
+    return [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+
+
+# ----------------------------------------------------------------------------- md and html agree
+class _HtmlItems(HTMLParser):
+    """The page as (kind, content) items: headings, paragraphs, table rows, pictures (bytes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.items: list[tuple] = []
+        self.text: list[str] | None = None
+        self.row: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("h1", "h2", "p", "td", "th"):
+            self.text = []
+        elif tag == "tr":
+            self.row = []
+        elif tag == "img":
+            src = dict(attrs)["src"].removeprefix("data:image/png;base64,")
+            self.items.append(("img", dict(attrs)["alt"], base64.b64decode(src)))
+            self.text = None
+
+    def handle_endtag(self, tag):
+        if tag in ("h1", "h2", "p") and self.text is not None:
+            self.items.append(("h" if tag[0] == "h" else "p", "".join(self.text)))
+        elif tag in ("td", "th"):
+            self.row.append("".join(self.text))
+        elif tag == "tr":
+            self.items.append(("row", self.row))
+        if tag in ("h1", "h2", "p", "td", "th"):
+            self.text = None
+
+    def handle_data(self, data):
+        if self.text is not None:
+            self.text.append(data)
+
+
+def _md_items(path: Path) -> list[tuple]:
+    """The same items read from report.md: ** and link syntax removed, pictures from their files."""
+
+    def plain(text: str) -> str:
+        return re.sub(r"\[(.*?)\]\([^)]*\)", r"\1", text.replace("**", ""))
+
+    items = []
+    for line in path.read_text().splitlines():
+        if not line or re.fullmatch(r"(\|---)+\|", line):
+            continue
+        if line.startswith("#"):
+            items.append(("h", line.lstrip("#").strip()))
+        elif line.startswith("!["):
+            alt, file = re.fullmatch(r"!\[(.*)\]\((.*)\)", line).groups()
+            items.append(("img", alt, (path.parent / file).read_bytes()))
+        elif line.startswith("| "):
+            cells = re.split(r"(?<!\\) \| ", line[2:-2])
+            items.append(("row", [plain(c.replace("\\|", "|")) for c in cells]))
+        else:
+            items.append(("p", plain(line)))
+    return items
+
+
+def _embedding_report() -> dict:
+    report = fake_report("tiny-bert")
+    report["model"] |= {"architecture": "BertModel", "attention": "mha", "mlp": "gelu"}
+    report["final"] |= {"cosine": 0.91234, "heldout_cosine": 0.9, "dense_cosine": 1.0}
+    report["final"]["metric_note"] = "accuracy = leave-one-out 1-NN fault classification"
+    for i, stage in enumerate(report["stages"]):
+        stage["cosine"] = 0.99 - 0.01 * i
+    report["sia"] = {}
+    return report
+
+
+def _classification_report() -> dict:
+    report = fake_report("tiny-gpt2", validation=True)
+    report["warnings"] = [chance_level_warning(0.1, 10, "classification")]
+    report["final"]["dense_finetune"] = {"steps": 3, "lr": 1e-3, "first_loss": 2, "last_loss": 1}
+    report["final"]["perplexity"] = {
+        "file": "a|b.txt",  # a pipe: escaped in Markdown, plain in HTML
+        "tokens": 12345,
+        "window": 64,
+        "perplexity": 17.5,
+        "dense": 12.25,
+    }
+    return report
+
+
+@pytest.mark.parametrize(
+    "variant, expected",
+    [
+        (_classification_report, ["WARNING:", "fine-tuned first", "Perplexity on a|b.txt", "fits"]),
+        (_embedding_report, ["cosine similarity to the dense embeddings 0.9123", "not run"]),
+    ],
+)
+def test_job_markdown_and_html_have_the_same_sections_and_figures(tmp_path, variant, expected):
+    _pruned_gpt2(tmp_path)
+    job = tmp_path / "job"
+    report = Report.model_validate(variant())
+    write_report(job, report)
+    write_job_html(job, report)
+    md, html = _md_items(job / "report.md"), _HtmlItems()
+    html.feed((job / "report.html").read_text())
+    assert md == html.items
+    headings = [x[1] for x in md if x[0] == "h"]
+    assert headings[1:] == [
+        "Structural Independence Assumption",
+        "Stages",
+        "Parameters per layer",
+        *(["Confusion matrix"]),
+        *(["Device fit"] if report.validation else []),
+    ]
+    assert [x[1] for x in md if x[0] == "img"] == [
+        "accuracy per stage",
+        "pruned layout",
+        "confusion matrix",
+    ]
+    text = "\n".join(str(x[1]) for x in md)
+    assert all(e in text for e in expected), [e for e in expected if e not in text]
+    assert sorted(p.name for p in (job / "plots").iterdir()) == [
+        "confusion.png",
+        "layout.png",
+        "stages.png",
+    ]
+    assert json.loads((job / "report.json").read_text()) == report.to_json()
