@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from runner.corpora import Document, bearing_documents, fault_phrase, qa_prompt
+from runner.data import CLASS_NAMES
 from runner.text_files import MAX_DOCUMENT_BYTES, TextDataError, scan_lines
 from stages.choice_eval import ChoiceItem
 
@@ -151,8 +152,6 @@ def bearing_qa_examples(
     data_cfg: Any = None, *, notes: str = "both", limit: int | None = None, seed: int = 0
 ) -> list[ChoiceExample]:
     """Held-out notes -> "note\\nFault:" with the ten readable classes as choices."""
-    from runner.data import CLASS_NAMES
-
     origins = {"test": {"test"}, "heldout": {"heldout"}, "both": {"test", "heldout"}}[notes]
     phrases = tuple(fault_phrase(i) for i in range(len(CLASS_NAMES)))
     examples = [

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runner.data import CLASS_NAMES, DataConfig, build_dataset
+from runner.paths import cache_root
 from stages.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -121,9 +122,7 @@ def render_stdlib_docs(modules: tuple[str, ...] = STDLIB_MODULES) -> list[tuple[
 
 
 def _cache_dir() -> Path:
-    """The project's cache rule ($CASCADE_CACHE, else ~/.cache/cascade) + /corpora."""
-    env = os.environ.get("CASCADE_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "cascade") / "corpora"
+    return cache_root() / "corpora"
 
 
 def _stdlib_cache_path(modules: tuple[str, ...]) -> Path:
@@ -161,8 +160,6 @@ def stdlib_documents(modules: tuple[str, ...] = STDLIB_MODULES) -> list[Document
 
 def fault_phrase(label: int) -> str:
     """Readable class name: "normal", "inner race fault, 0.007 in", "ball fault, 0.014 in", ..."""
-    from runner.data import CLASS_NAMES
-
     name = CLASS_NAMES[label]
     if name == "normal":
         return "normal"
@@ -187,8 +184,6 @@ _SPLIT_OF = {"train": "train", "validation": "validation", "test": "test", "held
 
 def _sentences_cfg(data_cfg: Any):
     """The same bearing data written as English notes (calibration_mix only fits 'features')."""
-    from runner.data import DataConfig
-
     raw = data_cfg.model_dump() if data_cfg is not None else {}
     return DataConfig.model_validate({**raw, "text_style": "sentences", "calibration_mix": []})
 
@@ -196,8 +191,6 @@ def _sentences_cfg(data_cfg: Any):
 def bearing_documents(data_cfg: Any = None, *, qa: bool = False) -> list[Document]:
     """Every bearing note of runner.data's train/validation/test/heldout splits (not its calibration
     split, a subset of train), with runner.data's split; `qa` appends the "Fault:" answer."""
-    from runner.data import build_dataset
-
     dataset = build_dataset(_sentences_cfg(data_cfg))
     documents = []
     for name, split in _SPLIT_OF.items():

@@ -188,7 +188,7 @@ def _text_documents(path: Path, where: str, split_by: str, limit: int) -> Iterat
 
 @contextmanager
 def _quiet_datasets():
-    import datasets
+    import datasets  # lazy: importing `datasets` costs seconds; plain text sources skip it
 
     was_disabled = datasets.utils.are_progress_bars_disabled()
     datasets.disable_progress_bars()
@@ -232,7 +232,7 @@ def _load_table(fmt: str, paths: list[Path], where: str, cache_dir: str):
 def _column_documents(dataset, source: FileSpec, where: str, limit: int) -> Iterator[str]:
     """The `field` column in Arrow batches; each batch is length-checked before its values
     become Python strings (nothing is written next to the user's files)."""
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # lazy: with `datasets`, only for table sources
 
     if source.field not in dataset.column_names:
         raise TextDataError(
