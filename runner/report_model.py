@@ -51,9 +51,37 @@ class StageRecord(BaseModel):
     accuracy: float
     macro_f1: float | None = None
     cosine: float | None = None
+    perplexity: float | None = None  # causal_lm: validation perplexity
+    choice_acc_norm: dict[str, float] | None = None  # causal_lm: a sample of each choice task
     seconds: float
     criterion: str | None = None
     layer_origin: list[int] = []
+
+
+class DomainPerplexity(_Part):
+    """Test perplexity of one text domain (data.sources entry), pruned vs dense."""
+
+    pruned: float
+    dense: float
+    tokens: int
+
+
+class ChoiceAccuracy(_Part):
+    """Zero-shot multiple choice as lm-evaluation-harness scores it (acc, length-normalised)."""
+
+    acc: float
+    acc_norm: float
+    dense_acc: float
+    dense_acc_norm: float
+    n: int
+
+
+class Generation(_Part):
+    """Greedy completion of one fixed prompt by the dense and by the pruned model."""
+
+    prompt: str
+    dense: str
+    pruned: str
 
 
 class FinalFigures(_Part):
@@ -77,6 +105,12 @@ class FinalFigures(_Part):
     metric_note: str | None = None
     # evaluation.perplexity_file
     perplexity: dict[str, Any] | None = None
+    # causal_lm task (accuracy = next-token top-1 accuracy on the test blocks)
+    lm_perplexity: float | None = None
+    dense_lm_perplexity: float | None = None
+    perplexity_by_domain: dict[str, DomainPerplexity] | None = None
+    choice_accuracy: dict[str, ChoiceAccuracy] | None = None
+    generations: list[Generation] | None = None
     checkpoint: str | None = None
 
 
