@@ -27,6 +27,7 @@ from runner.report_blocks import (
 )
 from runner.report_figures import confusion_figure, stages_figure
 from runner.report_layout import layer_breakdown, layout_figure
+from runner.report_lm import language_model_section
 from runner.report_model import DenseFinetune, DeviceFit, Perplexity, Report
 from stages.atomic import write_json_atomic
 
@@ -63,6 +64,7 @@ def job_page(report: Report, breakdown: dict | None, *, figures: bool = True) ->
         *warnings_section(report),
         *finetune_section(report),
         *task_figures_section(report),
+        *language_model_section(report),
         *sia_section(report),
         *stages_section(report, figures),
         *layers_section(breakdown, figures),
@@ -116,7 +118,7 @@ def summary_section(report: Report) -> list[Block]:
             ").",
         ),
         Paragraph(
-            "Test accuracy ",
+            "Next-token test accuracy " if f.lm_perplexity is not None else "Test accuracy ",
             Em(fmt_num(f.accuracy)),
             f" (dense {fmt_num(f.dense_accuracy)}){_optional_figures(report)}. "
             "Final figures are measured on the exported checkpoint reloaded from disk.",
@@ -195,15 +197,21 @@ def stages_section(report: Report, figures: bool) -> list[Block]:
     """The stage table (dense row first) and, with figures, accuracy and size per stage."""
     f, stages = report.final, report.stages
     cosine = any(r.cosine is not None for r in stages)
+    ppl = any(r.perplexity is not None for r in stages)
     headers = ("#", "stage", "kind", "criterion", "version", "params before", "params after")
-    headers += ("accuracy",) + (("cosine",) if cosine else ()) + ("seconds",)
+    headers += ("accuracy",) + (("cosine",) if cosine else ()) + (("perplexity",) if ppl else ())
+    headers += ("seconds",)
     dense_params = fmt_params(f.dense_params)
     dense = ("-", "dense", "-", "-", "0", dense_params, dense_params, fmt_num(f.dense_accuracy))
-    rows = [dense + ((fmt_num(f.dense_cosine),) if cosine else ()) + ("-",)]
+    dense += (fmt_num(f.dense_cosine),) if cosine else ()
+    dense += (fmt_num(f.dense_lm_perplexity, 2),) if ppl else ()
+    rows = [dense + ("-",)]
     for r in stages:
         row = (str(r.index), r.name, r.kind, r.criterion or "-", str(r.version))
         row += (fmt_params(r.params_before), fmt_params(r.params_after), fmt_num(r.accuracy))
-        rows.append(row + ((fmt_num(r.cosine),) if cosine else ()) + (f"{r.seconds:.1f}",))
+        row += (fmt_num(r.cosine),) if cosine else ()
+        row += (fmt_num(r.perplexity, 2),) if ppl else ()
+        rows.append(row + (f"{r.seconds:.1f}",))
     blocks: list[Block] = [
         Heading("Stages"),
         Paragraph("Stage rows: validation split; the dense row: test split."),

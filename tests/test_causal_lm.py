@@ -165,7 +165,7 @@ def lm_job(root: Path, data: dict | None = None) -> dict:
             "stage_choice_items": 3,
             "max_new_tokens": 4,
         },
-        "output": {"plots": False, "progress": False},
+        "output": {"plots": True, "progress": False},
     }
 
 
@@ -192,9 +192,12 @@ def test_causal_lm_job_compresses_and_reports_lm_figures(lm_run) -> None:
     with torch.no_grad():
         out = exported.generate(torch.tensor([[2, 5, 6]]), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 6)
-    events = [
-        json.loads(x)["event"] for x in (root / "out" / "events.jsonl").read_text().split("\n") if x
-    ]
+    md, html = ((root / "out" / f"report.{ext}").read_text() for ext in ("md", "html"))
+    for page in (md, html):
+        assert "Language modelling" in page and "Zero-shot multiple choice" in page
+        assert f"{final['lm_perplexity']:.2f}" in page and "What is the capital of France?" in page
+    lines = (root / "out" / "events.jsonl").read_text().splitlines()
+    events = [json.loads(x)["event"] for x in lines]
     assert events[0] == "job_start" and events[-1] == "job_end" and "sia" in events
 
 
