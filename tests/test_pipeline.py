@@ -7,8 +7,8 @@ import torch
 from conftest import tiny_job
 
 from runner.config import parse_config
-from runner.job import run_job
 from runner.errors import JobError
+from runner.job import run_job
 from stages.checkpoint import load_pruned
 from stages.objectives import get_objective
 from stages.split import encode_split
@@ -115,12 +115,12 @@ def test_checkpoint_reloads_with_the_reported_accuracy(finished_job):
     out, report = finished_job
     model = load_pruned(out / "checkpoint")
     assert sum(p.numel() for p in model.parameters()) == report["final"]["params"]
-    from runner.data import DataConfig, build_dataset
+    from runner.data import build_dataset
     from runner.models import load_model
 
     cfg = parse_config(tiny_job())
     _, tokenizer = load_model("demo-tiny-gpt2", progress=False, data_cfg=cfg.data)
-    test = encode_split(build_dataset(DataConfig(**cfg.data.model_dump()))["test"], tokenizer, 96)
+    test = encode_split(build_dataset(cfg.data)["test"], tokenizer, 96)
     accuracy = get_objective("classification").evaluate(model, test).accuracy
     assert accuracy == pytest.approx(report["final"]["accuracy"])
 
@@ -136,19 +136,19 @@ def test_resume_after_a_crash_gives_the_same_checkpoint(tmp_path, finished_job, 
     cfg = parse_config(tiny_job())
     import runner.pipeline as pipeline
 
-    real = pipeline.ModelRun._recover
+    real = pipeline.recover_stage
     calls = {"n": 0}
 
-    def crash_on_second_recovery(self, *args, **kwargs):
+    def crash_on_second_recovery(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated crash")
-        return real(self, *args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline.ModelRun, "_recover", crash_on_second_recovery)
+    monkeypatch.setattr(pipeline, "recover_stage", crash_on_second_recovery)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_job(cfg, tmp_path, log=lambda m: None)
-    monkeypatch.setattr(pipeline.ModelRun, "_recover", real)
+    monkeypatch.setattr(pipeline, "recover_stage", real)
     done = sorted(p.name for p in (tmp_path / "stages").iterdir() if p.is_dir())
     assert done == ["00_layers", "01_recover1", "02_heads"]
     run_job(cfg, tmp_path, resume=True, log=lambda m: None)
