@@ -1,0 +1,417 @@
+"""One decoder layer at a time: the worker of the layer-streamed pruning path.
+
+Why: a model that does not fit in memory can still be scored the way FLAP / Wanda / SparseGPT
+calibrate: the hidden states of the calibration rows are carried from layer to layer, and only
+the layer being scored is materialised. A `LayerStreamWorker` holds whole calibration
+micro-batches (its shard of the rows), and per layer: `load_layer(i)` reads that layer's
+weights lazily from the source safetensors and replays the cuts already planned on it,
+`statistics(request)` runs the layer on its rows and returns additive per-micro-batch sums, and
+`advance()` makes the layer's outputs the next layer's inputs. Micro-batches stay whole, so
+every layer runs on exactly the tensors the in-memory forward sees, and the driver, adding the
+per-batch sums in global batch order, gets bit-for-bit the in-memory totals with any number of
+workers.
+
+What each layer's forward needs besides the hidden states (attention masks per layer type,
+rotary position embeddings, position ids) is captured once per pass by running the model's own
+backbone forward with every layer replaced by a recorder: masks and rotary embeddings are
+computed by the model's code, not re-implemented here.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from stages import importance as imp
+from stages.arch import get_adapter
+from stages.arch_base import backbone
+from stages.base import PrunePlan, apply_plan
+from stages.estimate import EstimateRequest
+from stages.lazy_weights import LazyCheckpoint, meta_skeleton, module_name
+
+Stats = dict[str, torch.Tensor]
+Part = tuple[int, Stats]  # (global micro-batch index, that batch's sums)
+
+NEEDS_ACTIVATIONS = {"wanda", "activation", "fluctuation", "condition", "block_influence"}
+
+
+class StreamWorkerError(ValueError):
+    """The streamed path cannot run this model or request (the message says what to do)."""
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What every worker needs to rebuild the same model lazily (picklable, sent to Ray actors)."""
+
+    source_dir: str
+    device: str = "cpu"
+    compute_dtype: torch.dtype | None = None  # None: compute in each tensor's stored dtype
+    attn_implementation: str | None = None
+    torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class LayerOp:
+    """One planned cut of one layer, replayed on its freshly read weights."""
+
+    granularity: str
+    keep: tuple[int, ...]
+    full: bool  # every unit kept: nothing to slice
+    bias: bool  # the plan compensated biases (every layer gets out-projection biases)
+    delta: tuple[float, ...] | None
+
+
+def layer_history(plans: Sequence[PrunePlan], n_layers: int) -> list[tuple[int, tuple]]:
+    """For each layer of the model after `plans`: (its index in the source, its cuts in order)."""
+    current: list[tuple[int, tuple]] = [(i, ()) for i in range(n_layers)]
+    for plan in plans:
+        if plan.granularity == "layers":
+            dropped = set(plan.drop_layers)
+            current = [c for j, c in enumerate(current) if j not in dropped]
+            continue
+        bias = bool(plan.bias_deltas)
+        updated = []
+        for j, (origin, ops) in enumerate(current):
+            keep = tuple(int(u) for u in plan.keep[j])
+            full = len(keep) == len(plan.scores[j])
+            delta = plan.bias_deltas.get(j)
+            if not full or bias:
+                op = LayerOp(plan.granularity, keep, full, bias, tuple(delta) if delta else None)
+                ops = (*ops, op)
+            updated.append((origin, ops))
+        current = updated
+    return current
+
+
+class LayerSource:
+    """The source checkpoint, read lazily, and its dense model skeleton on the meta device."""
+
+    def __init__(self, source_dir: str, attn_implementation: str | None = None):
+        self.checkpoint = LazyCheckpoint(source_dir)
+        self.dense = meta_skeleton(self.checkpoint, attn_implementation)
+        self.adapter = get_adapter(self.dense)
+        self.prefix = module_name(self.dense, self.adapter.layers(self.dense))
+        self.n_layers = len(self.adapter.layers(self.dense))
+
+    def current(self, plans: Sequence[PrunePlan]) -> tuple[nn.Module, list]:
+        """A meta skeleton with `plans` applied (shapes, costs, config) and each layer's history."""
+        model = copy.deepcopy(self.dense)
+        for plan in plans:
+            apply_plan(model, self.adapter, plan)
+        return model, layer_history(plans, self.n_layers)
+
+    def materialise(
+        self, model: nn.Module, i: int, history: tuple[int, tuple], dtype: torch.dtype | None
+    ) -> nn.Module:
+        """Put real weights into layer i of `model` (read, cast, cut); returns the meta layer.
+
+        Reads the layer's source tensors, builds it in the dense layout, renumbers layer_idx,
+        then replays its cuts with the adapter exactly as `apply_plan` performed them.
+        """
+        origin, ops = history
+        layers = self.adapter.layers(model)
+        layer = copy.deepcopy(self.adapter.layers(self.dense)[origin])
+        state = {}
+        for name, tensor in layer.state_dict().items():
+            full = f"{self.prefix}.{origin}.{name}"
+            if full in self.checkpoint:
+                cast = dtype if dtype is not None and tensor.is_floating_point() else None
+                state[name] = self.checkpoint.read(full, cast)
+            elif tensor.device.type == "meta":
+                self.checkpoint.read(full)  # raises, naming the missing tensor
+        layer.load_state_dict(state, strict=False, assign=True)
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = i
+        meta_layer = layers[i]
+        layers[i] = layer
+        try:
+            with torch.no_grad():
+                for op in ops:
+                    self._replay(model, i, layer, op)
+        except BaseException:
+            layers[i] = meta_layer
+            raise
+        return meta_layer
+
+    def _replay(self, model: nn.Module, i: int, layer: nn.Module, op: LayerOp) -> None:
+        adapter = self.adapter
+        if op.bias:
+            module = adapter.out_proj(layer, op.granularity)
+            if getattr(module, "bias", None) is None:
+                adapter.ensure_out_proj_bias(model, op.granularity)
+            if op.delta is not None:
+                bias = module.bias
+                bias.add_(torch.tensor(op.delta, dtype=bias.dtype, device=bias.device))
+        if not op.full:
+            if op.granularity == "heads":
+                adapter.prune_attention(model, i, list(op.keep))
+            else:
+                adapter.prune_mlp(model, i, list(op.keep))
+
+    def restore(self, model: nn.Module, i: int, meta_layer: nn.Module) -> None:
+        """Put the meta layer back (the real weights are freed with the last reference)."""
+        self.adapter.layers(model)[i] = meta_layer
+
+
+class _Stop(Exception):
+    """Raised by the last recorder: the backbone forward has given every layer its inputs."""
+
+
+class _Recorder(nn.Module):
+    def __init__(self, idx: int, record: dict, last: bool):
+        super().__init__()
+        self.idx, self.record, self.last = idx, record, last
+
+    def forward(self, *args, **kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.record[self.idx] = (tuple(args[1:]), kwargs)
+        if self.idx == 0:
+            self.record["hidden"] = hidden
+        if self.last:
+            raise _Stop
+        return hidden
+
+
+def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, nn.Parameter(tensor, requires_grad=False))
+
+
+def _zero_stats(batch: dict) -> Stats:
+    mask = batch["attention_mask"]
+    return {
+        "rows": torch.tensor(float(mask.shape[0])).to(torch.float64),
+        "tokens": mask.bool().sum().to(torch.float64),
+    }
+
+
+def add_into(total: Stats, part: Stats) -> None:
+    """total += part key by key in sorted key order, float64 on CPU (the in-memory `_add` rule)."""
+    for key in sorted(part):
+        value = part[key].detach().to(torch.float64).cpu()
+        total[key] = total[key] + value if key in total else value
+
+
+def reduce_parts(parts: Sequence[Part]) -> Stats:
+    """Sum per-micro-batch parts in global batch order: the order the in-memory path adds them."""
+    total: Stats = {}
+    for _, part in sorted(parts, key=lambda p: p[0]):
+        add_into(total, part)
+    return total
+
+
+class LayerStreamWorker:
+    """Holds whole calibration micro-batches (global index, batch) and streams layers over them.
+
+    Call order per pass: begin_pass(plans) -> for each layer: load_layer(i), statistics(request),
+    [scores(request, totals)], advance(). `running_sum=True` (a worker holding every batch)
+    returns one part already summed in batch order instead of one part per batch.
+    """
+
+    def __init__(self, spec: StreamSpec, batches: Sequence[Part], *, running_sum: bool = False):
+        if spec.torch_threads:
+            torch.set_num_threads(spec.torch_threads)
+        self.spec = spec
+        self.source = LayerSource(spec.source_dir, spec.attn_implementation)
+        self.adapter = self.source.adapter
+        self.device = torch.device(spec.device)
+        self.dtype = spec.compute_dtype
+        self.batches = [
+            (int(idx), {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
+            for idx, b in sorted(batches, key=lambda p: p[0])
+        ]
+        self.running_sum = running_sum
+        self.model: nn.Module | None = None
+        self.history: list = []
+        self.hidden: list[torch.Tensor] | None = None
+        self.calls: list[dict] | None = None
+        self.layer_idx: int | None = None
+        self._meta_layer: nn.Module | None = None
+        self._outputs: list[torch.Tensor] | None = None
+
+    # ---- a pass --------------------------------------------------------------------------------
+    def begin_pass(self, plans: Sequence[PrunePlan], activations: bool = True) -> int:
+        """Rebuild the model after `plans` (meta) and, if asked, the first layer's inputs."""
+        self.unload()
+        self.model, self.history = self.source.current(plans)
+        self.hidden = self.calls = None
+        if activations:
+            self._first_inputs()
+        return len(self.history)
+
+    def _first_inputs(self) -> None:
+        """Run the backbone's own forward up to the layers, recording what each layer receives."""
+        model, checkpoint = self.model, self.source.checkpoint
+        embedding = model.get_input_embeddings()
+        if type(embedding) is not nn.Embedding:
+            raise StreamWorkerError(
+                f"{checkpoint.directory}: input embedding {type(embedding).__name__} is not a "
+                "plain nn.Embedding; the streamed path supports decoder families with one "
+                "(llama, mistral, qwen2, qwen3, phi3, gpt2, opt, gpt_neox)"
+            )
+        embed_name = module_name(model, embedding) + ".weight"
+        base = backbone(model)
+        base_name = module_name(model, base)
+        layers = self.adapter.layers(model)
+        for name, param in list(model.named_parameters()):
+            inside = not base_name or name.startswith(base_name + ".")
+            if inside and name != embed_name and not name.startswith(self.source.prefix + "."):
+                # small non-layer backbone weights (final norm, position embeddings)
+                _set_param(model, name, checkpoint.read(name, self._cast(param)).to(self.device))
+        originals = list(layers)
+        record: dict = {}
+        for i in range(len(layers)):
+            layers[i] = _Recorder(i, record, last=i == len(layers) - 1)
+        self.hidden, self.calls = [], []
+        try:
+            for _, batch in self.batches:
+                ids = batch["input_ids"]
+                rows, inverse = torch.unique(ids, return_inverse=True)
+                table = checkpoint.read_rows(embed_name, rows, self._cast(embedding.weight))
+                embeds = table[inverse].to(self.device)
+                record.clear()
+                with torch.no_grad():
+                    try:
+                        base(
+                            inputs_embeds=embeds,
+                            attention_mask=batch["attention_mask"].to(self.device),
+                        )
+                    except _Stop:
+                        pass
+                self.hidden.append(record.pop("hidden"))
+                self.calls.append(dict(record))
+        finally:
+            for i, layer in enumerate(originals):
+                layers[i] = layer
+
+    def _cast(self, param: torch.Tensor) -> torch.dtype | None:
+        return self.dtype if self.dtype is not None and param.is_floating_point() else None
+
+    # ---- one layer -----------------------------------------------------------------------------
+    def load_layer(self, i: int) -> None:
+        """Materialise layer i (weights read from the source, cut as planned) on the device."""
+        self.unload()
+        if not 0 <= i < len(self.history):
+            raise StreamWorkerError(f"layer {i} out of range [0, {len(self.history)})")
+        self._meta_layer = self.source.materialise(self.model, i, self.history[i], self.dtype)
+        self.adapter.layers(self.model)[i].to(self.device)
+        self.layer_idx = i
+
+    def unload(self) -> None:
+        if self.layer_idx is not None:
+            self.source.restore(self.model, self.layer_idx, self._meta_layer)
+        self.layer_idx = self._meta_layer = self._outputs = None
+
+    def _layer(self) -> nn.Module:
+        if self.layer_idx is None:
+            raise StreamWorkerError("no layer loaded: call load_layer(i) first")
+        return self.adapter.layers(self.model)[self.layer_idx]
+
+    def _forward(self, b: int) -> torch.Tensor:
+        args, kwargs = self.calls[b][self.layer_idx]
+        kwargs = dict(kwargs)
+        for key in ("cache", "past_key_values"):
+            # a fresh cache per call, as the in-memory forward's first (and only) step sees
+            if isinstance(kwargs.get(key), DynamicCache):
+                kwargs[key] = DynamicCache(config=self.model.config)
+        out = self._layer()(self.hidden[b], *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def statistics(self, request: EstimateRequest) -> list[Part]:
+        """Run the loaded layer on every held micro-batch; per-batch additive sums."""
+        layer, i = self._layer(), self.layer_idx
+        needs_data = request.criterion in NEEDS_ACTIVATIONS
+        if needs_data and self.hidden is None:
+            raise StreamWorkerError(
+                "begin_pass(plans, activations=True) is needed for this request"
+            )
+        current: Stats = {}
+        handle = None
+        if needs_data and request.granularity != "layers":
+
+            def hook(_module, args):
+                x = args[0]
+                # [tokens, in] as the in-memory hook; OPT feeds its FFN [rows * tokens, in]
+                x = x[mask.reshape(-1) if x.dim() == 2 else mask].to(torch.float32)
+                if request.criterion == "condition":
+                    current[f"{i}.gram"] = x.T @ x
+                current[f"{i}.x_sum"] = x.sum(0)
+                current[f"{i}.x_sq_sum"] = (x * x).sum(0)
+
+            handle = self.adapter.out_proj(layer, request.granularity).register_forward_pre_hook(
+                hook
+            )
+        parts: list[Part] = []
+        outputs = []
+        try:
+            for b, (idx, batch) in enumerate(self.batches):
+                current.clear()
+                current.update(_zero_stats(batch))
+                if needs_data:
+                    mask = batch["attention_mask"].to(self.device).bool()
+                    with torch.no_grad():
+                        out = self._forward(b)
+                    if request.granularity == "layers":
+                        dist, _ = imp.cosine_distance_stats(self.hidden[b], out, mask)
+                        current[f"{i}.dist_sum"] = dist
+                    outputs.append(out)
+                part = {k: v.detach().to(torch.float64).cpu() for k, v in current.items()}
+                if self.running_sum and parts:
+                    add_into(parts[0][1], part)
+                else:
+                    parts.append((idx, part))
+        finally:
+            if handle is not None:
+                handle.remove()
+        self._outputs = outputs if needs_data else None
+        return parts
+
+    def scores(self, request: EstimateRequest, totals: Stats) -> torch.Tensor:
+        """Per-unit scores of the loaded layer from the reduced totals (float64, CPU)."""
+        model, i, adapter = self.model, self.layer_idx, self.adapter
+        layer, crit, gran = self._layer(), request.criterion, request.granularity
+        if crit == "l2":
+            views = (
+                adapter.attn_unit_weights(model, i)
+                if gran == "heads"
+                else adapter.mlp_unit_weights(model, i)
+            )
+            score = imp.l2_magnitude(views)
+        else:
+            weight = adapter.out_proj_weight(adapter.out_proj(layer, gran))
+            width = adapter.unit_width(model, gran)
+            count = totals["tokens"]
+            if crit == "wanda":
+                score = imp.wanda(weight, totals[f"{i}.x_sq_sum"], count, width)
+            elif crit == "activation":
+                score = imp.activation_norm(totals[f"{i}.x_sq_sum"], count, width)
+            elif crit == "fluctuation":
+                score = imp.fluctuation(
+                    weight, totals[f"{i}.x_sum"], totals[f"{i}.x_sq_sum"], count, width
+                )
+            elif crit == "condition":
+                score = imp.condition_scores(weight, totals[f"{i}.gram"], width)
+            else:
+                raise StreamWorkerError(f"criterion {crit!r} has no streamed scoring")
+        return score.detach().to(torch.float64).cpu()
+
+    def advance(self) -> None:
+        """The loaded layer's outputs become the next layer's inputs; the layer is unloaded."""
+        if self.hidden is not None:
+            if self._outputs is None:
+                with torch.no_grad():
+                    self._outputs = [self._forward(b) for b in range(len(self.batches))]
+            self.hidden = self._outputs
+        self.unload()
+
+    def step(self, i: int, request: EstimateRequest) -> list[Part]:
+        """load_layer(i) + statistics(request): one round trip for remote workers."""
+        self.load_layer(i)
+        return self.statistics(request)

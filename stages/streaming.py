@@ -1,0 +1,466 @@
+"""Layer-streamed structured pruning: prune a model that does not fit in memory.
+
+Why: the in-memory path holds the whole model (and, for Taylor, its activations for backward).
+Layer-local criteria only need, per layer, that layer's weights and the statistics of its
+out-projection inputs (or its input/output hidden states), so the model can be streamed: the
+skeleton lives on the meta device, ONE decoder layer is materialised at a time from the source's
+safetensors, and the calibration rows' hidden states are carried from layer to layer
+(`stages.stream_worker`). Global selection needs every layer's scores before cutting, so each
+stage is one streamed pass over the model as it is after the stages before it; the plans come
+from the same `plan_layer_removal` / `plan_unit_removal` / `stage_budget` as the in-memory path
+and the scores are bit-for-bit the in-memory ones. A final pass writes the pruned checkpoint
+(`stages.stream_write`). See docs/STREAMING.md.
+
+Entry point: `stream_prune`. `stream_scores` scores one request (used by tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from stages import importance as imp
+from stages.base import PrunePlan, apply_plan
+from stages.budget import stage_budget
+from stages.estimate import EstimateRequest
+from stages.layers import max_layers_for_target, plan_layer_removal
+from stages.stream_worker import (
+    NEEDS_ACTIVATIONS,
+    LayerSource,
+    LayerStreamWorker,
+    Part,
+    Stats,
+    StreamSpec,
+    reduce_parts,
+)
+from stages.stream_write import write_streamed_checkpoint
+from stages.units import plan_unit_removal, total_units
+
+UNIT_CRITERIA = ("wanda", "activation", "fluctuation", "condition", "l2")
+LAYER_CRITERIA = ("block_influence",)
+STREAMABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "opt", "gpt_neox")
+_KEEP_KEYS = ("x_sum", "x_sq_sum", "dist_sum")  # small per-layer sums kept after scoring
+HEARTBEAT_S = 30.0
+
+Log = Callable[[str], None]
+
+
+class StreamingError(ValueError):
+    """A streamed pruning request that cannot run (the message says why and what to use instead)."""
+
+
+@dataclass(frozen=True)
+class StreamStage:
+    """One prune stage of a streamed run: like the job's prune stage, without recovery."""
+
+    kind: str  # layers | heads | channels
+    criterion: str
+    ratio: float | None = None
+    count: int | None = None
+    share: float | None = None
+    normalize: str = "mean"
+    bias_compensation: bool = False
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        where = f"stream stage {self.name or self.kind}"
+        if self.kind not in ("layers", "heads", "channels"):
+            raise StreamingError(f"{where}: kind {self.kind!r}; use layers, heads or channels")
+        if self.criterion in ("taylor", "loss_delta"):
+            raise StreamingError(
+                f"{where}: criterion {self.criterion!r} needs a forward (and for taylor a backward) "
+                "pass through the whole model, which the layer-streamed path never holds; use "
+                f"{', '.join(LAYER_CRITERIA if self.kind == 'layers' else UNIT_CRITERIA)} here, "
+                "or the in-memory path on a machine that holds the model (docs/STREAMING.md)"
+            )
+        allowed = LAYER_CRITERIA if self.kind == "layers" else UNIT_CRITERIA
+        if self.criterion not in allowed:
+            raise StreamingError(
+                f"{where}: criterion {self.criterion!r} is not valid for {self.kind}; "
+                f"choose from {', '.join(allowed)}"
+            )
+        given = [k for k in ("ratio", "count", "share") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise StreamingError(
+                f"{where}: give exactly one of ratio, count, share (got {given or 'none'})"
+            )
+        if self.bias_compensation and self.criterion != "fluctuation":
+            raise StreamingError(
+                f"{where}: bias_compensation is only defined for criterion fluctuation (FLAP)"
+            )
+
+
+# ---- executors -----------------------------------------------------------------------------------
+class StreamExecutor(Protocol):
+    """Where the layer workers run; all workers stream the same layer, each on its own rows."""
+
+    workers: int
+
+    def start(self, spec: StreamSpec, batches: Sequence[dict]) -> None: ...
+
+    def begin_pass(self, plans: Sequence[PrunePlan], activations: bool) -> int: ...
+
+    def layer_statistics(self, i: int, request: EstimateRequest) -> list[Part]: ...
+
+    def layer_scores(self, request: EstimateRequest, totals: Stats) -> torch.Tensor: ...
+
+    def advance(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def shard_rows(batches: Sequence[dict], workers: int) -> list[list[Part]]:
+    """Whole micro-batches, round-robin, each with its global index (the reduction order)."""
+    indexed = list(enumerate(batches))
+    return [indexed[w::workers] for w in range(workers)]
+
+
+class LocalStreamExecutor:
+    """Workers in this process (one by default; more only to test the row split without Ray)."""
+
+    def __init__(self, workers: int = 1):
+        if workers < 1:
+            raise StreamingError(f"LocalStreamExecutor: workers must be >= 1, got {workers}")
+        self.workers = workers
+        self._workers: list[LayerStreamWorker] = []
+
+    def start(self, spec: StreamSpec, batches: Sequence[dict]) -> None:
+        self._workers = [
+            LayerStreamWorker(spec, shard, running_sum=self.workers == 1)
+            for shard in shard_rows(batches, self.workers)
+        ]
+
+    def begin_pass(self, plans: Sequence[PrunePlan], activations: bool) -> int:
+        return [w.begin_pass(plans, activations) for w in self._workers][0]
+
+    def layer_statistics(self, i: int, request: EstimateRequest) -> list[Part]:
+        return [part for w in self._workers for part in w.step(i, request)]
+
+    def layer_scores(self, request: EstimateRequest, totals: Stats) -> torch.Tensor:
+        return self._workers[0].scores(request, totals)
+
+    def advance(self) -> None:
+        for w in self._workers:
+            w.advance()
+
+    def close(self) -> None:
+        self._workers = []
+
+
+class Heartbeat:
+    """Logs the current status every HEARTBEAT_S seconds while long work runs without a line."""
+
+    def __init__(self, log: Log, every: float = HEARTBEAT_S):
+        self.log, self.every = log, every
+        self.status = ""
+        self._start = self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def say(self, line: str) -> None:
+        self._last = time.monotonic()
+        self.log(line)
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(5.0, self.every)):
+            if time.monotonic() - self._last >= self.every and self.status:
+                self.say(f"{self.status} ({time.monotonic() - self._start:.0f} s)")
+
+
+# ---- one streamed pass ---------------------------------------------------------------------------
+def stream_pass(
+    executor: StreamExecutor,
+    plans: Sequence[PrunePlan],
+    request: EstimateRequest,
+    *,
+    heartbeat: Heartbeat | None = None,
+    keep_gram: bool = False,
+) -> tuple[torch.Tensor | list[torch.Tensor], Stats]:
+    """Score every layer of the model after `plans` in one streamed pass: (scores, stats).
+
+    Scores have the in-memory shapes (a float32 [layers] tensor for layers, else one float64
+    [units] tensor per layer); stats keeps rows, tokens and the small per-layer sums (Gram
+    matrices only with keep_gram).
+    """
+    n_layers = executor.begin_pass(plans, request.criterion in NEEDS_ACTIVATIONS)
+    stats: Stats = {}
+    unit_scores: list[torch.Tensor] = []
+    for i in range(n_layers):
+        if heartbeat is not None:
+            what = f"{request.granularity} pass ({request.criterion})"
+            heartbeat.status = f"streamed {what}: layer {i + 1}/{n_layers}"
+        totals = reduce_parts(executor.layer_statistics(i, request))
+        if request.granularity != "layers":
+            unit_scores.append(executor.layer_scores(request, totals))
+        executor.advance()
+        for key, value in totals.items():
+            if "." not in key:
+                stats.setdefault(key, value)
+            elif keep_gram or key.split(".", 1)[1] in _KEEP_KEYS:
+                stats[key] = value
+    if request.granularity == "layers":
+        tokens = stats["tokens"]
+        scores = torch.tensor(
+            [imp.block_influence(stats[f"{i}.dist_sum"], tokens) for i in range(n_layers)]
+        )
+        return scores, stats
+    return unit_scores, stats
+
+
+def _spec(source_dir, device, compute_dtype, attn_implementation, torch_threads) -> StreamSpec:
+    return StreamSpec(
+        source_dir=str(source_dir),
+        device=str(device),
+        compute_dtype=compute_dtype,
+        attn_implementation=attn_implementation,
+        torch_threads=torch_threads,
+    )
+
+
+def _check_batches(batches: Sequence[dict]) -> list[dict]:
+    batches = list(batches)
+    if not batches:
+        raise StreamingError("calibration_batches is empty; pass at least one micro-batch")
+    for n, batch in enumerate(batches):
+        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+        if ids is None or mask is None or ids.dim() != 2 or ids.shape != mask.shape:
+            raise StreamingError(
+                f"calibration batch {n}: needs 2-D input_ids and attention_mask of one shape "
+                "(rows x tokens), as the in-memory calibration batches have"
+            )
+    return batches
+
+
+def stream_scores(
+    source_dir: str | Path,
+    calibration_batches: Sequence[dict],
+    request: EstimateRequest,
+    *,
+    plans: Sequence[PrunePlan] = (),
+    executor: StreamExecutor | None = None,
+    device: str = "cpu",
+    compute_dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    torch_threads: int | None = None,
+    keep_gram: bool = False,
+):
+    """Scores of one request on the source cut by `plans`, streamed: (scores, stats)."""
+    StreamStage(request.granularity, request.criterion, count=1)  # validates the request
+    executor = executor or LocalStreamExecutor()
+    spec = _spec(source_dir, device, compute_dtype, attn_implementation, torch_threads)
+    executor.start(spec, _check_batches(calibration_batches))
+    try:
+        return stream_pass(executor, plans, request, keep_gram=keep_gram)
+    finally:
+        executor.close()
+
+
+# ---- plans ---------------------------------------------------------------------------------------
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def stage_names(stages: Sequence[StreamStage]) -> list[str]:
+    """Explicit names, else the kind, numbered when a kind repeats (the job's naming rule)."""
+    counts: dict[str, int] = {}
+    for s in stages:
+        counts[s.kind] = counts.get(s.kind, 0) + 1
+    seen: dict[str, int] = {}
+    names = []
+    for s in stages:
+        seen[s.kind] = seen.get(s.kind, 0) + 1
+        names.append(s.name or (s.kind if counts[s.kind] == 1 else f"{s.kind}{seen[s.kind]}"))
+    return names
+
+
+def layer_cap(
+    model, adapter, stages: Sequence[StreamStage], stage: StreamStage, params_target, min_keep
+) -> int | None:
+    """max_keep of a layer stage: the job's rule (`stages.layers.max_layers_for_target`).
+
+    Only a share-driven layer stage with a parameter target is capped; the later head/channel
+    stages are every non-layer kind of the run, as in the job.
+    """
+    if stage.share is None or params_target is None:
+        return None
+    later = {s.kind for s in stages} - {"layers"}
+    return max_layers_for_target(model, adapter, params_target, later, min_keep)
+
+
+def bias_deltas(
+    source: LayerSource, plans: Sequence[PrunePlan], plan: PrunePlan, stats: Stats
+) -> dict[int, list[float]]:
+    """FLAP bias compensation of `plan` (made on the model after `plans`), one layer at a time.
+
+    Same maths as the in-memory plan (`importance.bias_compensation` on the removed columns);
+    reads each layer with removed units once more, for its out-projection weight.
+    """
+    model, history = source.current(plans)
+    adapter, gran = source.adapter, plan.granularity
+    width = adapter.unit_width(model, gran)
+    deltas: dict[int, list[float]] = {}
+    for i in sorted(plan.keep):
+        kept = set(plan.keep[i])
+        removed = [u for u in range(len(plan.scores[i])) if u not in kept]
+        if not removed:
+            continue
+        meta_layer = source.materialise(model, i, history[i], None)
+        try:
+            module = adapter.out_proj(adapter.layers(model)[i], gran)
+            cols = torch.cat([torch.arange(u * width, (u + 1) * width) for u in removed])
+            delta = imp.bias_compensation(
+                adapter.out_proj_weight(module).detach(), stats[f"{i}.x_sum"], stats["tokens"], cols
+            )
+        finally:
+            source.restore(model, i, meta_layer)
+        deltas[i] = [float(v) for v in delta.detach()]
+    return deltas
+
+
+def _check_stages(source: LayerSource, stages: Sequence[StreamStage], params_target) -> None:
+    model_type = source.dense.config.model_type
+    if model_type not in STREAMABLE_MODEL_TYPES:
+        raise StreamingError(
+            f"{source.checkpoint.directory}: model_type {model_type!r} is not supported by the "
+            f"layer-streamed path (decoders: {', '.join(STREAMABLE_MODEL_TYPES)}); "
+            "use the in-memory path"
+        )
+    if not stages:
+        raise StreamingError("stages is empty; give at least one StreamStage")
+    for stage in stages:
+        if stage.share is not None and params_target is None:
+            raise StreamingError(
+                f"stream stage {stage.name or stage.kind}: share needs params_target "
+                "(the job's parameter target)"
+            )
+        if stage.bias_compensation:
+            try:
+                source.adapter.ensure_out_proj_bias(copy.deepcopy(source.dense), stage.kind)
+            except ValueError as err:
+                raise StreamingError(f"stream stage {stage.name or stage.kind}: {err}") from None
+
+
+def stream_prune(
+    source_dir: str | Path,
+    out_dir: str | Path,
+    stages: Sequence[StreamStage],
+    calibration_batches: Sequence[dict],
+    *,
+    seed: int = 0,
+    params_target: int | None = None,
+    min_keep_layers: int = 1,
+    min_keep_heads: int = 1,
+    min_keep_channels: int = 1,
+    uniform_layout: bool = False,
+    executor: StreamExecutor | None = None,
+    device: str = "cpu",
+    compute_dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    torch_threads: int | None = None,
+    max_shard_size: int | str = "2GB",
+    require_uniform: bool = False,
+    metadata: dict | None = None,
+    log: Log = print,
+) -> list[PrunePlan]:
+    """Prune the checkpoint at source_dir stage by stage, streamed; write out_dir; the plans.
+
+    Stages run in order without recovery between them; plan i has version_in = i. `seed` seeds
+    torch for parity with the job (the streamed path itself draws no random numbers).
+    """
+    torch.manual_seed(seed)
+    batches = _check_batches(calibration_batches)
+    source = LayerSource(str(source_dir), attn_implementation)
+    _check_stages(source, stages, params_target)
+    adapter = source.adapter
+    min_keep = {"layers": min_keep_layers, "heads": min_keep_heads, "channels": min_keep_channels}
+    executor = executor or LocalStreamExecutor()
+    spec = _spec(source_dir, device, compute_dtype, attn_implementation, torch_threads)
+    names = stage_names(stages)
+    plans: list[PrunePlan] = []
+    model = copy.deepcopy(source.dense)  # meta: shapes, costs and config of the current model
+    start = time.monotonic()
+    with Heartbeat(log) as beat:
+        beat.say(
+            f"streamed pruning of {source_dir}: {len(stages)} stage(s), {len(batches)} batches"
+        )
+        try:
+            executor.start(spec, batches)
+            for idx, stage in enumerate(stages):
+                request = EstimateRequest(stage.kind, stage.criterion)
+                t0 = time.monotonic()
+                scores, stats = stream_pass(executor, plans, request, heartbeat=beat)
+                budget = stage_budget(
+                    ratio=stage.ratio,
+                    count=stage.count,
+                    share=stage.share,
+                    total_units=total_units(model, adapter, stage.kind),
+                    params_now=_count(model),
+                    params_target=params_target,
+                    remaining_shares=sum(s.share for s in stages[idx:] if s.share) or 1.0,
+                )
+                common = dict(
+                    stage=names[idx],
+                    criterion=stage.criterion,
+                    version_in=idx,
+                    params_before=_count(model),
+                )
+                if stage.kind == "layers":
+                    plan = plan_layer_removal(
+                        model,
+                        adapter,
+                        scores,
+                        budget,
+                        min_keep=min_keep_layers,
+                        max_keep=layer_cap(model, adapter, stages, stage, params_target, min_keep),
+                        **common,
+                    )
+                else:
+                    plan = plan_unit_removal(
+                        model,
+                        adapter,
+                        stage.kind,
+                        scores,
+                        budget,
+                        min_keep=min_keep[stage.kind],
+                        normalize=stage.normalize,
+                        uniform=uniform_layout,
+                        **common,
+                    )
+                    if stage.bias_compensation:
+                        plan.bias_deltas = bias_deltas(source, plans, plan, stats)
+                apply_plan(model, adapter, plan)
+                plans.append(plan)
+                beat.say(
+                    f"stage {names[idx]} ({stage.kind}, {stage.criterion}): removed "
+                    f"{plan.removed_units()} unit(s), {plan.params_to_remove} params; "
+                    f"{_count(model)} left ({time.monotonic() - t0:.1f} s)"
+                )
+        finally:
+            executor.close()
+        beat.status = "streamed write"
+        write_streamed_checkpoint(
+            source,
+            plans,
+            out_dir,
+            max_shard_size=max_shard_size,
+            require_uniform=require_uniform,
+            metadata=metadata,
+            log=beat.say,
+        )
+        beat.say(f"streamed pruning done in {time.monotonic() - start:.1f} s")
+    return plans
