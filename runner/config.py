@@ -97,16 +97,42 @@ class CalibrationConfig(Strict):
 
 
 class TargetConfig(Strict):
+    """What the pruned model must be: its size, and a layout the engine it is served by accepts.
+
+    layout: per_layer = widths vary per layer (loads with load_pruned; llama.cpp via GGUF 'deci');
+    uniform = every remaining layer keeps the same heads / KV groups and FFN width (an ordinary
+    config: plain from_pretrained, vLLM, TensorRT-LLM, llama.cpp). round_to: FFN widths are
+    multiples of it (e.g. 64 / 128 / 256 for TensorRT-LLM). keep_attention: no layer loses heads
+    (prune layers and FFN channels only): vLLM's Nemotron-NAS / DeciLM path takes per-layer KV
+    heads and FFN widths but one global query-head count. See docs/DEPLOY.md.
+    """
+
     ratio: float | None = Field(
         None, gt=1.0, description="overall compression (dense/pruned params)"
     )
-    uniform_layout: bool = False
+    layout: Literal["per_layer", "uniform"] = "per_layer"
+    round_to: int | None = Field(None, ge=2, description="FFN widths a multiple of this")
+    keep_attention: bool = Field(False, description="prune layers and FFN channels only")
     min_keep_layers: int = Field(1, ge=1)
     min_keep_heads: int = Field(1, ge=1)
     min_keep_channels: int = Field(1, ge=1)
     device: str | None = None
     fraction: float | None = Field(None, gt=0.0, le=1.0)
     budget_bytes: int | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _uniform_layout_alias(cls, value: Any) -> Any:
+        """`uniform_layout: true|false` (before target.layout existed) still reads the same."""
+        if isinstance(value, dict) and "uniform_layout" in value:
+            value = dict(value)
+            uniform = value.pop("uniform_layout")
+            value.setdefault("layout", "uniform" if uniform else "per_layer")
+        return value
+
+    @property
+    def uniform(self) -> bool:
+        return self.layout == "uniform"
 
     @model_validator(mode="after")
     def _budget_needs_device(self) -> TargetConfig:
@@ -249,6 +275,12 @@ class EvaluationConfig(Strict):
         description="causal_lm: prompts whose greedy completions the report shows",
     )
     max_new_tokens: int = Field(32, ge=1, le=1024)
+    test_blocks: int | None = Field(
+        64, ge=1, description="causal_lm: test blocks per domain for perplexity (None: all)"
+    )
+    validation_blocks: int | None = Field(
+        16, ge=1, description="causal_lm: validation blocks per domain measured after each stage"
+    )
 
     perplexity_file: str | None = Field(
         None, description="local UTF-8 text file: perplexity of a causal LM's backbone + LM head"
@@ -309,6 +341,13 @@ class JobConfig(Strict):
                 problems.append("stages use share but target has no ratio, device or budget_bytes")
         if not any(isinstance(s, PruneStageConfig) for s in self.stages):
             problems.append("stages: at least one layers/heads/channels stage is required")
+        if self.target.keep_attention:
+            problems += [
+                f"stages.{i} ({names[i]}): target.keep_attention keeps every layer's heads; "
+                "remove this heads stage or set keep_attention: false"
+                for i, s in enumerate(self.stages)
+                if s.kind == "heads"
+            ]
         problems += get_task(self.task).config_problems(self, names)
         if problems:
             raise ValueError("; ".join(problems))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from cluster.shards import export_sharded
+from runner.engines import engine_support
 from runner.errors import JobError
 from runner.models import count_params
 from runner.report import write_job_html, write_report
@@ -28,7 +29,7 @@ def export_and_evaluate(ctx: RunContext, state: RunState, sia: dict, start: floa
         validation = validate_for_job(exported, ctx.dense.params, ctx.cfg, ctx.model_cfg)
         ctx.events.emit("validate", version=state.version, **validation)
     perplexity = ctx.perplexity.measure(exported) if ctx.perplexity else None
-    report = build_report(ctx, state, sia, final, count_params(exported), validation, perplexity)
+    report = build_report(ctx, state, sia, final, exported, validation, perplexity)
     report.timing.total_seconds = round(time.perf_counter() - start, 2)
     data = report.to_json()
     write_report(ctx.out, report, plots=ctx.cfg.output.plots)
@@ -53,7 +54,7 @@ def _export(ctx: RunContext, state: RunState) -> None:
     cfg, ckpt_dir = ctx.cfg, ctx.out / "checkpoint"
     t0 = time.perf_counter()
     meta = {"job": cfg.name, "source_model": ctx.model_cfg.ref, "dense_params": ctx.dense.params}
-    options = dict(require_uniform=cfg.target.uniform_layout, metadata=meta)
+    options = dict(require_uniform=cfg.target.uniform, metadata=meta)
     try:
         if cfg.cluster.executor == "ray":  # workers write layer-range shards, merged into one
             workers = ctx.executor.workers
@@ -72,9 +73,9 @@ def _export(ctx: RunContext, state: RunState) -> None:
 
 
 def build_report(
-    ctx: RunContext, state: RunState, sia: dict, final: dict, params: int, validation, perplexity
+    ctx: RunContext, state: RunState, sia: dict, final: dict, exported, validation, perplexity
 ) -> Report:
-    dense = ctx.dense
+    dense, params = ctx.dense, count_params(exported)
     figures = {
         "params": params,
         "dense_params": dense.params,
@@ -85,11 +86,12 @@ def build_report(
     }
     if perplexity is not None:
         figures["perplexity"] = perplexity | {"dense": dense.perplexity["perplexity"]}
+    figures["engines"] = engine_support(exported.config.pruning)
     return Report.model_validate(
         {
             "model": dense.info,
             "sia": sia,
-            "warnings": dense.warnings,
+            "warnings": dense.warnings + _target_warnings(ctx, params),
             "stages": state.records,
             "final": figures,
             "validation": validation,
@@ -105,3 +107,16 @@ def build_report(
             },
         }
     )
+
+
+def _target_warnings(ctx: RunContext, params: int) -> list[str]:
+    """Say by how much a ratio target was missed (layout constraints or min_keep floors)."""
+    ratio, dense = ctx.cfg.target.ratio, ctx.dense.params
+    if ratio is None or dense / params >= ratio * 0.99:
+        return []
+    t = ctx.cfg.target
+    rules = f"layout={t.layout}, round_to={t.round_to}, keep_attention={t.keep_attention}"
+    return [
+        f"target {ratio:g}x not reached: {dense / params:.2f}x, {params - int(dense / ratio):,} "
+        f"parameters over; the constraints ({rules}) and min_keep floors left no more to remove"
+    ]

@@ -27,7 +27,7 @@ from runner.report_blocks import (
 )
 from runner.report_figures import confusion_figure, stages_figure
 from runner.report_layout import layer_breakdown, layout_figure
-from runner.report_lm import language_model_section
+from runner.report_lm import deployment_section, language_model_section
 from runner.report_model import DenseFinetune, DeviceFit, Perplexity, Report
 from stages.atomic import write_json_atomic
 
@@ -70,6 +70,7 @@ def job_page(report: Report, breakdown: dict | None, *, figures: bool = True) ->
         *layers_section(breakdown, figures),
         *confusion_section(report, figures),
         *device_section(report),
+        *deployment_section(report),
         *timing_section(report),
     ]
 

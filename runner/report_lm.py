@@ -1,10 +1,20 @@
-"""The causal-LM part of a job report: perplexity (overall and per domain), zero-shot choice
-accuracy and greedy completions, pruned next to dense. Empty for other tasks."""
+"""Sections of a job report about what the pruned model is for: the causal-LM figures
+(perplexity overall and per domain, zero-shot choice accuracy, greedy completions, pruned next to
+dense; empty for other tasks) and which serving engines load the export."""
 
 from __future__ import annotations
 
 from runner.report_blocks import Block, Em, Heading, Paragraph, Table, fmt_num
 from runner.report_model import Report
+
+
+def deployment_section(report: Report) -> list[Block]:
+    """Which engines load the exported checkpoint (runner/engines.py)."""
+    engines = report.final.engines
+    if not engines:
+        return []
+    rows = tuple((engine, verdict) for engine, verdict in engines.items())
+    return [Heading("Deployment"), Table(("engine", "loads the export?"), rows)]
 
 
 def language_model_section(report: Report) -> list[Block]:

@@ -111,6 +111,8 @@ class FinalFigures(_Part):
     perplexity_by_domain: dict[str, DomainPerplexity] | None = None
     choice_accuracy: dict[str, ChoiceAccuracy] | None = None
     generations: list[Generation] | None = None
+    # which serving engines load the export (runner/engines.py)
+    engines: dict[str, str] | None = None
     checkpoint: str | None = None
 
 

@@ -10,7 +10,6 @@ so the same scores always give the same selection on every machine.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -115,15 +114,17 @@ def select_global(
     min_keep: int = 1,
     normalize: Normalize = "mean",
     uniform: bool = False,
+    round_to: int | None = None,
 ) -> Selection:
     """Remove the n_remove lowest-scoring units across all layers.
 
     scores[l] is a 1-D tensor of layer l's unit scores (higher = more important; layers may have
     different unit counts). normalize divides each layer by its mean or max first so layers are
     comparable (needs scores >= 0). No layer keeps fewer than min_keep units (SelectionError if
-    n_remove makes that impossible). uniform=True removes n_remove // n_layers units from EVERY
-    layer (rounded DOWN: the remainder is not removed), chosen by each layer's own ranking.
-    Ties are broken by (layer, index), lowest first.
+    n_remove makes that impossible). uniform=True keeps the SAME count K in every layer, the
+    largest K that removes at most n_remove units in all (rounded DOWN), each layer by its own
+    ranking. round_to: kept counts are multiples of it (see select_by_cost). Ties are broken by
+    (layer, index), lowest first.
     """
     prepared = _prepared(scores, normalize, min_keep)
     if n_remove < 0:
@@ -131,25 +132,80 @@ def select_global(
     sizes = [len(s) for s in prepared]
     capacity = _capacities(sizes, min_keep)
     if uniform:
-        per_layer = n_remove // len(sizes)
-        _check_uniform(per_layer, sizes, capacity, min_keep)
-        return _build(sizes, [_lowest(s, per_layer) for s in prepared])
+        return _uniform(prepared, [1] * len(sizes), n_remove, min_keep, round_to, at_most=True)
     if n_remove > sum(capacity):
         raise SelectionError(
             f"cannot remove {n_remove} units: {sum(sizes)} units in {len(sizes)} layers with "
             f"min_keep={min_keep} allow at most {sum(capacity)}"
         )
     layers, indices = _global_order(prepared, capacity)
-    return _from_order(sizes, layers, indices, n_remove)
+    selection = _from_order(sizes, layers, indices, n_remove)
+    return _rounded(prepared, selection, [1] * len(sizes), n_remove, min_keep, round_to)
 
 
-def _check_uniform(per_layer: int, sizes: list[int], capacity: list[int], min_keep: int) -> None:
-    worst = min(range(len(sizes)), key=lambda i: capacity[i])
-    if per_layer > capacity[worst]:
+def _allowed_counts(size: int, min_keep: int, round_to: int | None) -> list[int]:
+    """Kept counts a layer of `size` units may end with, largest first."""
+    floor = max(min_keep, 1)
+    if not round_to:
+        return list(range(size, floor - 1, -1))
+    counts = [k for k in range(size - size % round_to, 0, -round_to) if k >= floor]
+    return counts or [size]  # no multiple fits: the layer keeps its width
+
+
+def _uniform(prepared, costs, budget: int, min_keep: int, round_to, *, at_most: bool):
+    """One kept count K for every layer (a multiple of round_to): the largest K whose removal
+    reaches `budget` (params: cost-weighted; at_most: the largest K removing no more than it)."""
+    sizes = [len(s) for s in prepared]
+    candidates = _allowed_counts(min(sizes), min_keep, round_to)
+    if not candidates or candidates[-1] < max(min_keep, 1):
         raise SelectionError(
-            f"uniform removal of {per_layer} units per layer impossible: layer {worst} has "
-            f"{sizes[worst]} units and min_keep={min_keep} allows removing {capacity[worst]}"
+            f"uniform layout impossible: a layer has {min(sizes)} units and min_keep={min_keep}"
+            + (f", round_to={round_to}" if round_to else "")
         )
+
+    def removed(k: int) -> int:
+        return sum((n - k) * c for n, c in zip(sizes, costs))
+
+    if at_most:  # the most removal that stays within the budget
+        fitting = [k for k in candidates if removed(k) <= budget]
+        k = fitting[-1] if fitting else candidates[0]
+    else:
+        reaching = [k for k in candidates if removed(k) >= budget]
+        k = reaching[0] if reaching else candidates[-1]
+    return _build(sizes, [_lowest(s, n - k) for s, n in zip(prepared, sizes)])
+
+
+def _rounded(prepared, selection: Selection, costs, budget: int, min_keep: int, round_to):
+    """Per-layer counts moved to multiples of round_to, the budget still reached.
+
+    Each layer's kept count is rounded to the nearest allowed multiple; then, while the removed
+    cost is short of the budget, the layer whose next round_to lowest-ranked kept units score
+    lowest (mean, after normalize) gives them up. Overshoot stays below one chunk per layer.
+    """
+    if not round_to:
+        return selection
+    sizes = [len(s) for s in prepared]
+    keep = []
+    for n, kept in zip(sizes, selection.keep):
+        allowed = _allowed_counts(n, min_keep, round_to)
+        keep.append(min(allowed, key=lambda k: (abs(k - len(kept)), -k)))
+    order = [torch.argsort(s, stable=True) for s in prepared]
+
+    def spent() -> int:
+        return sum((n - k) * c for n, k, c in zip(sizes, keep, costs))
+
+    while spent() < budget:
+        options = []
+        for i, (s, n) in enumerate(zip(prepared, sizes)):
+            smaller = [k for k in _allowed_counts(n, min_keep, round_to) if k < keep[i]]
+            if smaller:
+                chunk = order[i][n - keep[i] : n - smaller[0]]
+                options.append((float(s[chunk].mean()), i, smaller[0]))
+        if not options:
+            break
+        _, i, k = min(options)
+        keep[i] = k
+    return _build(sizes, [order[i][: n - k].tolist() for i, (n, k) in enumerate(zip(sizes, keep))])
 
 
 def select_by_cost(
@@ -160,15 +216,18 @@ def select_by_cost(
     min_keep: int = 1,
     normalize: Normalize = "mean",
     uniform: bool = False,
+    round_to: int | None = None,
 ) -> Selection:
     """Remove lowest-scoring units until their parameter cost reaches params_to_remove.
 
     unit_costs[l] = parameters freed by removing one unit of layer l. Greedy, lowest score
     first (after normalize, ties by (layer, index)): the result is the shortest prefix of that
     order whose cost is >= params_to_remove, so it may overshoot by less than one unit's cost.
-    uniform=True removes the same count k from every layer, the smallest k whose total cost
-    k * sum(unit_costs) reaches the budget, each layer by its own ranking. SelectionError when
-    min_keep leaves too few removable parameters.
+    uniform=True keeps the same count K in every layer, the largest K whose removal reaches the
+    budget, each layer by its own ranking (serving engines take one width for all layers).
+    round_to=N: every kept count is a multiple of N (engines that round FFN widths), the budget
+    still reached (overshoot < N units per layer). SelectionError when min_keep leaves too few
+    removable parameters.
     """
     prepared = _prepared(scores, normalize, min_keep)
     if len(unit_costs) != len(prepared):
@@ -183,9 +242,7 @@ def select_by_cost(
     sizes = [len(s) for s in prepared]
     capacity = _capacities(sizes, min_keep)
     if uniform:
-        per_layer = math.ceil(params_to_remove / sum(costs))
-        _check_uniform(per_layer, sizes, capacity, min_keep)
-        return _build(sizes, [_lowest(s, per_layer) for s in prepared])
+        return _uniform(prepared, costs, params_to_remove, min_keep, round_to, at_most=False)
     available = sum(n * c for n, c in zip(capacity, costs))
     if params_to_remove > available:
         raise SelectionError(
@@ -197,7 +254,8 @@ def select_by_cost(
     layers, indices = _global_order(prepared, capacity)
     spent = torch.cumsum(torch.tensor(costs, dtype=torch.long)[layers], 0)
     n = int(torch.searchsorted(spent, torch.tensor(params_to_remove))) + 1
-    return _from_order(sizes, layers, indices, n)
+    selection = _from_order(sizes, layers, indices, n)
+    return _rounded(prepared, selection, costs, params_to_remove, min_keep, round_to)
 
 
 def select_layers(

@@ -88,10 +88,13 @@ class InputGram:
 def _out_proj_inputs(model, adapter, batch: dict, granularity: str, record) -> None:
     """One no-grad forward; record(layer, X [real tokens, in] in float32) at every out-projection."""
     token_mask = batch["attention_mask"].bool()
+    flat_mask = token_mask.reshape(-1)
 
     def make_hook(layer_idx: int):
         def hook(_module, args):
-            record(layer_idx, args[0][token_mask].to(torch.float32))
+            x = args[0]  # [rows, tokens, in], or [rows * tokens, in] where a family flattens (OPT)
+            mask = flat_mask if x.dim() == 2 and x.shape[0] == flat_mask.numel() else token_mask
+            record(layer_idx, x[mask].to(torch.float32))
 
         return hook
 

@@ -35,6 +35,7 @@ def plan_unit_removal(
     min_keep: int = 1,
     normalize: str = "mean",
     uniform: bool = False,
+    round_to: int | None = None,
     stats: dict | None = None,
     bias_compensation: bool = False,
 ) -> PrunePlan:
@@ -49,12 +50,14 @@ def plan_unit_removal(
             budget = Budget(params=removable)
     if budget.units is not None:
         selection = select_global(
-            scores, budget.units, min_keep=min_keep, normalize=normalize, uniform=uniform
-        )
+            scores, budget.units, min_keep=min_keep, normalize=normalize, uniform=uniform,
+            round_to=round_to,
+        )  # fmt: skip
     else:
         selection = select_by_cost(
-            scores, costs, budget.params, min_keep=min_keep, normalize=normalize, uniform=uniform
-        )
+            scores, costs, budget.params, min_keep=min_keep, normalize=normalize,
+            uniform=uniform, round_to=round_to,
+        )  # fmt: skip
     removed = sum(len(r) * c for r, c in zip(selection.remove, costs))
     plan = PrunePlan(
         stage=stage,

@@ -225,3 +225,20 @@ def test_statistics_of_two_shards_add_up_to_the_whole():
     d = [cosine_distance_stats(x[i : i + 1], h_out[i : i + 1], mask[i : i + 1]) for i in range(2)]
     whole_bi = block_influence(*cosine_distance_stats(x, h_out, mask))
     assert block_influence(d[0][0] + d[1][0], d[0][1] + d[1][1]) == pytest.approx(whole_bi)
+
+
+def test_input_statistics_of_a_family_that_flattens_tokens():
+    """OPT feeds its FFN out-projection [rows * tokens, ffn]: padding must still be left out."""
+    from tiny_models import padded_batch, tiny_opt
+
+    from stages.arch import get_adapter
+    from stages.estimate import EstimateRequest, estimate_locally
+
+    model = tiny_opt()
+    ids, mask = padded_batch()
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(len(ids)).long()}
+    scores, stats = estimate_locally(
+        model, get_adapter(model), [batch], EstimateRequest("channels", "wanda")
+    )
+    assert [len(s) for s in scores] == [48, 48, 48]
+    assert float(stats["tokens"]) == float(mask.sum())

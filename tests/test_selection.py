@@ -44,18 +44,20 @@ def test_normalization_makes_layers_comparable():
 
 def test_uniform_splits_evenly_and_rounds_down():
     scores = [t(1, 2, 3), t(0.1, 0.2, 0.3), t(9, 8, 7)]
-    sel = select_global(scores, 4, uniform=True)  # 4 // 3 = 1 per layer
+    sel = select_global(scores, 4, uniform=True)  # keep 2 each: 3 removed, keep 1: 6 > 4
     assert sel.remove == [[0], [0], [2]]
     assert sel.n_removed == 3
-    with pytest.raises(SelectionError, match="layer 1 has 2 units"):
-        select_global([t(1, 2, 3, 4), t(1, 2)], 4, uniform=True, min_keep=1)
+    # one kept count for all layers, whatever their sizes: 4 + 2 units, keep 1 each
+    assert select_global([t(1, 2, 3, 4), t(2, 1)], 4, uniform=True).keep == [[3], [0]]
+    with pytest.raises(SelectionError, match="uniform layout impossible"):
+        select_global([t(1, 2, 3, 4), t(2, 1)], 4, uniform=True, min_keep=3)
 
 
 def test_ties_are_broken_by_layer_then_index():
     scores = [t(1, 1, 1), t(1, 1)]
     assert select_global(scores, 2, normalize="none").remove == [[0, 1], []]
     assert select_global(scores, 3, normalize="none").remove == [[0, 1], [0]]  # (0, 2) floored
-    assert select_global(scores, 2, uniform=True).remove == [[0], [0]]
+    assert select_global(scores, 2, uniform=True).remove == [[0], []]  # both keep 2
     again = select_global(scores, 3, normalize="none")
     assert again == select_global(scores, 3, normalize="none")
 
@@ -100,8 +102,8 @@ def test_select_by_cost_uniform_uses_smallest_equal_count():
     sel = select_by_cost(scores, [10, 30], 41, uniform=True)  # 1 unit/layer = 40 < 41 -> 2 each
     assert sel.remove == [[1, 3], [0, 2]]
     assert sel.removed_cost([10, 30]) == 80
-    with pytest.raises(SelectionError, match="uniform removal of 4"):
-        select_by_cost(scores, [10, 30], 121, uniform=True)
+    most = select_by_cost(scores, [10, 30], 121, uniform=True)  # unreachable: keep 1 each
+    assert [len(k) for k in most.keep] == [1, 1] and most.removed_cost([10, 30]) == 120
     with pytest.raises(SelectionError, match="unit_costs has 1 entries"):
         select_by_cost(scores, [10], 5)
 
@@ -120,3 +122,27 @@ def test_selection_is_frozen():
     sel = Selection(keep=[[0]], remove=[[1]])
     with pytest.raises(AttributeError):
         sel.keep = [[1]]  # type: ignore[misc]
+
+
+def test_round_to_keeps_multiples_and_still_reaches_the_budget():
+    gen = torch.Generator().manual_seed(1)
+    scores = [torch.rand(40, generator=gen) for _ in range(3)]
+    costs = [3, 3, 3]
+    for budget in (0, 30, 100, 200):
+        sel = select_by_cost(scores, costs, budget, round_to=8)
+        assert all(len(k) % 8 == 0 for k in sel.keep), budget
+        assert budget <= sel.removed_cost(costs) < budget + 3 * 8 * 3
+    plain = select_by_cost(scores, costs, 100)
+    rounded = select_by_cost(scores, costs, 100, round_to=8)
+    # the chunks given up are each layer's lowest-ranked units
+    for s, kept in zip(scores, rounded.keep):
+        dropped = sorted(set(range(40)) - set(kept))
+        assert max(float(s[i]) for i in dropped) <= min(float(s[i]) for i in kept)
+    assert plain.removed_cost(costs) <= rounded.removed_cost(costs)
+
+
+def test_uniform_with_round_to_keeps_one_multiple_everywhere():
+    scores = [torch.arange(40.0), torch.arange(40.0).flip(0), torch.ones(40)]
+    sel = select_by_cost(scores, [1, 1, 1], 50, uniform=True, round_to=16)
+    assert [len(k) for k in sel.keep] == [16, 16, 16]  # 32 each removes 24 < 50
+    assert sel.keep[0] == list(range(24, 40)) and sel.keep[1] == list(range(16))
