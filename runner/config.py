@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from runner.choice_tasks import ChoiceTaskSpec
-from runner.data import DataConfig
+from runner.data import MAX_SEED, DataConfig
 from runner.paths import dir_name_for_ref
 from runner.tasks import get_task, task_names
 from runner.text_sources import TextSource
-from stages.criteria import criteria_for
+from stages.criteria import criteria_for, get_criterion
 
 
 class ConfigError(ValueError):
@@ -27,6 +36,22 @@ class ConfigError(ValueError):
         super().__init__("\n".join(lines))
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
+
+
+def _safe_name(value: str) -> str:
+    """Names become directory names: no path separators, no '.' or '..', nothing hidden."""
+    if not _SAFE_NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} cannot name a directory: use up to 100 letters, digits, '.', '_' or '-', "
+            "starting with a letter, digit or '_'"
+        )
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -35,9 +60,8 @@ class ModelConfig(Strict):
     ref: str = Field(
         min_length=1, description="built-in demo name or local HF checkpoint directory"
     )
-    name: str | None = Field(
+    name: SafeName | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9._-]+$",
         description="output directory name (default: the ref's last path part); "
         "needed to run one ref twice with different settings",
     )
@@ -94,6 +118,11 @@ def duplicate_output_names(entries: Any, path: str = "models") -> list[tuple[str
 class CalibrationConfig(Strict):
     batch_size: int = Field(16, ge=1)
     min_samples: int = Field(8, ge=1, description="refuse to estimate importance on fewer rows")
+    streamed: bool = Field(
+        False,
+        description="prune layer-streamed from the safetensors files: the dense model is never "
+        "loaded whole (docs/STREAMING.md); prune stages first, layer-local criteria only",
+    )
 
 
 class TargetConfig(Strict):
@@ -297,8 +326,11 @@ class EvaluationConfig(Strict):
 
 
 class JobConfig(Strict):
-    name: str = Field("job", min_length=1)
-    seed: int = 0
+    name: SafeName = Field(
+        "job",
+        description="letters, digits, '.', '_', '-' (the default output directory is runs/<name>)",
+    )
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     task: str = Field(
         "classification",
         description="what the model is for (runner/tasks): classification (bearing faults), "
@@ -349,9 +381,39 @@ class JobConfig(Strict):
                 if s.kind == "heads"
             ]
         problems += get_task(self.task).config_problems(self, names)
+        if self.calibration.streamed:
+            problems += _streamed_problems(self, names)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _streamed_problems(cfg: JobConfig, names: list[str]) -> list[str]:
+    """What the layer-streamed path cannot do (it never holds the whole model)."""
+    problems = []
+    kinds = [s.kind for s in cfg.stages]
+    first_recover = kinds.index("recover") if "recover" in kinds else len(kinds)
+    for i, s in enumerate(cfg.stages):
+        if s.kind == "recover":
+            continue
+        if i > first_recover:
+            problems.append(
+                f"stages.{i} ({names[i]}): calibration.streamed runs every prune stage before any "
+                "recovery; move the recover stages after the last prune stage"
+            )
+        if not get_criterion(s.criterion).layer_local:
+            local = [n for n in criteria_for(s.kind) if get_criterion(n).layer_local]
+            problems.append(
+                f"stages.{i}.criterion: {s.criterion} needs the whole model at once, which "
+                f"calibration.streamed never holds; use {', '.join(local)}"
+            )
+        if s.estimate_on == "dense":
+            problems.append(f"stages.{i}.estimate_on: dense scoring is not streamed; use current")
+    if cfg.guards.max_accuracy_drop is not None:
+        problems.append("guards.max_accuracy_drop: streamed stages are not evaluated one by one")
+    if cfg.task == "embedding":
+        problems.append("calibration.streamed: the embedding task needs the dense model's outputs")
+    return problems
 
 
 def stage_names(stages: list) -> list[str]:
@@ -453,6 +515,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def read_config_text(path: Path) -> str:
     """A job file's text, or a ConfigError naming why it cannot be read (missing, unreadable,
     not UTF-8)."""
+    if path.is_dir():
+        raise ConfigError([("", "is a directory, not a job file")], str(path))
     if not path.is_file():
         raise ConfigError([("", f"config file not found: {path}")], str(path))
     try:
@@ -471,17 +535,23 @@ def read_config_text(path: Path) -> str:
         ) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+def read_yaml_file(path: str | Path) -> Any:
+    """A YAML file's content (None when empty), or a ConfigError naming why it cannot be read."""
     path = Path(path)
     text = read_config_text(path)
     try:
-        raw = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         raise ConfigError(
             [("", f"malformed YAML at {where}: {getattr(exc, 'problem', exc)}")], str(path)
         ) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    path = Path(path)
+    raw = read_yaml_file(path)
     raw = raw if raw is not None else {}
     if overrides:
         if not isinstance(raw, dict):

@@ -80,7 +80,7 @@ def build_report(
         "params": params,
         "dense_params": dense.params,
         "compression_ratio": dense.params / params,
-        **ctx.task.final_figures(final, dense.measures),
+        **_task_figures(ctx, final),
         "dense_finetune": dense.finetune,
         "checkpoint": str(ctx.out / "checkpoint"),
     }
@@ -91,7 +91,7 @@ def build_report(
         {
             "model": dense.info,
             "sia": sia,
-            "warnings": dense.warnings + _target_warnings(ctx, params),
+            "warnings": dense.warnings + _target_warnings(ctx, params) + ctx.executor.warnings,
             "stages": state.records,
             "final": figures,
             "validation": validation,
@@ -107,6 +107,24 @@ def build_report(
             },
         }
     )
+
+
+def _task_figures(ctx: RunContext, final: dict) -> dict:
+    """The task's figures; a streamed run never measured the dense model: its side stays empty."""
+    if ctx.dense.measures is not None:
+        return ctx.task.final_figures(final, ctx.dense.measures)
+    return _without_dense(ctx.task.final_figures(final, final))
+
+
+def _without_dense(value):
+    if isinstance(value, list):
+        return [_without_dense(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    return {
+        k: None if k == "dense" or k.startswith("dense_") else _without_dense(v)
+        for k, v in value.items()
+    }
 
 
 def _target_warnings(ctx: RunContext, params: int) -> list[str]:

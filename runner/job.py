@@ -9,6 +9,7 @@ from pathlib import Path
 from cluster.executor import cluster_session
 from runner.config import JobConfig, dump_config, same_job
 from runner.errors import JobError, user_errors
+from runner.output_dir import is_empty_or_missing, output_errors
 from runner.pipeline import run_model
 from runner.report import write_summary
 from runner.report_model import Report
@@ -25,7 +26,7 @@ def prepare_output(cfg: JobConfig, out: Path, *, resume: bool, force: bool) -> N
             previous = out / "job.yaml"
             if not previous.is_file():
                 raise JobError(f"--resume: {out} holds no job.yaml, nothing to resume")
-            if not same_job(previous.read_text(), cfg):
+            if not same_job(previous.read_text(errors="replace"), cfg):
                 raise JobError(
                     f"--resume: {out}/job.yaml is a different config than this run's; use --force to restart"
                 )
@@ -50,8 +51,9 @@ def run_job(
 ) -> dict:
     """Run every model of the job; returns {model_dir_name: report}."""
     out = Path(out)
-    fresh = not out.exists() or not any(out.iterdir())
-    prepare_output(cfg, out, resume=resume, force=force)
+    with output_errors(out):
+        fresh = is_empty_or_missing(out)
+        prepare_output(cfg, out, resume=resume, force=force)
     try:
         with cluster_session(cfg.cluster):
             return _run_models(cfg, out, resume=resume, log=log)
@@ -79,9 +81,10 @@ def _run_models(cfg: JobConfig, out: Path, *, resume: bool, log) -> dict:
         reports[name] = run_model(cfg, model_cfg, model_out, resume=resume_model, log=log)
         typed[name] = Report.model_validate(reports[name])
         f = typed[name].final
+        dense = "not measured" if f.dense_accuracy is None else f"{f.dense_accuracy:.4f}"
         log(
             f"[{name}] done: {f.compression_ratio:.2f}x, accuracy {f.accuracy:.4f} "
-            f"(dense {f.dense_accuracy:.4f}) -> {model_out / 'checkpoint'}"
+            f"(dense {dense}) -> {model_out / 'checkpoint'}"
         )
     if not single:
         write_summary(out, typed)

@@ -18,7 +18,9 @@ from runner.prune import estimate_dense_upfront, prune
 from runner.recovery import recover_stage
 from runner.run_state import RunContext, RunState
 from runner.setup_run import start_run
+from runner.streamed import start_streamed_run, stream_prune_stages
 from runner.workers import sync_workers
+from stages.arch import get_adapter
 from stages.checkpoint import load_pruned
 from stages.sia import run_sia
 
@@ -26,9 +28,15 @@ from stages.sia import run_sia
 def run_model(cfg: JobConfig, model_cfg: ModelConfig, out: Path, *, resume: bool, log) -> dict:
     """Compress one model of a job into `out`; returns its report (report.json's content)."""
     start = time.perf_counter()
-    ctx, state = start_run(cfg, model_cfg, Path(out), log)
+    streamed = cfg.calibration.streamed
+    if streamed:
+        ctx, state, source = start_streamed_run(cfg, model_cfg, Path(out), log)
+    else:
+        ctx, state = start_run(cfg, model_cfg, Path(out), log)
     try:
         first = _restore(ctx, state) if resume else _begin(ctx)
+        if streamed and first == 0:
+            first = stream_prune_stages(ctx, state, source)
         sync_workers(ctx, state, None)
         if first == 0:
             estimate_dense_upfront(ctx, state)
@@ -79,7 +87,7 @@ def _begin(ctx: RunContext) -> int:
         version=0,
         model=dense.info,
         dense_params=dense.params,
-        dense_accuracy=ctx.task.headline(dense.measures),
+        dense_accuracy=ctx.task.headline(dense.measures) if dense.measures else None,
         finetune=dense.finetune,
         warnings=dense.warnings,
     )
@@ -97,8 +105,9 @@ def _restore(ctx: RunContext, state: RunState) -> int:
         raise JobError(
             "cannot --resume: stage models were not saved (output.save_stage_models=false)"
         )
-    attn = state.model.config._attn_implementation
+    attn = state.model.config._attn_implementation if state.model is not None else None
     state.model = load_pruned(model_dir, attn_implementation=attn)
+    state.adapter = get_adapter(state.model)
     state.records = records
     state.version = records[-1]["version"]
     state.layer_origin = records[-1]["layer_origin"]

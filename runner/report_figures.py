@@ -29,6 +29,7 @@ def stages_figure(report: Report) -> bytes:
     f, stages = report.final, report.stages
     names = ["dense"] + [r.name for r in stages] + ["final (export)"]
     acc = [f.dense_accuracy] + [r.accuracy for r in stages] + [f.accuracy]
+    acc = [float("nan") if a is None else a for a in acc]  # not measured (streamed): a gap
     params = [f.dense_params] + [r.params_after for r in stages] + [f.params]
     fig = Figure(figsize=(9, 3.8))
     ax = fig.subplots()

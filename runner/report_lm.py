@@ -26,14 +26,14 @@ def language_model_section(report: Report) -> list[Block]:
         Paragraph(
             "Test perplexity ",
             Em(f"{f.lm_perplexity:.2f}"),
-            f" (dense {f.dense_lm_perplexity:.2f}); next-token accuracy "
+            f" (dense {fmt_num(f.dense_lm_perplexity, 2)}); next-token accuracy "
             f"{fmt_num(f.accuracy)} (dense {fmt_num(f.dense_accuracy)}), on held-out test "
             "documents of data.sources.",
         ),
     ]
     if f.perplexity_by_domain:
         rows = tuple(
-            (domain, f"{p.dense:.2f}", f"{p.pruned:.2f}", f"{p.tokens:,}")
+            (domain, fmt_num(p.dense, 2), f"{p.pruned:.2f}", f"{p.tokens:,}")
             for domain, p in f.perplexity_by_domain.items()
         )
         blocks.append(Table(("domain", "dense perplexity", "pruned perplexity", "tokens"), rows))
@@ -48,6 +48,6 @@ def language_model_section(report: Report) -> list[Block]:
         blocks.append(Table(headers, rows))
     if f.generations:
         blocks.append(Heading("Greedy completions", 3))
-        rows = tuple((g.prompt, g.dense, g.pruned) for g in f.generations)
+        rows = tuple((g.prompt, g.dense or "-", g.pruned) for g in f.generations)
         blocks.append(Table(("prompt", "dense", "pruned"), rows))
     return blocks

@@ -48,7 +48,7 @@ class StageRecord(BaseModel):
     version: int
     params_before: int
     params_after: int
-    accuracy: float
+    accuracy: float | None  # None: a streamed prune stage, measured only after the last one
     macro_f1: float | None = None
     cosine: float | None = None
     perplexity: float | None = None  # causal_lm: validation perplexity
@@ -62,7 +62,7 @@ class DomainPerplexity(_Part):
     """Test perplexity of one text domain (data.sources entry), pruned vs dense."""
 
     pruned: float
-    dense: float
+    dense: float | None
     tokens: int
 
 
@@ -71,8 +71,8 @@ class ChoiceAccuracy(_Part):
 
     acc: float
     acc_norm: float
-    dense_acc: float
-    dense_acc_norm: float
+    dense_acc: float | None
+    dense_acc_norm: float | None
     n: int
 
 
@@ -80,7 +80,7 @@ class Generation(_Part):
     """Greedy completion of one fixed prompt by the dense and by the pruned model."""
 
     prompt: str
-    dense: str
+    dense: str | None
     pruned: str
 
 
@@ -93,7 +93,7 @@ class FinalFigures(_Part):
     accuracy: float
     macro_f1: float | None = None
     heldout_accuracy: float | None = None
-    dense_accuracy: float
+    dense_accuracy: float | None  # None: a streamed run never holds the dense model whole
     dense_macro_f1: float | None = None
     dense_heldout_accuracy: float | None = None
     confusion: list[list[int]] | None = None

@@ -28,7 +28,7 @@ def start_run(
     model, tokenizer = setup_model(cfg, model_cfg, task)
     adapter = get_adapter(model)
     data = task.build_data(cfg, model_cfg, model, tokenizer)
-    calibration = _setup_calibration(cfg, data)
+    calibration = setup_calibration(cfg, data)
     executor = _setup_executor(cfg, adapter, calibration)
     try:
         finetune = task.prepare_dense(cfg, model_cfg, model, data, log)
@@ -45,6 +45,7 @@ def start_run(
         tokenizer=tokenizer, data=data, calibration=calibration, executor=executor,
         dense=dense, params_target=params_target, perplexity=perplexity,
     )  # fmt: skip
+    executor.on_event = ctx.events.emit  # worker losses / restarts go to events.jsonl
     state = RunState(
         model=model, adapter=adapter, layer_origin=list(range(len(adapter.layers(model))))
     )
@@ -66,7 +67,7 @@ def setup_model(cfg: JobConfig, model_cfg: ModelConfig, task: Task):
     )
 
 
-def _setup_calibration(cfg: JobConfig, data: TaskData) -> list[dict]:
+def setup_calibration(cfg: JobConfig, data: TaskData) -> list[dict]:
     split = data.splits["calibration"]
     if len(split) < cfg.calibration.min_samples:
         raise JobError(

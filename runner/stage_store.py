@@ -7,6 +7,7 @@ written last inside it, so --resume can trust any NN_name directory that has a m
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -21,18 +22,24 @@ class StageStore:
         self.root = Path(root)
         self._model_dirs: dict[int, Path] = {}
 
-    def save(self, idx: int, name: str, model, tokenizer, record: dict, extra: dict) -> Path:
+    def save(
+        self, idx: int, name: str, model, tokenizer, record: dict, extra: dict, *, model_dir=None
+    ) -> Path:
+        """The stage directory, atomically; its model saved from memory, or `model_dir` (a
+        checkpoint already written, e.g. by the streamed path) moved in, never copied."""
         final = self.root / f"{idx:02d}_{name}"
         with atomic_directory(final) as tmp:
             if "plan" in extra:
                 plans = extra["plan"]
                 body = plans[0] if len(plans) == 1 else {"steps": plans}
                 write_json_atomic(tmp / "plan.json", body)
-            if model is not None:
+            if model_dir is not None:
+                os.replace(model_dir, tmp / "model")
+            elif model is not None:
                 save_checkpoint(model, tokenizer, tmp / "model")
             metrics = record | {k: v for k, v in extra.items() if k != "plan"}
             write_json_atomic(tmp / "metrics.json", metrics)
-        if model is not None:
+        if model is not None or model_dir is not None:
             self._model_dirs[record["version"]] = final / "model"
         return final
 

@@ -29,6 +29,7 @@ import torch
 from stages import importance as imp
 from stages.base import PrunePlan, apply_plan
 from stages.budget import stage_budget
+from stages.criteria import criteria_for, get_criterion
 from stages.estimate import EstimateRequest
 from stages.layers import max_layers_for_target, plan_layer_removal
 from stages.stream_worker import (
@@ -43,8 +44,13 @@ from stages.stream_worker import (
 from stages.stream_write import write_streamed_checkpoint
 from stages.units import plan_unit_removal, total_units
 
-UNIT_CRITERIA = ("wanda", "activation", "fluctuation", "condition", "l2")
-LAYER_CRITERIA = ("block_influence",)
+def _layer_local(granularity: str) -> tuple[str, ...]:
+    """Criteria computed from one layer's own inputs: the ones a stream can score."""
+    return tuple(n for n in criteria_for(granularity) if get_criterion(n).layer_local)
+
+
+UNIT_CRITERIA = _layer_local("channels")
+LAYER_CRITERIA = _layer_local("layers")
 STREAMABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "opt", "gpt_neox")
 _KEEP_KEYS = ("x_sum", "x_sq_sum", "dist_sum")  # small per-layer sums kept after scoring
 HEARTBEAT_S = 30.0
@@ -367,6 +373,7 @@ def stream_prune(
     min_keep_heads: int = 1,
     min_keep_channels: int = 1,
     uniform_layout: bool = False,
+    round_to: int | None = None,
     executor: StreamExecutor | None = None,
     device: str = "cpu",
     compute_dtype: torch.dtype | None = None,
@@ -439,6 +446,7 @@ def stream_prune(
                         min_keep=min_keep[stage.kind],
                         normalize=stage.normalize,
                         uniform=uniform_layout,
+                        round_to=round_to if stage.kind == "channels" else None,
                         **common,
                     )
                     if stage.bias_compensation:

@@ -259,7 +259,7 @@ def test_tied_causal_lm_bf16_source_streams_in_float32(tmp_path):
 
 # ---- refusals and building blocks ----------------------------------------------------------------
 def test_taylor_and_loss_delta_are_refused_with_alternatives():
-    with pytest.raises(StreamingError, match=r"whole model.*wanda, activation, fluctuation"):
+    with pytest.raises(StreamingError, match=r"whole model.*wanda, l2, activation, fluctuation"):
         StreamStage("heads", "taylor", count=1)
     with pytest.raises(StreamingError, match="block_influence"):
         StreamStage("layers", "loss_delta", count=1)

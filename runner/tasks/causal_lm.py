@@ -54,8 +54,8 @@ def chat_prompt(tokenizer, prompt: str) -> list[int]:
     """An instruct model's chat form of `prompt` when its tokenizer has a template, else raw."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
