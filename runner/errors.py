@@ -14,6 +14,7 @@ from runner.config import ConfigError
 from runner.data import DataError
 from runner.demo_models import DemoModelError
 from runner.devices import DeviceError
+from runner.exporters import ExportError
 from runner.models import ModelError
 from runner.preflight import PreflightError
 from runner.smollm2 import SmolLM2Error
@@ -47,6 +48,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     DistributedRecoveryError,
     ClusterCapacityError,
     DeviceError,
+    ExportError,
     ValidationFailed,
 )
 
