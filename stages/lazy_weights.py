@@ -22,6 +22,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from stages.checkpoint import CheckpointError, build_on_meta
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 CHUNK_BYTES = 64 * 1024**2  # large tensors (embeddings, LM heads) are copied in row chunks
@@ -173,7 +175,6 @@ def meta_skeleton(
     __init__, exactly as for a model loaded in memory. Parameters the checkpoint does not store
     (tied LM heads) keep the dtype of the tensor they are tied to.
     """
-    from stages.checkpoint import CheckpointError, build_on_meta
 
     try:
         model = build_on_meta(source.config, attn_implementation=attn_implementation)

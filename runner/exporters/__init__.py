@@ -20,6 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
+from stages.checkpoint import INDEX, SINGLE, CheckpointError, verify_manifest
+
 # name -> "module:Class"; a new format is one line here and one module beside this file
 EXPORTERS: dict[str, str] = {
     "hf": "runner.exporters.hf:HFExporter",
@@ -60,7 +65,6 @@ class Checkpoint:
 
     def tensors(self) -> Iterator[tuple[str, object]]:
         """(name, torch tensor) one at a time: a large model is never all in memory."""
-        from safetensors import safe_open
 
         handle, current = None, None
         try:
@@ -78,7 +82,6 @@ class Checkpoint:
                 handle.__exit__(None, None, None)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        from safetensors import safe_open
 
         shapes: dict[str, tuple[int, ...]] = {}
         for filename in sorted(set(self.weight_files.values())):
@@ -114,7 +117,6 @@ def get_exporter(name: str, **options) -> Exporter:
 
 
 def _weight_files(path: Path) -> dict[str, str]:
-    from stages.checkpoint import INDEX, SINGLE
 
     if (path / INDEX).is_file():
         try:
@@ -125,7 +127,6 @@ def _weight_files(path: Path) -> dict[str, str]:
         raise ExportError(
             f"{path}: no {SINGLE} or {INDEX}; export reads safetensors checkpoints only"
         )
-    from safetensors import safe_open
 
     with safe_open(str(path / SINGLE), framework="pt", device="cpu") as handle:
         return {name: SINGLE for name in handle.keys()}  # noqa: SIM118
@@ -137,7 +138,6 @@ def read_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     A plain HF folder (no "pruning" section) counts as uniform and vanilla-loadable; its layout is
     read from the config fields.
     """
-    from stages.checkpoint import CheckpointError, verify_manifest
 
     directory = Path(path)
     if not directory.is_dir():
@@ -216,7 +216,6 @@ def describe_layout(layouts: list[dict]) -> str:
 
 
 def torch_dtype(dtype: str):
-    import torch
 
     return {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}[dtype]
 

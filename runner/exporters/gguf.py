@@ -27,6 +27,10 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import gguf
+import numpy as np
+import torch
+
 from runner.exporters import Checkpoint, Exporter, ExportError, atomic_file
 from runner.exporters.gguf_vocab import VocabError, add_vocab
 
@@ -87,7 +91,6 @@ def _rope(config: dict) -> tuple[float, str, dict]:
 
 def _llama3_rope_factors(params: dict, theta: float, head_dim: int):
     """Per-frequency factors of Llama 3.x rope scaling (llama.cpp's rope_freqs tensor)."""
-    import torch
 
     factor = float(params.get("factor", 8.0))
     low, high = (
@@ -111,7 +114,6 @@ def _llama3_rope_factors(params: dict, theta: float, head_dim: int):
 
 def _as_numpy(tensor, dtype: str):
     """One tensor as written: 1-D stays F32, the rest in `dtype` (bf16 as its raw bytes)."""
-    import torch
 
     if tensor.dim() <= 1 or dtype == "f32":
         return tensor.to(torch.float32).contiguous().numpy()
@@ -133,7 +135,6 @@ class GGUFExporter(Exporter):
     def export(
         self, ckpt: Checkpoint, out: Path, *, dtype: str | None, log: Callable[[str], None]
     ) -> Path:
-        import gguf
 
         dtype = dtype or self.default_dtype
         _check_supported(ckpt)
@@ -193,7 +194,6 @@ class GGUFExporter(Exporter):
     @staticmethod
     def _tensor_names(ckpt: Checkpoint, arch: str) -> dict[str, str]:
         """HF tensor name -> GGUF name; tied lm_head copies dropped; unknown tensors refused."""
-        import gguf
 
         model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}.get(
             arch, gguf.MODEL_ARCH.DECI
@@ -218,8 +218,6 @@ class GGUFExporter(Exporter):
     @staticmethod
     def _write_tensors(writer, ckpt, arch, names, shapes, extra, dtype, tmp: Path) -> None:
         """Declare every tensor, write the header, then stream the data in the same order."""
-        import gguf
-        import numpy as np
 
         order = [name for name in ckpt.tensor_order() if name in names]
         for hf_name in order:

@@ -15,6 +15,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
+from tokenizers import Tokenizer
+
 # pre-tokenizer regexes as they appear in tokenizer.json (tiktoken cl100k style)
 _LLAMA3_REGEX = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
@@ -103,7 +106,6 @@ def _adds(data: dict, token_id: int | None, first: bool) -> bool:
     """Whether encoding with special tokens puts `token_id` first (BOS) / last (EOS)."""
     if token_id is None:
         return False
-    from tokenizers import Tokenizer
 
     ids = Tokenizer.from_str(json.dumps(data)).encode("a", add_special_tokens=True).ids
     return bool(ids) and ids[0 if first else -1] == token_id
@@ -158,7 +160,6 @@ def build_vocab(
 
 def add_vocab(writer, checkpoint: Path, vocab_size: int, pre: str | None = None) -> GGUFVocab:
     """Write every tokenizer.* field (merges, special ids, chat template via gguf.SpecialVocab)."""
-    import gguf
 
     special = gguf.SpecialVocab(checkpoint, load_merges=True, n_vocab=vocab_size)
     vocab = build_vocab(checkpoint, vocab_size, special.special_token_ids, pre)

@@ -14,6 +14,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig
+
 from runner.exporters import (
     UNIFORM_HINT,
     Checkpoint,
@@ -22,6 +26,7 @@ from runner.exporters import (
     describe_layout,
     torch_dtype,
 )
+from stages.checkpoint import checkpoint_directory
 
 CONFIG_DTYPE = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
 # what the output gets besides weights and config: everything else the checkpoint carries
@@ -50,7 +55,6 @@ def refusal(ckpt: Checkpoint) -> str | None:
 
 def _config_has_head_dim(model_type: str) -> bool:
     """Whether this architecture's config can state head_dim (so fewer heads stay expressible)."""
-    from transformers import AutoConfig
 
     try:
         return "head_dim" in AutoConfig.for_model(model_type).to_dict()
@@ -68,7 +72,6 @@ class HFExporter(Exporter):
     def export(
         self, ckpt: Checkpoint, out: Path, *, dtype: str | None, log: Callable[[str], None]
     ) -> Path:
-        from stages.checkpoint import checkpoint_directory
 
         reason = refusal(ckpt)
         if reason:
@@ -98,8 +101,6 @@ class HFExporter(Exporter):
     @staticmethod
     def _write_weights(ckpt: Checkpoint, directory: Path, dtype: str | None) -> int:
         """Rewrite each weight file under the same name, floats cast to `dtype`; total bytes."""
-        from safetensors import safe_open
-        from safetensors.torch import save_file
 
         target = torch_dtype(dtype) if dtype is not None else None
         total = 0
