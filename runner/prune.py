@@ -29,7 +29,7 @@ def prune(
     before = state.snapshot()
     if _next_recover_needs_pre_stage_teacher(ctx, idx):
         state.teachers["pre_stage"] = ctx.task.objective.make_teacher(
-            state.model, ctx.data.splits["train"]
+            state.model, ctx.data.splits["recovery"]
         )
     budget = _budget(ctx, state, idx, stage)
     plans = []

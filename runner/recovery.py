@@ -23,7 +23,7 @@ def recover_stage(ctx: RunContext, state: RunState, idx: int, stage: RecoverStag
         method=stage.method,
         runner=stage.runner,
     )
-    train = ctx.data.splits["train"]
+    train = ctx.data.splits["recovery"]
     objective = ctx.task.objective
     if stage.runner == "ray_train":
         # lazy: Ray Train (and Ray) load only for jobs that ask for them (start-up cost)
@@ -59,6 +59,6 @@ def _teacher(ctx: RunContext, state: RunState, stage: RecoverStageConfig):
     teacher = state.teachers.get(stage.teacher)
     if teacher is None:  # resumed past the stage that cached it: the model as it is now stands in
         teacher = state.teachers.setdefault(
-            "dense", ctx.task.objective.make_teacher(state.model, ctx.data.splits["train"])
+            "dense", ctx.task.objective.make_teacher(state.model, ctx.data.splits["recovery"])
         )
     return teacher

@@ -28,6 +28,7 @@ def start_run(
     model, tokenizer = setup_model(cfg, model_cfg, task)
     adapter = get_adapter(model)
     data = task.build_data(cfg, model_cfg, model, tokenizer)
+    add_recovery_split(cfg, data)
     calibration = setup_calibration(cfg, data)
     executor = _setup_executor(cfg, adapter, calibration)
     try:
@@ -50,7 +51,7 @@ def start_run(
         model=model, adapter=adapter, layer_origin=list(range(len(adapter.layers(model))))
     )
     if _needs_dense_teacher(cfg):
-        state.teachers["dense"] = task.objective.make_teacher(model, data.splits["train"])
+        state.teachers["dense"] = task.objective.make_teacher(model, data.splits["recovery"])
     return ctx, state
 
 
@@ -65,6 +66,26 @@ def setup_model(cfg: JobConfig, model_cfg: ModelConfig, task: Task):
         seed=cfg.seed,
         **task.load_kwargs(cfg),
     )
+
+
+def add_recovery_split(cfg: JobConfig, data: TaskData) -> None:
+    """data.splits["recovery"]: the training rows recovery can reach, once per job.
+
+    A recovery reads at most steps x batch_size rows; when the train split is larger (real text:
+    thousands of blocks) a seeded random subset of that many rows, kept in split order, is what
+    every recover stage trains on and what KD teachers are computed for: a teacher pass over a
+    whole corpus would cost more than the training itself.
+    """
+    train = data.splits["train"]
+    reach = max(
+        (s.steps * s.batch_size for s in cfg.stages if isinstance(s, RecoverStageConfig)),
+        default=0,
+    )
+    if reach >= len(train) or reach == 0:
+        data.splits["recovery"] = train
+        return
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+    data.splits["recovery"] = train.subset(order[:reach].sort().values)
 
 
 def setup_calibration(cfg: JobConfig, data: TaskData) -> list[dict]:

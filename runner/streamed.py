@@ -23,7 +23,7 @@ from runner.errors import JobError
 from runner.events import EventLog
 from runner.models import check_safetensors, source_dir
 from runner.run_state import DenseFacts, RunContext, RunState
-from runner.setup_run import setup_calibration
+from runner.setup_run import add_recovery_split, setup_calibration
 from runner.stage_store import StageStore
 from runner.tasks import get_task
 from stages.arch import get_adapter
@@ -51,6 +51,7 @@ def start_streamed_run(cfg: JobConfig, model_cfg: ModelConfig, out: Path, log):
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     data = task.build_data(cfg, model_cfg, None, tokenizer)
+    add_recovery_split(cfg, data)
     lazy = LazyCheckpoint(source)
     params = sum(math.prod(lazy.shape(n)) for n in lazy.names())
     info = {"name": model_cfg.ref, "architecture": (lazy.config.architectures or ["?"])[0],

@@ -91,18 +91,12 @@ def test_prepare_command_prints_the_folder(stand_in, tmp_path, monkeypatch, caps
 
 
 @pytest.mark.slow
-def test_real_smollm2_loads_plainly_answers_and_rebuilds_when_tampered(tmp_path):
+def test_real_smollm2_loads_plainly_and_answers():
+    """The packaged GGUF, converted once into the default cache (launch.sh prepares it)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root = tmp_path / "cache"
-    calls = []
-
-    def counted(gguf, out):
-        calls.append(out)
-        smol.convert_gguf(gguf, out)
-
-    path = ensure_smollm2(root, lambda _: None, convert=counted)
+    path = ensure_smollm2(log=lambda _: None)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     config = model.config
     assert (config.num_hidden_layers, config.num_attention_heads) == (30, 9)
@@ -126,13 +120,57 @@ def test_real_smollm2_loads_plainly_answers_and_rebuilds_when_tampered(tmp_path)
     # digits are split one by one, as in SmolLM2's own tokenizer and llama.cpp's "smollm"
     assert tokenizer.tokenize("2024") == ["2", "0", "2", "4"]
 
-    assert ensure_smollm2(root, lambda _: None, convert=counted) == path and len(calls) == 1
-    with open(path / "model.safetensors", "r+b") as handle:
-        handle.seek(-8, 2)
-        handle.write(b"\xff" * 8)
-    logs = []
-    assert ensure_smollm2(root, logs.append, convert=counted) == path and len(calls) == 2
-    assert any("failed verification" in m for m in logs), logs
-    torch.testing.assert_close(
-        AutoModelForCausalLM.from_pretrained(path).lm_head.weight, model.lm_head.weight
-    )
+
+SMOL_JOB = {
+    "name": "smol",
+    "task": "causal_lm",
+    "models": [{"ref": "smollm2-135m", "max_length": 32}],
+    "data": {
+        "seed": 0,
+        "calibration_size": 8,
+        "test_fraction": 0.2,
+        "samples_per_class_per_load": 2,
+        "text_style": "sentences",
+        "sources": [
+            {"path": "builtin:stdlib_docs", "domain": "docs", "weight": 0.7},
+            {"path": "builtin:bearing_notes", "domain": "bearing", "weight": 0.3},
+        ],
+    },
+    "calibration": {"batch_size": 4},
+    "target": {"ratio": 1.2},
+    "stages": [
+        {"kind": "layers", "criterion": "block_influence", "count": 2},
+        {"kind": "recover", "steps": 2, "batch_size": 4, "lr": 0.0005},
+        {"kind": "channels", "criterion": "wanda", "share": 1.0},
+        {"kind": "recover", "steps": 2, "batch_size": 4, "loss": "kd"},
+    ],
+    "sia": {"enabled": False},
+    "evaluation": {
+        "test_blocks": 4,
+        "validation_blocks": 2,
+        "stage_choice_items": 0,
+        "choice_tasks": [{"kind": "bearing_qa", "limit": 3}],
+        "prompts": ["What is the capital of France?"],
+        "max_new_tokens": 8,
+    },
+    "output": {"plots": False, "progress": False, "save_stage_models": False},
+}
+
+
+@pytest.mark.slow
+def test_smollm2_job_end_to_end(tmp_path):
+    """The built-in LLM through a short cascade: a smaller causal LM that still generates."""
+    from runner.config import parse_config
+    from runner.job import run_job
+    from stages.checkpoint import load_pruned
+
+    (report,) = run_job(parse_config(SMOL_JOB), tmp_path, log=lambda m: None).values()
+    final = report["final"]
+    assert final["compression_ratio"] >= 1.19 and final["dense_params"] == 134515008
+    assert set(final["perplexity_by_domain"]) == {"docs", "bearing"}
+    assert 1 < final["dense_lm_perplexity"] < final["lm_perplexity"] < 10_000
+    assert "Paris" in final["generations"][0]["dense"]
+    assert final["choice_accuracy"]["bearing_qa"]["n"] == 3
+    model = load_pruned(tmp_path / "checkpoint")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 28
+    assert (tmp_path / "checkpoint" / "tokenizer_config.json").is_file()
