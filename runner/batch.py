@@ -28,6 +28,7 @@ from runner.config import (
     JobConfig,
     ModelConfig,
     RecoverStageConfig,
+    SafeName,
     Strict,
     TargetConfig,
     apply_overrides,
@@ -35,12 +36,14 @@ from runner.config import (
     duplicate_output_names,
     model_entries,
     parse_config,
+    read_yaml_file,
     same_job,
 )
 from runner.devices import DeviceError, load_device
 from runner.errors import JobError
 from runner.job import run_job
 from runner.methods import compose, load_method
+from runner.output_dir import make_output_dir
 from runner.progress import step_bar
 from runner.report_model import FamilyRow, Report
 from runner.report_pages import write_family_report
@@ -56,7 +59,7 @@ class BatchError(JobError, ValueError):
 
 
 class FamilyConfig(Strict):
-    name: str = Field(min_length=1)
+    name: SafeName
     description: str = ""
     models: list[ModelConfig] = Field(min_length=1)
     method: str | None = Field(None, description="a preset of configs/methods (or a YAML path)")
@@ -107,12 +110,7 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
 def load_family(path: str | Path, overrides: list[str] | None = None) -> FamilyConfig:
     """Read and validate a family file; one ConfigError lists every problem found."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError([("", f"family file not found: {path}")], str(path))
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError([("", f"malformed YAML: {exc}")], str(path)) from None
+    raw = read_yaml_file(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError([("", "top level must be a mapping")], str(path))
     if overrides:
@@ -339,7 +337,7 @@ def _claim_output(out: Path, name: str) -> None:
         if previous != name:
             raise BatchError(f"{out} holds the batch of family {previous!r}, not {name!r}")
     else:  # claim the directory now: a killed batch must still be recognised when re-run
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out)
         write_json_atomic(marker, {"name": name, "running": True, "models": []})
 
 

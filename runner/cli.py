@@ -12,16 +12,16 @@ from transformers.utils import logging as hf_logging
 
 from runner import cli_batch, cli_cluster, cli_export, cli_validate
 from runner.compare import load_compare_config, run_compare
-from runner.config import dump_config, load_config
+from runner.config import ConfigError, dump_config, load_config
 from runner.demo_models import DEMO_MODELS
 from runner.errors import user_errors
 from runner.job import run_job
-from runner.methods import load_method
 from runner.models import PACKAGED_MODELS
 from runner.progress import make_logger
 from runner.sia_report import sia_for_config
 from runner.smollm2 import SMOLLM2
 from stages.arch import SUPPORTED_MODEL_TYPES
+from stages.checkpoint import is_disk_full
 
 EXIT_USAGE = 2
 
@@ -76,17 +76,23 @@ def cmd_sia(args) -> int:
 
 def cmd_compare(args) -> int:
 
-    cfg = load_compare_config(args.config, args.set)
-    if args.methods:
-        cfg = cfg.model_copy(update={"methods": args.methods.split(",")})
-        for method in cfg.methods:
-            load_method(method)  # unknown names fail before any work
-    if args.ratios:
-        cfg = cfg.model_copy(update={"ratios": [float(r) for r in args.ratios.split(",")]})
+    updates = {}  # validated with the file: bad values fail before any work or directory
+    if args.methods is not None:
+        updates["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.ratios is not None:
+        updates["ratios"] = [_number(r, "--ratios") for r in args.ratios.split(",") if r.strip()]
+    cfg = load_compare_config(args.config, args.set, updates)
     out = args.output or f"runs/{cfg.name}"
     run_compare(cfg, out, log=make_logger(args.quiet))
     print(f"comparison in {out}/compare.md")
     return 0
+
+
+def _number(text: str, option: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError([(option, f"{text.strip()!r} is not a number")], "command line") from None
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -160,7 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cascade ... | head`: the reader left; nothing to report
+        sys.stdout = None  # the interpreter's final flush of stdout would raise again
+        return 1
     except Exception as exc:  # noqa: BLE001 - top-level: known errors become one line
+        if not args.debug and isinstance(exc, OSError) and is_disk_full(exc):
+            where = exc.filename or "the output directory"
+            print(
+                f"error: no space left on the device writing {where}; free some space and rerun "
+                "(a job continues after its last finished stage with --resume)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         if args.debug or not isinstance(exc, user_errors()):
             raise
         message = str(exc).strip()

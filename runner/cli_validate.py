@@ -41,6 +41,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", help="inference dtype (default: the checkpoint's)")
     parser.add_argument("--dense", help="dense checkpoint to compare against (measured too)")
     parser.add_argument("--analytic-only", action="store_true", help="skip the measured run")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the sha256 manifest check of cascade checkpoints (the output says so)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=cmd_validate)
     return parser
@@ -61,6 +66,8 @@ def _default_seq_len(checkpoint: str, cap: int = 128) -> int:
         config = json.loads((Path(checkpoint) / "config.json").read_text())
     except (OSError, ValueError):
         return cap  # the validation itself reports the unreadable checkpoint
+    if not isinstance(config, dict):
+        return cap
     positions = config.get("n_positions") or config.get("max_position_embeddings") or cap
     return min(cap, int(positions))
 
@@ -82,10 +89,14 @@ def cmd_validate(args) -> int:
             dense_path=args.dense,
             measure=not args.analytic_only,
             dtype=args.dtype,
+            verify=not args.no_verify,
         )
     except KNOWN_INPUT_ERRORS as exc:
+        if getattr(args, "debug", False):
+            raise
         print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    result["verified"] = not args.no_verify
     print(json.dumps(result, indent=1, default=str) if args.json else format_table(result))
     return EXIT_FITS if result["fits"] else EXIT_DOES_NOT_FIT
 
@@ -118,6 +129,12 @@ def format_table(result: dict) -> str:
         ("headroom", _gib(result["headroom_bytes"])),
         ("verdict", f"{verdict} (basis: {result['fits_basis']})"),
     ]
+    if result.get("verified") is False:
+        rows.insert(
+            0, ("integrity", "NOT VERIFIED (--no-verify): files not checked against manifest")
+        )
+    if result.get("measure_note"):
+        rows.append(("note", result["measure_note"]))
     lines = [f"{k:<18} {v}" for k, v in rows]
     lat, red = result["latency_ms"], result["reductions"]
     both_measured = (

@@ -2,31 +2,36 @@
 
 from __future__ import annotations
 
+import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError
 
 from runner.config import (
     ConfigError,
     ModelConfig,
+    SafeName,
     Strict,
     apply_overrides,
     duplicate_output_names,
     model_entries,
+    read_yaml_file,
     same_job,
 )
+from runner.errors import user_errors
 from runner.job import run_job
 from runner.methods import compose, load_method
+from runner.output_dir import make_output_dir
 from runner.report_model import CompareResult, CompareRow, Report
 from runner.report_pages import write_compare_report
 from stages.atomic import write_json_atomic
 
 
 class CompareConfig(Strict):
-    name: str = "compare"
+    name: SafeName = "compare"
     methods: list[str] = Field(min_length=1)
     ratios: list[float] = Field(min_length=1)
     recovery_steps: int = Field(300, ge=0, description="total recovery steps given to every method")
@@ -35,20 +40,31 @@ class CompareConfig(Strict):
     )
 
 
-def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
+def load_compare_config(
+    path: str | Path, overrides: list[str] | None = None, updates: dict | None = None
+) -> CompareConfig:
+    """Read and validate a compare file; `updates` (top-level keys, e.g. from --methods and
+    --ratios) replace the file's values before validation, so they are checked the same way."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError([("", f"config file not found: {path}")], str(path))
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml_file(path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError([("", "top level must be a mapping")], str(path))
     if overrides:
         raw = apply_overrides(raw, overrides)
+    raw.update(updates or {})
     try:
         cfg = CompareConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(
-            [(".".join(map(str, e["loc"])), e["msg"]) for e in exc.errors()], str(path)
-        ) from None
-    problems = [(f"ratios.{i}", "must be > 1") for i, r in enumerate(cfg.ratios) if r <= 1]
+        problems = [
+            (".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, "))
+            for e in exc.errors()
+        ]
+        raise ConfigError(problems, str(path)) from None
+    problems = [
+        (f"ratios.{i}", "must be a finite number > 1")
+        for i, r in enumerate(cfg.ratios)
+        if not (math.isfinite(r) and r > 1)
+    ]
     if "stages" in cfg.job:
         problems.append(("job.stages", "stages come from the method presets; remove them here"))
     for i, m in enumerate(cfg.methods):
@@ -82,14 +98,20 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, log=print) -> dict:
     """Runs (or reuses finished) jobs under out/<model>/<method>/<ratio>x and writes
     compare.json, compare.md (+ compare.png) and compare.html; returns compare.json's content."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    fresh = not out.exists()
+    make_output_dir(out)
     rows = []
     models = model_entries(cfg.job.get("models")) or []
-    for model in models:
-        for method in cfg.methods:
-            preset = load_method(method)
-            for ratio in cfg.ratios:
-                rows.append(_run_one(cfg, out, model, preset, ratio, log))
+    try:
+        for model in models:
+            for method in cfg.methods:
+                preset = load_method(method)
+                for ratio in cfg.ratios:
+                    rows.append(_run_one(cfg, out, model, preset, ratio, log))
+    except user_errors():
+        if fresh and not any(p.is_file() for p in out.rglob("*")):
+            shutil.rmtree(out, ignore_errors=True)  # rejected before any run wrote a file
+        raise
     result = CompareResult(
         name=cfg.name,
         methods=cfg.methods,

@@ -50,6 +50,9 @@ class DataError(ValueError):
 Load = Annotated[int, Field(ge=0, le=3)]
 
 
+MAX_SEED = 2**32 - 1  # numpy and torch seeds: non-negative, and job seeds get small offsets added
+
+
 class DataConfig(BaseModel, extra="forbid"):
     """The YAML `data:` section.
 
@@ -64,7 +67,13 @@ class DataConfig(BaseModel, extra="forbid"):
     samples_per_class_per_load: int = Field(80, ge=2)
     window: int = Field(4096, ge=512)
     sample_rate: int = Field(12000, ge=1000)
-    snr_db: float = 0.0  # REFERENCE_FAULT_RMS over sensor-noise rms; same noise for every class
+    snr_db: float = Field(
+        0.0,
+        ge=-60.0,
+        le=120.0,
+        allow_inf_nan=False,
+        description="REFERENCE_FAULT_RMS over sensor-noise rms (dB); same noise for every class",
+    )
     train_loads: list[Load] = Field(default_factory=lambda: [0, 1, 2])
     heldout_loads: list[Load] = Field(default_factory=lambda: [3])
     validation_fraction: float = Field(0.15, gt=0, lt=1)
@@ -75,7 +84,7 @@ class DataConfig(BaseModel, extra="forbid"):
         "features",
         description="features: compact 'name value' text; sentences: English inspection notes (same numbers)",
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> DataConfig:

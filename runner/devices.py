@@ -22,7 +22,7 @@ class DeviceError(ValueError):
 class DeviceProfile(BaseModel):
     """Facts about one target device; every size in bytes, rates per second."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1)
     description: str = ""
@@ -78,7 +78,16 @@ def load_device(name_or_path: str | Path) -> DeviceProfile:
     """A built-in profile by name (dgx_spark, jetson_orin_nano_8gb, ...) or a user YAML path."""
     path = _resolve(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise DeviceError(
+            f"{path}: cannot read the device profile ({exc.strerror or exc})"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise DeviceError(
+            f"{path}: not a UTF-8 YAML device profile (byte {exc.start} is not text); pass a "
+            "profile YAML such as configs/devices/dgx_spark.yaml"
+        ) from None
     except yaml.YAMLError as exc:
         raise DeviceError(f"{path}: malformed YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):

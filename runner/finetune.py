@@ -13,6 +13,8 @@ import json
 import time
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
@@ -64,6 +66,38 @@ def _save(model, record: dict, target: Path) -> None:
         (tmp / "finetune.json").write_text(json.dumps(record, indent=2))
 
 
+def _load_cached(model, cached: Path, log) -> dict | None:
+    """The cached record after loading its weights into `model`; None (fine-tune again) when the
+    entry cannot be read: the cache only saves time, a damaged entry must not stop the job."""
+    try:  # everything is checked before the first weight is copied into `model`
+        record = json.loads((cached / "finetune.json").read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError("finetune.json is not a JSON object")
+        state = load_file(str(cached / "model.safetensors"))
+        _check_matches(model, state)
+    except (OSError, ValueError, SafetensorError) as exc:
+        log(f"WARNING: ignoring the unreadable fine-tune cache {cached} ({exc}); fine-tuning again")
+        return None
+    load_safetensors(model, str(cached / "model.safetensors"), strict=True)
+    model.eval()
+    return record
+
+
+def _check_matches(model, state: dict) -> None:
+    """Every cached tensor names a parameter of the same shape, and every parameter not cached
+    shares its storage with one that is (tied weights are saved once)."""
+    current = model.state_dict()
+    wrong = [k for k, v in state.items() if k not in current or current[k].shape != v.shape]
+    stored = {current[k].untyped_storage().data_ptr() for k in state if k in current}
+    missing = [
+        k
+        for k, v in current.items()
+        if k not in state and v.untyped_storage().data_ptr() not in stored
+    ]
+    if wrong or missing:
+        raise ValueError(f"tensors do not match the model: {(wrong + missing)[:3]}")
+
+
 def finetune_dense(
     model, train_split, model_cfg, seed: int, progress: bool, log, *, data_cfg=None
 ) -> dict | None:
@@ -73,11 +107,10 @@ def finetune_dense(
         return None
     cached = _cache_dir(model, model_cfg, seed, data_cfg)
     if (cached / "finetune.json").is_file():
-        load_safetensors(model, str(cached / "model.safetensors"), strict=True)
-        model.eval()
-        record = json.loads((cached / "finetune.json").read_text())
-        log(f"reused the dense model fine-tuned for {steps} steps from {cached}")
-        return record | {"cached": True}
+        record = _load_cached(model, cached, log)
+        if record is not None:
+            log(f"reused the dense model fine-tuned for {steps} steps from {cached}")
+            return record | {"cached": True}
     t0 = time.perf_counter()
     settings = TrainSettings(
         steps=steps, lr=model_cfg.finetune_lr, batch_size=FINETUNE_BATCH, seed=seed

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from cluster.executor import cluster_session
+from cluster.orphans import reap_orphans, recorded_session
 from runner.config import JobConfig, dump_config, same_job
 from runner.errors import JobError, user_errors
 from runner.output_dir import is_empty_or_missing, output_errors
@@ -51,11 +52,12 @@ def run_job(
 ) -> dict:
     """Run every model of the job; returns {model_dir_name: report}."""
     out = Path(out)
+    reap_orphans(out, log=log)  # what a killed earlier run's embedded Ray left (its own session)
     with output_errors(out):
         fresh = is_empty_or_missing(out)
         prepare_output(cfg, out, resume=resume, force=force)
     try:
-        with cluster_session(cfg.cluster):
+        with cluster_session(cfg.cluster), recorded_session(cfg.cluster, out):
             return _run_models(cfg, out, resume=resume, log=log)
     except user_errors():
         if fresh and not any(out.glob("**/events.jsonl")):

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from runner.errors import JobError
+from runner.models import check_safetensors, read_config_json
 from stages.checkpoint import build_on_meta, saved_layouts, tied_pairs
 from stages.lm_eval import perplexity
 
@@ -47,9 +48,10 @@ class LMHead:
 
 
 def _causal_class(path: Path, ref: str):
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_config_json(path)
     names = raw.get("architectures") or []
-    causal = [n for n in names if n.endswith(CAUSAL_SUFFIXES)]
+    names = names if isinstance(names, list) else []
+    causal = [n for n in names if isinstance(n, str) and n.endswith(CAUSAL_SUFFIXES)]
     cls = getattr(transformers, causal[0], None) if causal else None
     if cls is None:
         raise JobError(
@@ -79,6 +81,7 @@ def _read_tensors(path: Path, names: list[str]) -> dict[str, Tensor]:
 def load_lm_head(path: Path, ref: str) -> LMHead:
     """The output-embedding tensors of a local causal-LM checkpoint (or None when tied)."""
     cls = _causal_class(path, ref)
+    check_safetensors(path)
     config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     lm = build_on_meta(config, cls=cls, layouts=saved_layouts(config))
     out = lm.get_output_embeddings()
@@ -96,18 +99,49 @@ def load_lm_head(path: Path, ref: str) -> LMHead:
     return LMHead(weight=found[wanted[0]].float(), bias=bias.float() if bias is not None else None)
 
 
+CHUNK_CHARS = 1 << 16  # characters tokenised at a time
+
+
+def _split_at_whitespace(text: str) -> tuple[str, str]:
+    """(head, tail): tail starts at the last whitespace run, so no word is cut in two and the
+    run stays with the word after it (how BPE pre-tokenisers attach spaces)."""
+    end = len(text)
+    while end > 0 and not text[end - 1].isspace():
+        end -= 1
+    while end > 1 and text[end - 2].isspace():
+        end -= 1
+    start = end - 1
+    return (text[:start], text[start:]) if start > 0 else (text, "")
+
+
+def token_ids_from(handle, tokenizer, max_tokens: int) -> list[int]:
+    """The first `max_tokens` ids of a text stream (no special tokens), read chunk by chunk:
+    memory and characters read grow with max_tokens, not with the size of the file."""
+    ids: list[int] = []
+    carry = ""
+    while len(ids) < max_tokens:
+        chunk = handle.read(CHUNK_CHARS)
+        text = carry + chunk
+        if not text:
+            break
+        head, carry = _split_at_whitespace(text) if chunk else (text, "")
+        ids += tokenizer(head, add_special_tokens=False)["input_ids"]
+    return ids[:max_tokens]
+
+
 def read_token_ids(file: Path, tokenizer, max_tokens: int) -> Tensor:
-    """The whole file as one token stream (no special tokens), capped."""
+    """The file as one token stream (no special tokens), capped at max_tokens; only the text
+    those tokens need is read and tokenised (a huge single-line file costs no more)."""
     try:
-        text = file.read_text(encoding="utf-8")
+        with open(file, encoding="utf-8") as handle:
+            ids = token_ids_from(handle, tokenizer, max_tokens)
     except (OSError, UnicodeDecodeError) as exc:
         raise JobError(
             f"evaluation.perplexity_file: cannot read {file} as UTF-8 text ({exc})"
         ) from None
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < 2:
         raise JobError(f"evaluation.perplexity_file: {file} has fewer than 2 tokens")
-    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+    return torch.tensor(ids, dtype=torch.long)
 
 
 class PerplexityProbe:

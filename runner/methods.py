@@ -10,10 +10,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError
 
-from runner.config import ConfigError, JobConfig, Strict, parse_config
+from runner.config import ConfigError, JobConfig, Strict, parse_config, read_yaml_file
 
 METHODS_DIR = Path(__file__).resolve().parents[1] / "configs" / "methods"
 
@@ -45,7 +44,7 @@ def load_method(name_or_path: str) -> MethodPreset:
             ]
         )
     try:
-        return MethodPreset.model_validate(yaml.safe_load(path.read_text()))
+        return MethodPreset.model_validate(read_yaml_file(path))
     except ValidationError as exc:
         raise ConfigError(
             [(".".join(map(str, e["loc"])), e["msg"]) for e in exc.errors()], str(path)

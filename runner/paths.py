@@ -18,5 +18,5 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def dir_name_for_ref(ref: str) -> str:
     """The default output directory of a model: its ref's last path part, filesystem-safe."""
-    name = Path(ref.rstrip("/")).name or ref
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(ref.rstrip("/")).name or ref)
+    return name if name.strip(".") else name.replace(".", "_")  # never "." or ".."

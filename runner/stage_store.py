@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from stages.atomic import atomic_directory, write_json_atomic
-from stages.checkpoint import save_checkpoint
+from stages.checkpoint import DiskFullError, disk_full_error, save_checkpoint
 
 _STAGE_DIR = re.compile(r"^(\d{2})_(.+)$")
 
@@ -28,17 +28,24 @@ class StageStore:
         """The stage directory, atomically; its model saved from memory, or `model_dir` (a
         checkpoint already written, e.g. by the streamed path) moved in, never copied."""
         final = self.root / f"{idx:02d}_{name}"
-        with atomic_directory(final) as tmp:
-            if "plan" in extra:
-                plans = extra["plan"]
-                body = plans[0] if len(plans) == 1 else {"steps": plans}
-                write_json_atomic(tmp / "plan.json", body)
-            if model_dir is not None:
-                os.replace(model_dir, tmp / "model")
-            elif model is not None:
-                save_checkpoint(model, tokenizer, tmp / "model")
-            metrics = record | {k: v for k, v in extra.items() if k != "plan"}
-            write_json_atomic(tmp / "metrics.json", metrics)
+        try:
+            with atomic_directory(final) as tmp:
+                if "plan" in extra:
+                    plans = extra["plan"]
+                    body = plans[0] if len(plans) == 1 else {"steps": plans}
+                    write_json_atomic(tmp / "plan.json", body)
+                if model_dir is not None:
+                    os.replace(model_dir, tmp / "model")
+                elif model is not None:
+                    save_checkpoint(model, tokenizer, tmp / "model")
+                metrics = record | {k: v for k, v in extra.items() if k != "plan"}
+                write_json_atomic(tmp / "metrics.json", metrics)
+        except DiskFullError as exc:  # the half-written stage is gone; finished ones are kept
+            error = disk_full_error(final, model, f"stage {name}'s model")
+            raise DiskFullError(
+                f"{error}; the stages finished before it are kept: rerun with --resume once "
+                "there is room"
+            ) from exc
         if model is not None or model_dir is not None:
             self._model_dirs[record["version"]] = final / "model"
         return final

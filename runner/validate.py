@@ -33,10 +33,17 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from runner.devices import load_device, resolve_budget
-from runner.models import load_model
+from runner.models import check_safetensors, load_model, read_config_json
 from stages import memory_model as mm
 from stages.arch import get_adapter
-from stages.checkpoint import load_pruned, model_class, save_checkpoint
+from stages.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    load_pruned,
+    model_class,
+    save_checkpoint,
+    verify_manifest,
+)
 
 PROBE_TIMEOUT_S = 900
 GIB = 1024**3
@@ -106,6 +113,32 @@ def _measure_or_none(ref, measure: bool, **kwargs) -> tuple[dict | None, str | N
         return None, str(exc)
 
 
+def available_host_bytes() -> int | None:
+    """MemAvailable of this machine (None where /proc/meminfo is not there)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def too_big_to_measure(estimate: mm.MemoryEstimate, workload: dict, on: str) -> str | None:
+    """Why a probe must not run here: what it would allocate on this host (the whole estimate on
+    CPU, the token ids on CUDA) exceeds half its free memory, which would swap or wake the OOM
+    killer instead of measuring anything. None: safe to measure."""
+    host = estimate.total if on == "cpu" else 16 * workload["batch"] * workload["seq_len"]
+    free = available_host_bytes()
+    if free is None or host <= free // 2:
+        return None
+    return (
+        f"not measured: the workload needs about {host / GIB:,.1f} GiB on this machine "
+        f"(analytic), more than half of its {free / GIB:,.1f} GiB free"
+    )
+
+
 def _figures(run: dict | None, shape: mm.ModelShape | None, profile, workload: dict) -> dict:
     """One model's side of the comparison: measured run (if any), analytic estimate, roofline."""
     if shape is None:
@@ -146,10 +179,13 @@ def validate_model(
     workload = {"batch": batch, "seq_len": seq_len, "dtype": dtype}
     on = measure_device or ("cuda" if torch.cuda.is_available() else "cpu")
     probe = dict(workload, device=on, repeats=repeats)
-    pruned_run, error = _measure_or_none(path, measure, budget_bytes=budget, **probe)
-    if error:
+    analytic = mm.estimate_memory(shape, batch, seq_len, mm.dtype_bytes(dtype))
+    note = too_big_to_measure(analytic, workload, on) if measure else None
+    pruned_run, error = _measure_or_none(path, measure and not note, budget_bytes=budget, **probe)
+    if error and analytic.total <= budget:
         raise ProbeError(error)
-    dense_run, dense_error = _measure_or_none(dense_ref, measure, **probe)
+    note = note or (error and f"measurement failed, the analytic peak is over budget: {error}")
+    dense_run, dense_error = _measure_or_none(dense_ref, measure and not note, **probe)
     p = _figures(pruned_run, shape, profile, workload)
     d = _figures(dense_run, dense_shape, profile, workload)
     needed = p["peak"] if p["peak"] is not None else p["analytic"].total
@@ -189,6 +225,7 @@ def validate_model(
         "measured_on": on if pruned_run else None,
         "params": {"pruned": shape.params, "dense": dense_shape.params if dense_shape else None},
         "dense_measure_error": dense_error,
+        "measure_note": note,
     }
 
 
@@ -205,26 +242,50 @@ def validate_checkpoint(
     dtype: str | None = None,
     measure_device: str | None = None,
     repeats: int = 5,
+    verify: bool = True,
 ) -> dict:
     """Fit verdict, measured/analytic peak memory, latency and roofline for one checkpoint.
+
+    A cascade checkpoint (a "pruning" section or a manifest.json) is verified against its
+    manifest first unless verify=False; every folder must hold readable safetensors weights.
 
     Without dense_path the dense figures are analytic, from config.pruning.dense_params (the
     dense KV cache/workspace taken equal to the pruned one's: a lower bound, so the reported
     memory reduction is conservative); dense latency is then unknown (None).
     """
     resolve_budget(device, fraction, budget_bytes)  # fail fast on an unknown device or a bad budget
+    path = check_model_dir(path, verify=verify)
     meta = mm.meta_model(path)
     mm.check_seq_len(meta, seq_len, str(path))
     shape = mm.model_shape(meta)
     dtype = dtype or mm.stored_dtype(meta)
     dense_shape = None
     if dense_path is not None:
+        dense_path = check_model_dir(dense_path, verify=verify)
         dense_shape = mm.model_shape(mm.meta_model(dense_path))
     elif (getattr(meta.config, "pruning", None) or {}).get("dense_params"):
         dense_shape = dataclasses.replace(shape, params=int(meta.config.pruning["dense_params"]))
     options = dict(fraction=fraction, budget_bytes=budget_bytes, batch=batch, seq_len=seq_len)
     options |= dict(dtype=dtype, measure=measure, measure_device=measure_device, repeats=repeats)
     return validate_model(path, shape, dense_shape, device=device, dense_ref=dense_path, **options)
+
+
+def check_model_dir(path: str | Path, *, verify: bool = True) -> Path:
+    """The folder as an absolute path (the probe runs elsewhere), after the checks every loader
+    makes: config.json a JSON object, weights in readable safetensors, and for a cascade
+    checkpoint (a "pruning" section or a manifest) every file as its manifest records it."""
+    directory = Path(path).expanduser().absolute()
+    raw = read_config_json(directory)
+    if verify and ("pruning" in raw or (directory / MANIFEST).exists()):
+        try:
+            verify_manifest(directory)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc}: the files are not the ones exported; export the checkpoint again (or "
+                "skip this check with --no-verify)"
+            ) from None
+    check_safetensors(directory)
+    return directory
 
 
 def validate_for_job(exported_model, dense_params: int, job_cfg, model_cfg) -> dict:

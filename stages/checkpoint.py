@@ -11,9 +11,11 @@ and assigns the stored tensors. Never torch.load, never remote code.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -23,6 +25,7 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
@@ -46,6 +49,57 @@ TOKENIZER_FILES = (
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be written or read (the message names the path or file)."""
+
+
+class DiskFullError(CheckpointError):
+    """The filesystem ran out of space (or quota) while a checkpoint was written; nothing of the
+    new checkpoint was left behind (the message names the path and the space needed)."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT, as an OSError or as safetensors' Rust IoError text."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    return any(
+        sign in text for sign in ("No space left", "StorageFull", "code: 28", "Disk quota exceeded")
+    )
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's distinct tensors (parameters and buffers, shared ones once)."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space on the filesystem that holds `path` (its nearest existing ancestor)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def _mib(n: int | None) -> str:
+    return "an unknown amount" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def disk_full_error(out: Path, model: nn.Module, what: str = "the checkpoint") -> DiskFullError:
+    """One line: where, how much the model's weights need, how much is free there."""
+    needed, free = model_bytes(model), free_bytes(Path(out))
+    return DiskFullError(
+        f"{out}: no space left on the device while writing {what}: it needs about "
+        f"{_mib(needed)} (the model's weights), {_mib(free)} free there; free some space or "
+        "write to another disk"
+    )
 
 
 # ---- writing ----------------------------------------------------------------------------------
@@ -199,9 +253,14 @@ def save_checkpoint(
             f"{out}: model carries peft adapters; merge them (merge_and_unload) before saving"
         )
     config = pruning_config(model, require_uniform, metadata, out)
-    with checkpoint_directory(out) as tmp:
-        _write_weights(model, tmp, max_shard_size)
-        write_metadata(model, tokenizer, config, tmp)
+    try:
+        with checkpoint_directory(out) as tmp:
+            _write_weights(model, tmp, max_shard_size)
+            write_metadata(model, tokenizer, config, tmp)
+    except (OSError, SafetensorError) as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(out, model) from exc
+        raise
     return out
 
 
