@@ -22,6 +22,7 @@ from runner.data import MAX_SEED, DataConfig
 from runner.paths import dir_name_for_ref
 from runner.tasks import get_task, task_names
 from runner.text_sources import TextSource
+from stages.base import stage_names
 from stages.criteria import criteria_for, get_criterion
 
 
@@ -414,19 +415,6 @@ def _streamed_problems(cfg: JobConfig, names: list[str]) -> list[str]:
     if cfg.task == "embedding":
         problems.append("calibration.streamed: the embedding task needs the dense model's outputs")
     return problems
-
-
-def stage_names(stages: list) -> list[str]:
-    """Explicit names, else the kind, numbered when a kind repeats (recover1, recover2, ...)."""
-    counts: dict[str, int] = {}
-    for s in stages:
-        counts[s.kind] = counts.get(s.kind, 0) + 1
-    seen: dict[str, int] = {}
-    names = []
-    for s in stages:
-        seen[s.kind] = seen.get(s.kind, 0) + 1
-        names.append(s.name or (s.kind if counts[s.kind] == 1 else f"{s.kind}{seen[s.kind]}"))
-    return names
 
 
 def _error_path(loc: tuple) -> str:

@@ -82,3 +82,17 @@ def _add_out_proj_bias(adapter, model, layer, granularity: str, deltas: list[flo
     bias = module.bias
     with torch.no_grad():
         bias.add_(torch.tensor(deltas, dtype=bias.dtype, device=bias.device))
+
+
+def stage_names(stages) -> list[str]:
+    """A stage list's names: explicit ones, else the kind, numbered when a kind repeats
+    (recover1, recover2, ...). One rule for jobs and streamed runs (stage directories, events)."""
+    counts: dict[str, int] = {}
+    for s in stages:
+        counts[s.kind] = counts.get(s.kind, 0) + 1
+    seen: dict[str, int] = {}
+    names = []
+    for s in stages:
+        seen[s.kind] = seen.get(s.kind, 0) + 1
+        names.append(s.name or (s.kind if counts[s.kind] == 1 else f"{s.kind}{seen[s.kind]}"))
+    return names

@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 
 from stages import importance as imp
-from stages.base import PrunePlan, apply_plan
+from stages.base import PrunePlan, apply_plan, stage_names
 from stages.budget import stage_budget
 from stages.criteria import criteria_for, get_criterion
 from stages.estimate import EstimateRequest
@@ -43,6 +43,7 @@ from stages.stream_worker import (
 )
 from stages.stream_write import write_streamed_checkpoint
 from stages.units import plan_unit_removal, total_units
+
 
 def _layer_local(granularity: str) -> tuple[str, ...]:
     """Criteria computed from one layer's own inputs: the ones a stream can score."""
@@ -279,19 +280,6 @@ def stream_scores(
 # ---- plans ---------------------------------------------------------------------------------------
 def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def stage_names(stages: Sequence[StreamStage]) -> list[str]:
-    """Explicit names, else the kind, numbered when a kind repeats (the job's naming rule)."""
-    counts: dict[str, int] = {}
-    for s in stages:
-        counts[s.kind] = counts.get(s.kind, 0) + 1
-    seen: dict[str, int] = {}
-    names = []
-    for s in stages:
-        seen[s.kind] = seen.get(s.kind, 0) + 1
-        names.append(s.name or (s.kind if counts[s.kind] == 1 else f"{s.kind}{seen[s.kind]}"))
-    return names
 
 
 def layer_cap(

@@ -21,6 +21,20 @@ def bearing_splits(cfg, model_cfg, tokenizer) -> dict:
     }
 
 
+def bearing_figures(final: dict, dense: dict) -> dict:
+    """Test and held-out-load accuracy, macro-F1 and confusion, exported vs dense."""
+    test, dense_test = final["test"], dense["test"]
+    return {
+        "accuracy": test.accuracy,
+        "macro_f1": test.macro_f1,
+        "heldout_accuracy": final["heldout"].accuracy,
+        "dense_accuracy": dense_test.accuracy,
+        "dense_macro_f1": dense_test.macro_f1,
+        "dense_heldout_accuracy": dense["heldout"].accuracy,
+        "confusion": test.confusion,
+    }
+
+
 @register_task
 class ClassificationTask:
     name: ClassVar[str] = "classification"
@@ -56,16 +70,7 @@ class ClassificationTask:
         return measures["test"].accuracy
 
     def final_figures(self, final: dict, dense: dict) -> dict:
-        test, heldout, dense_test = final["test"], final["heldout"], dense["test"]
-        return {
-            "accuracy": test.accuracy,
-            "macro_f1": test.macro_f1,
-            "heldout_accuracy": heldout.accuracy,
-            "dense_accuracy": dense_test.accuracy,
-            "dense_macro_f1": dense_test.macro_f1,
-            "dense_heldout_accuracy": dense["heldout"].accuracy,
-            "confusion": test.confusion,
-        }
+        return bearing_figures(final, dense)
 
     def dense_warnings(self, dense: dict) -> list[str]:
         test = dense["test"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from runner.tasks.base import TaskData, chance_level_warning, register_task, text_only_problems
-from runner.tasks.classification import bearing_splits
+from runner.tasks.classification import bearing_figures, bearing_splits
 from stages.objectives import get_objective
 
 
@@ -68,18 +68,10 @@ class EmbeddingTask:
         return measures["test"].accuracy
 
     def final_figures(self, final: dict, dense: dict) -> dict:
-        test, heldout, dense_test = final["test"], final["heldout"], dense["test"]
-        return {
-            "accuracy": test.accuracy,
-            "macro_f1": test.macro_f1,
-            "heldout_accuracy": heldout.accuracy,
-            "dense_accuracy": dense_test.accuracy,
-            "dense_macro_f1": dense_test.macro_f1,
-            "dense_heldout_accuracy": dense["heldout"].accuracy,
-            "confusion": test.confusion,
-            "cosine": test.cosine,
-            "heldout_cosine": heldout.cosine,
-            "dense_cosine": dense_test.cosine,
+        return bearing_figures(final, dense) | {
+            "cosine": final["test"].cosine,
+            "heldout_cosine": final["heldout"].cosine,
+            "dense_cosine": dense["test"].cosine,
             "metric_note": "accuracy = leave-one-out 1-NN fault classification with the embeddings",
         }
 
