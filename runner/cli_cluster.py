@@ -44,7 +44,12 @@ def _usage(message: str):
 
 
 def _token(args) -> str | None:
-    return resolve_token(args.token_file)
+    try:
+        return resolve_token(args.token_file)
+    except UnicodeDecodeError:
+        raise SubmitError(
+            f"--token-file {args.token_file}: not UTF-8 text; it must hold the token as one line"
+        ) from None
 
 
 def _followed(job_id: str, address: str, token: str | None) -> int:
@@ -143,7 +148,10 @@ def _join_job_cluster(config_text: str) -> list[str]:
     """Inside a Ray job, Ray work joins the job's cluster ($RAY_ADDRESS) unless the config names one:
     `ray.init(num_cpus=...)` would refuse to start a second, embedded Ray there."""
     address = os.environ.get("RAY_ADDRESS")
-    raw = yaml.safe_load(config_text) or {}
+    try:
+        raw = yaml.safe_load(config_text) or {}
+    except yaml.YAMLError:
+        return []  # `cascade run` reports the malformed file itself, with its line
     cluster = raw.get("cluster") if isinstance(raw, dict) else None
     if not address or (isinstance(cluster, dict) and cluster.get("address")):
         return []

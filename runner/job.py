@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def run_job(
 ) -> dict:
     """Run every model of the job; returns {model_dir_name: report}."""
     out = Path(out)
+    _check_embedded_capacity(cfg)
     reap_orphans(out, log=log)  # what a killed earlier run's embedded Ray left (its own session)
     with output_errors(out):
         fresh = is_empty_or_missing(out)
@@ -65,6 +67,17 @@ def run_job(
                 out, ignore_errors=True
             )  # rejected before it started: leave nothing behind
         raise
+
+
+def _check_embedded_capacity(cfg: JobConfig) -> None:
+    """An embedded Ray can only have this machine's CPUs and GPUs: refuse more before starting
+    Ray or loading anything (a joined cluster is checked once connected, by the executor)."""
+    c = cfg.cluster
+    if c.executor != "ray" or c.address or os.environ.get("RAY_ADDRESS"):
+        return
+    from cluster.ray_session import check_capacity  # lazy: imports Ray, which local jobs skip
+
+    check_capacity(c.workers, c.cpus_per_worker, c.gpus_per_worker, embedded=True)
 
 
 def _run_models(cfg: JobConfig, out: Path, *, resume: bool, log) -> dict:

@@ -11,12 +11,15 @@ import importlib.resources
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -33,7 +36,7 @@ from runner.smollm2 import SMOLLM2, ensure_smollm2
 from stages.arch import UnsupportedArchitecture, get_adapter
 from stages.arch_base import backbone, unwrap_model
 from stages.checkpoint import TOKENIZER_FILES as CHECKPOINT_TOKENIZER_FILES
-from stages.checkpoint import load_pruned
+from stages.checkpoint import CheckpointError, load_pruned
 
 Head = Literal["classification", "encoder", "causal_lm"]
 HEAD_CLASSES = {
@@ -113,27 +116,30 @@ def _load_model(ref, head, num_labels, trust_remote_code, dtype, cache_dir, prog
     raw = read_config_json(path)
     model_type = raw.get("model_type")
     remote = trust_remote_code and "auto_map" in raw
-    if not model_type or (model_type not in CONFIG_MAPPING and not remote):
+    known = isinstance(model_type, str) and model_type in CONFIG_MAPPING
+    if not model_type or not (known or remote):
         raise ModelError(f"{path / 'config.json'}: unknown or missing model_type {model_type!r}")
     check_safetensors(path)
     if trust_remote_code:
         warning = f"WARNING: trust_remote_code=True runs Python code shipped with {path}"
         print(f"{warning}; only do this for checkpoints you trust.", file=sys.stderr, flush=True)
+    read_model_config(path, trust_remote_code)
     check_tokenizer_files(path)
-    try:
+    with model_file_errors(path, "its tokenizer files cannot be loaded"):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with model_file_errors(path, "could not load the model"):
         if "pruning" in raw:
             model = load_pruned(path, dtype=_as_dtype(dtype))
         else:
             model = _from_pretrained(path, raw, head, num_labels, trust_remote_code, dtype)
-    except ModelError:
-        raise
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"could not load model from {str(path)!r}: {first}") from exc
     _check_head(model, head, path)
     _check_vocab(model, tokenizer, path)
     _ensure_pad_token(model, tokenizer)
+    if head != "causal_lm" and tokenizer.pad_token is None:  # batches of sentences are padded
+        raise ModelError(
+            f"{path}: the tokenizer has no pad token and no eos token to pad with; set "
+            '"pad_token" in tokenizer_config.json'
+        )
     return model, tokenizer
 
 
@@ -198,6 +204,34 @@ def _check_shapes(path: Path, mismatched, new_labels: int | None) -> None:
         "*.safetensors files come from different models (or config.json was edited): restore the "
         "checkpoint's own config.json"
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+@contextmanager
+def model_file_errors(path: Path, what: str) -> Iterator[None]:
+    """transformers and tokenizers parse the user's files and raise anything on bad values
+    (TypeError, AttributeError, huggingface_hub's validation errors ...): one ModelError line
+    naming the folder instead. Errors that already are one line (ModelError, CheckpointError)
+    pass through."""
+    try:
+        yield
+    except (ModelError, CheckpointError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - user files through third-party parsers
+        raise ModelError(f"{path}: {what} ({_first_line(exc)})") from exc
+
+
+def read_model_config(path: Path, trust_remote_code: bool = False) -> PretrainedConfig:
+    """config.json as transformers reads it, or one ModelError line naming the bad setting."""
+    read_config_json(path)
+    what = "config.json is not a valid model configuration; fix the setting named here or restore "
+    what += "the checkpoint's own config.json"
+    with model_file_errors(path, what):
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def read_config_json(path: Path) -> dict:

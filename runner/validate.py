@@ -33,7 +33,13 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from runner.devices import load_device, resolve_budget
-from runner.models import check_safetensors, load_model, read_config_json
+from runner.models import (
+    check_safetensors,
+    load_model,
+    model_file_errors,
+    read_config_json,
+    read_model_config,
+)
 from stages import memory_model as mm
 from stages.arch import get_adapter
 from stages.checkpoint import (
@@ -255,19 +261,31 @@ def validate_checkpoint(
     """
     resolve_budget(device, fraction, budget_bytes)  # fail fast on an unknown device or a bad budget
     path = check_model_dir(path, verify=verify)
-    meta = mm.meta_model(path)
+    meta, shape = _shape_of(path)
     mm.check_seq_len(meta, seq_len, str(path))
-    shape = mm.model_shape(meta)
-    dtype = dtype or mm.stored_dtype(meta)
+    with model_file_errors(path, "config.json names no usable dtype"):
+        dtype = dtype or mm.stored_dtype(meta)
+        mm.dtype_bytes(dtype)
     dense_shape = None
     if dense_path is not None:
         dense_path = check_model_dir(dense_path, verify=verify)
-        dense_shape = mm.model_shape(mm.meta_model(dense_path))
+        dense_shape = _shape_of(dense_path)[1]
     elif (getattr(meta.config, "pruning", None) or {}).get("dense_params"):
         dense_shape = dataclasses.replace(shape, params=int(meta.config.pruning["dense_params"]))
     options = dict(fraction=fraction, budget_bytes=budget_bytes, batch=batch, seq_len=seq_len)
     options |= dict(dtype=dtype, measure=measure, measure_device=measure_device, repeats=repeats)
     return validate_model(path, shape, dense_shape, device=device, dense_ref=dense_path, **options)
+
+
+def _shape_of(path: Path):
+    """(meta model, ModelShape) of a checked folder; a config.json the architecture cannot be
+    built from is one ModelError line."""
+    what = (
+        "the model config.json describes cannot be built; restore the checkpoint's own config.json"
+    )
+    with model_file_errors(path, what):
+        meta = mm.meta_model(path)
+        return meta, mm.model_shape(meta)
 
 
 def check_model_dir(path: str | Path, *, verify: bool = True) -> Path:
@@ -285,6 +303,7 @@ def check_model_dir(path: str | Path, *, verify: bool = True) -> Path:
                 "skip this check with --no-verify)"
             ) from None
     check_safetensors(directory)
+    read_model_config(directory)
     return directory
 
 

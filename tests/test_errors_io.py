@@ -7,9 +7,11 @@ are not what they claim, tampered checkpoints, a full disk (docs/ERRORS.md).
 import errno
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import tiny_job
 from safetensors import SafetensorError
@@ -169,6 +171,28 @@ def test_numbers_out_of_range_are_config_errors(override, tmp_path, capsys):
     job = str(write_job(tmp_path / "j.yaml"))
     code, err, _ = run_cli(["run", job, "-o", str(out), "--set", override], capsys)
     one_line_error(code, err, override.split("=")[0])
+    assert not out.exists()
+
+
+# ---- cluster requests an embedded Ray cannot place ---------------------------------------------
+@pytest.mark.parametrize(
+    "cluster,expected",
+    [
+        ({"executor": "ray", "workers": 1000}, "need 1000 CPUs"),
+        ({"executor": "ray", "workers": 1, "gpus_per_worker": 1}, "need 1 GPUs"),
+    ],
+)
+def test_impossible_cluster_requests_fail_fast(cluster, expected, tmp_path, capsys, monkeypatch):
+    if expected.endswith("GPUs"):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # a machine without GPUs
+    job = write_job(tmp_path / "j.yaml", cluster=cluster)
+    out = tmp_path / "out"
+    started = time.monotonic()
+    code = main(["run", str(job), "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and expected in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert time.monotonic() - started < 30  # refused before Ray starts or the model loads
     assert not out.exists()
 
 
@@ -414,3 +438,88 @@ def test_full_disk_anywhere_else_is_one_line(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     code, err, _ = run_cli(["run", str(small_job(tmp_path / "j.yaml")), "-o", str(out)], capsys)
     one_line_error(code, err, "no space left", "events.jsonl")
+
+
+# ---- submit -------------------------------------------------------------------------------------
+def test_submit_token_file_that_is_not_text(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli_cluster, "submit_job", lambda *a, **k: pytest.fail("submitted"))
+    token = tmp_path / "token"
+    token.write_bytes(b"\xff\xfe\x00secret")
+    job = str(write_job(tmp_path / "j.yaml"))
+    args = ["submit", job, "--address", "http://127.0.0.1:9", "--token-file", str(token)]
+    one_line_error(*run_cli(args, capsys)[:2], "--token-file", "UTF-8")
+
+
+def test_submitted_job_with_malformed_yaml_reports_it_on_the_cluster_side(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv(cli_cluster.CONFIG_ENV, "models: [a\n  stages: {{\n")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # never contacted: the config fails first
+    code, err, _ = run_cli(["run-submitted", str(tmp_path / "out")], capsys)
+    one_line_error(code, err, "malformed YAML", "line")
+
+
+# ---- perplexity file read as a stream -----------------------------------------------------------
+class CountingReader:
+    """A text stream that counts the characters handed out."""
+
+    def __init__(self, text: str):
+        self.text, self.pos = text, 0
+
+    def read(self, n: int) -> str:
+        chunk = self.text[self.pos : self.pos + n]
+        self.pos += len(chunk)
+        return chunk
+
+
+def test_perplexity_tokens_are_read_only_as_far_as_needed():
+    from runner.lm_head import CHUNK_CHARS, token_ids_from
+
+    tokenizer = tiny_tokenizer()
+    words = [f"w{4 + i % 90}" for i in range(200_000)]  # ~1 MB on one line
+    text = " ".join(words)
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for max_tokens in (10, 5_000, 60_000):
+        reader = CountingReader(text)
+        ids = token_ids_from(reader, tokenizer, max_tokens)
+        assert ids == whole[:max_tokens]  # chunk borders fall between words: same tokens
+        assert reader.pos <= 4 * max_tokens + 2 * CHUNK_CHARS  # not the whole file
+    reader = CountingReader(text)
+    assert token_ids_from(reader, tokenizer, 10**9) == whole and reader.pos == len(text)
+
+
+def test_perplexity_text_without_whitespace_is_still_bounded():
+    from runner.lm_head import CHUNK_CHARS, token_ids_from
+
+    tokenizer, seen = tiny_tokenizer(), []
+
+    def spy(text, **kwargs):
+        seen.append(len(text))
+        return tokenizer(text, **kwargs)
+
+    reader = CountingReader("x" * (20 * CHUNK_CHARS))  # one unknown "word" of 1.3 M characters
+    assert len(token_ids_from(reader, spy, 3)) == 3
+    assert reader.pos <= 3 * CHUNK_CHARS and max(seen) <= CHUNK_CHARS  # cut, never accumulated
+
+
+# ---- fine-tune cache ----------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["garbage weights", "other shapes", "record not an object"])
+def test_damaged_fine_tune_cache_entry_is_trained_again(damage, tmp_path):
+    from safetensors.torch import save_model
+
+    from runner.finetune import _load_cached
+
+    model, entry = tiny_gpt2(), tmp_path / "entry"
+    entry.mkdir()
+    (entry / "finetune.json").write_text('{"steps": 1}')
+    save_model(tiny_gpt2(seed=1, n_inner=24), str(entry / "model.safetensors"))
+    if damage == "garbage weights":
+        (entry / "model.safetensors").write_bytes(b"\x00" * 64)
+    elif damage == "record not an object":
+        save_model(tiny_gpt2(seed=1), str(entry / "model.safetensors"))
+        (entry / "finetune.json").write_text("[1]")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logged = []
+    assert _load_cached(model, entry, logged.append) is None
+    assert "fine-tuning again" in logged[0]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
