@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from tokenizers import Tokenizer, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import (
@@ -221,7 +222,13 @@ def get_demo_model(
             file=sys.stderr,
         )
     info = {"name": name, "train_seconds": seconds, "test_accuracy": result.accuracy}
-    _save_atomically(model, tokenizer, target, info)
+    try:
+        _save_atomically(model, tokenizer, target, info)
+    except (OSError, SafetensorError) as exc:  # the cache only saves time (e.g. a full disk)
+        print(
+            f"[cascade] WARNING: could not cache demo {name} in {target.parent}: {exc}",
+            file=sys.stderr,
+        )
     model.config.name_or_path = name
     return model, tokenizer
 

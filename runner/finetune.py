@@ -131,6 +131,7 @@ def finetune_dense(
     }
     try:
         _save(model, record, cached)
-    except OSError as exc:  # the cache only saves time: a full disk must not cost the trained model
+    except (OSError, SafetensorError) as exc:  # the cache only saves time: a full disk must
+        # not cost the trained model (safetensors reports ENOSPC as a SafetensorError)
         log(f"WARNING: could not cache the fine-tuned weights in {cached.parent}: {exc}")
     return record | {"cached": False}

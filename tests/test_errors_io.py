@@ -523,3 +523,16 @@ def test_damaged_fine_tune_cache_entry_is_trained_again(damage, tmp_path):
     assert _load_cached(model, entry, logged.append) is None
     assert "fine-tuning again" in logged[0]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+
+
+def test_lm_head_of_a_pickle_only_folder_says_how_to_convert(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    from runner.lm_head import load_lm_head
+    from runner.models import ModelError
+
+    folder = tmp_path / "lm"
+    tiny_gpt2(GPT2LMHeadModel).save_pretrained(folder)
+    _pickle_only(folder)
+    with pytest.raises(ModelError, match="only pytorch_model.bin.*save_pretrained"):
+        load_lm_head(folder, "lm")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from safetensors import SafetensorError
 from tiny_models import tiny_gpt2
 
 from runner.config import ModelConfig
@@ -54,13 +56,16 @@ def test_no_fine_tune_steps_means_no_record():
     assert _run(ModelConfig(ref="demo-tiny-gpt2"))[1] is None
 
 
-def test_a_failed_cache_write_leaves_no_entry_and_keeps_the_trained_model(monkeypatch, tmp_path):
+@pytest.mark.parametrize("error", [OSError, SafetensorError])  # safetensors' own ENOSPC error
+def test_a_failed_cache_write_leaves_no_entry_and_keeps_the_trained_model(
+    error, monkeypatch, tmp_path
+):
     import runner.finetune as finetune
 
     monkeypatch.setenv("CASCADE_CACHE", str(tmp_path))
 
     def disk_full(model, path):
-        raise OSError("No space left on device")
+        raise error("No space left on device")
 
     real_save = finetune.save_safetensors
     monkeypatch.setattr(finetune, "save_safetensors", disk_full)
