@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.debug and isinstance(exc, OSError) and is_disk_full(exc):
             where = exc.filename or "the output directory"
             print(
-                f"error: no space left on the device writing {where}; free some space and rerun "
+                f"error: No space left on device while writing {where}; free some space and rerun "
                 "(a job continues after its last finished stage with --resume)",
                 file=sys.stderr,
             )

@@ -12,7 +12,7 @@ from runner.report import write_job_html, write_report
 from runner.report_model import Report
 from runner.run_state import RunContext, RunState
 from runner.validate import ValidationFailed, check_fits, validate_for_job
-from stages.checkpoint import load_pruned, save_checkpoint
+from stages.checkpoint import DiskFullError, load_pruned, save_checkpoint
 
 
 def export_and_evaluate(ctx: RunContext, state: RunState, sia: dict, start: float) -> dict:
@@ -61,9 +61,14 @@ def _export(ctx: RunContext, state: RunState) -> None:
             export_sharded(state.model, ctx.tokenizer, ckpt_dir, workers, ctx.executor, **options)
         else:
             save_checkpoint(state.model, ctx.tokenizer, ckpt_dir, **options)
-    except OSError as exc:
+    except (OSError, DiskFullError) as exc:
         error = f"{type(exc).__name__}: {exc}"
         ctx.events.emit("error", version=state.version, stage="export", error=error)
+        if isinstance(exc, DiskFullError):  # names the space the weights need and what is free
+            raise JobError(
+                f"{exc}; any previous checkpoint there is intact and the stage models are kept: "
+                "rerun with --resume once there is room"
+            ) from None
         raise JobError(
             f"export to {ckpt_dir} failed ({exc.strerror or exc}); any previous checkpoint there is "
             "intact and the stage models are kept: fix the cause and rerun with --resume"

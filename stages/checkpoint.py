@@ -96,7 +96,7 @@ def disk_full_error(out: Path, model: nn.Module, what: str = "the checkpoint") -
     """One line: where, how much the model's weights need, how much is free there."""
     needed, free = model_bytes(model), free_bytes(Path(out))
     return DiskFullError(
-        f"{out}: no space left on the device while writing {what}: it needs about "
+        f"{out}: No space left on device while writing {what}: it needs about "
         f"{_mib(needed)} (the model's weights), {_mib(free)} free there; free some space or "
         "write to another disk"
     )

@@ -408,7 +408,7 @@ def test_full_disk_is_one_line_with_the_space_needed_and_resume_continues(
     monkeypatch.setattr(checkpoint, "save_file", full_on_second_save)
     job, out = str(small_job(tmp_path / "j.yaml")), tmp_path / "out"
     code, err, _ = run_cli(["run", job, "-o", str(out)], capsys)
-    one_line_error(code, err, "no space left", "MiB (the model's weights)", "--resume")
+    one_line_error(code, err, "No space left on device", "MiB (the model's weights)", "--resume")
     assert "01_recover" in err and len(err.splitlines()) == 1
     done = sorted(p.name for p in (out / "stages").iterdir() if not p.name.endswith(".json"))
     assert done == ["00_layers"], done  # complete stages or none, no temp directories
@@ -420,7 +420,7 @@ def test_full_disk_is_one_line_with_the_space_needed_and_resume_continues(
 
     monkeypatch.setattr(checkpoint, "save_file", full_on_export)
     code, err, _ = run_cli(["run", job, "-o", str(out), "--resume"], capsys)
-    one_line_error(code, err, f"{out / 'checkpoint'}", "no space left", "MiB")
+    one_line_error(code, err, f"{out / 'checkpoint'}", "No space left on device", "MiB", "--resume")
     assert not (out / "checkpoint").exists()
     monkeypatch.setattr(checkpoint, "save_file", real)
     code, err, _ = run_cli(["run", job, "-o", str(out), "--resume"], capsys)
@@ -437,7 +437,7 @@ def test_full_disk_anywhere_else_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(events.EventLog, "emit", full)
     out = tmp_path / "out"
     code, err, _ = run_cli(["run", str(small_job(tmp_path / "j.yaml")), "-o", str(out)], capsys)
-    one_line_error(code, err, "no space left", "events.jsonl")
+    one_line_error(code, err, "No space left on device", "events.jsonl")
 
 
 # ---- submit -------------------------------------------------------------------------------------
