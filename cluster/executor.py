@@ -34,6 +34,10 @@ class WorkerState:
 
 class Executor(Protocol):
     workers: int
+    # Worker losses and restarts: each is passed to on_event(event, version=..., **fields) when set
+    # (the job's EventLog.emit) and summed up as one line in `warnings` (the report's).
+    on_event: Callable[..., object] | None
+    warnings: list[str]
 
     def set_calibration(self, batches: list[dict]) -> None: ...
 
@@ -70,6 +74,8 @@ class LocalExecutor:
     workers = 1
 
     def __init__(self, adapter):
+        self.on_event = None  # nothing to report: the driver's own process never goes missing
+        self.warnings: list[str] = []
         self._adapter = adapter
         self._model = None
         self._version: int | None = None

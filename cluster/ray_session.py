@@ -13,6 +13,7 @@ import os
 
 import ray
 import torch
+from ray._private import ray_constants
 
 from cluster.executor import ClusterCapacityError
 
@@ -39,9 +40,13 @@ def connect(
         kwargs["runtime_env"] = {"env_vars": env_vars}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        if _loopback(address):
+            _stay_on_loopback()
+            kwargs["_node_ip_address"] = "127.0.0.1"
         ray.init(address=address, **kwargs)
         return True
     ray.init(
+        address="local",  # a new Ray of our own, even when another one runs on this machine
         num_cpus=max(int(cpus + 0.999), os.cpu_count() or 1),
         include_dashboard=dashboard,
         object_store_memory=OBJECT_STORE_BYTES,
@@ -49,6 +54,25 @@ def connect(
         **kwargs,
     )
     return True
+
+
+def _loopback(address: str) -> bool:
+    """True for a head on this machine's loopback ("127.0.0.1:6379", "ray://localhost:10001")."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost")
+
+
+def _stay_on_loopback() -> None:
+    """Make this driver join a head bound to 127.0.0.1 (`./launch.sh cluster`) over 127.0.0.1.
+
+    Ray 2.60's `ray.init(address=...)` rewrites a loopback address (and `_node_ip_address`) to
+    this machine's outward IP (`services.resolve_ip_for_localhost`), where such a head's GCS does
+    not listen, and then retries for ever. Ray keeps loopback when its multi-node switch is off
+    (the `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` environment variable, read at import): the same
+    switch, set here because Ray is already imported. It only changes how this process names its
+    own node; the nodes of a local cluster are started with their own --node-ip-address.
+    """
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def check_capacity(

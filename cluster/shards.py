@@ -99,13 +99,17 @@ def _write_shards(
     if not _uses_ray(executor):
         return [write_shard(tensors, path) for tensors, path in jobs]
     import ray  # lazy: only a Ray executor's export loads Ray (start-up cost)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # lazy: as above
 
     if not ray.is_initialized():
         raise ShardExportError(
             "export_sharded: a Ray executor was given but Ray is not initialised"
         )
     # num_cpus=0: a file write must not wait behind the executor's actors holding every CPU.
-    task = ray.remote(num_cpus=0, max_retries=2)(write_shard)
+    # Pinned to the driver's node: the staging directory is on its disk, which other nodes of a
+    # multi-node cluster may not mount.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=0, max_retries=2, scheduling_strategy=here)(write_shard)
     return ray.get([task.remote(ray.put(tensors), path) for tensors, path in jobs])
 
 

@@ -46,6 +46,8 @@ from stages.recover import RecoverySettings, prepare_trainable
 from stages.split import EncodedSplit
 from stages.training import TorchStepper, run_steps, steps_per_epoch, training_loss
 
+STORAGE_ENV = "CASCADE_RAY_STORAGE"
+
 
 # ---- Ray Train worker ----------------------------------------------------------------------------
 def _model_files(model: nn.Module) -> dict[str, bytes]:
@@ -187,6 +189,22 @@ def _check_capacity(cluster_cfg) -> None:
         )
 
 
+def _storage_root() -> str | None:
+    """$CASCADE_RAY_STORAGE; required when the cluster spans machines (Ray Train writes each
+    worker's checkpoint where the driver must read it back, so a local temp dir will not do)."""
+    root = os.environ.get(STORAGE_ENV)
+    if root:
+        return root
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    if len(hosts) > 1:
+        raise DistributedRecoveryError(
+            f"recover_distributed: the Ray cluster spans {len(hosts)} machines; set "
+            f"{STORAGE_ENV} to a directory every node mounts (shared filesystem) for Ray Train's "
+            "checkpoints (docs/CLUSTER.md)"
+        )
+    return None
+
+
 def _fit(payload, cluster_cfg, strategy: str, fault: dict | None, storage: Path):
     gpus, cpus = cluster_cfg.gpus_per_worker, cluster_cfg.cpus_per_worker
     resources = {"CPU": cpus} | ({"GPU": gpus} if gpus > 0 else {})
@@ -233,8 +251,8 @@ def recover_distributed(
     """(model, metrics) like stages.recover.recover; `model` is updated in place.
 
     fault: test hook {"epoch": e, "marker": path}: the last worker kills itself once after epoch e.
-    Checkpoints go under $CASCADE_RAY_STORAGE (shared storage on a multi-node cluster) or a local
-    temp dir, removed afterwards. `adapter` is unused: workers rebuild it from the model.
+    Checkpoints go under $CASCADE_RAY_STORAGE (required when the cluster spans several machines:
+    a directory every node mounts) or a local temp dir, removed afterwards. `adapter` is unused: workers rebuild it from the model.
     """
     _validate(settings, teacher, len(split), strategy)
     started, metrics = time.perf_counter(), {"losses": [], "trainable_params": 0}
@@ -245,7 +263,7 @@ def recover_distributed(
         payload = ray.put({"model_files": _model_files(model), "attn_implementation": attn,
                            "split": split, "teacher": teacher, "objective": objective_name,
                            "settings": asdict(settings)})  # fmt: skip
-        root = os.environ.get("CASCADE_RAY_STORAGE")
+        root = _storage_root()
         storage = Path(tempfile.mkdtemp(prefix="cascade-ray-train-", dir=root))
         try:
             state, metrics = _fit(payload, cluster_cfg, strategy, fault, storage)

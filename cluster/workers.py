@@ -3,14 +3,15 @@
 `WorkerCore` is the plain-Python logic (testable without Ray); `ImportanceWorker` is the same
 class as a restartable Ray actor. A worker refuses to estimate on any version other than the one
 it holds, so a late or restarted worker can never mix two model versions into one result. Tasks
-are idempotent (same model, same micro-batches -> same sums), which makes Ray's task retries and
-the executor's re-runs after a crash safe.
+are idempotent (same model, same micro-batches -> same sums), which makes the executor's re-runs
+after a crash safe, on the same worker or another one.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import ray
 import torch
@@ -27,6 +28,11 @@ class WorkerNotLoadedError(StaleVersionError):
 
 class WorkerSetupError(ValueError):
     """A worker was asked to load or estimate without what it needs (named in the message)."""
+
+
+class CheckpointNotVisibleError(WorkerSetupError):
+    """The version's checkpoint directory is not on this worker's node (no shared storage there):
+    the driver sends the model through the object store instead."""
 
 
 def _pick_device(use_gpu: bool) -> torch.device:
@@ -58,6 +64,14 @@ class WorkerCore:
     def version(self) -> int | None:
         return self._version
 
+    def where(self) -> dict:
+        """This worker's process id and Ray node (id and IP; None outside Ray)."""
+        node = ip = None
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+            ip = ray.util.get_node_ip_address()
+        return {"pid": os.getpid(), "node": node, "ip": ip}
+
     def has_calibration(self) -> bool:
         return self._batches is not None
 
@@ -78,10 +92,15 @@ class WorkerCore:
         adapter=None,
         attn_implementation: str | None = None,
     ) -> int:
-        """Replace the held model: from shared storage when a directory is given, else `model`."""
+        """Replace the held model: `model` when given, else read from `checkpoint_dir` (storage
+        this node shares with the driver)."""
         if self._load_delay_s:
             time.sleep(self._load_delay_s)
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and model is None:
+            if not (Path(checkpoint_dir) / "config.json").is_file():
+                raise CheckpointNotVisibleError(
+                    f"{self.name}: {checkpoint_dir} is not visible on this node (no shared storage)"
+                )
             new_model = load_pruned(checkpoint_dir, attn_implementation=attn_implementation)
         elif model is not None:
             new_model = model
@@ -122,4 +141,6 @@ class WorkerCore:
         return {key: value.detach().cpu() for key, value in stats.items()}
 
 
-ImportanceWorker = ray.remote(max_restarts=2, max_task_retries=2)(WorkerCore)
+# No automatic task retries: a call that dies with its worker fails at once, so the driver knows
+# which task was lost and re-runs it on a live worker; Ray restarts the actor on its own.
+ImportanceWorker = ray.remote(max_restarts=3, max_task_retries=0)(WorkerCore)

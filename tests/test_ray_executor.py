@@ -1,4 +1,5 @@
-"""RayExecutor equals LocalExecutor, refuses stale versions, waits at barriers, survives a crash.
+"""RayExecutor equals LocalExecutor, refuses stale versions, waits at barriers, survives a crash
+and says so (events, warnings).
 
 One embedded 2-CPU Ray and two executors (1 and 2 workers, half a CPU each) for the whole module:
 Ray and actor start-up cost ~10-20 s, so the module is marked slow (~45 s on an idle 2-core box).
@@ -165,8 +166,14 @@ def test_stale_version_refused_and_barrier_waits_for_slow_worker(two_workers, tm
         executor.barrier(10)
 
 
-def test_killed_worker_is_restarted_and_result_unchanged(two_workers):
+def test_killed_worker_is_recorded_rerun_elsewhere_and_restarted(two_workers):
+    """kill -9 of an actor mid-estimate: its shard re-runs on the other worker (same sums), the
+    loss, the re-run and the restart are reported as events and warnings, and the restarted
+    actor gets the current version back."""
     executor = two_workers
+    events: list[tuple[str, dict]] = []
+    executor.on_event = lambda event, **fields: events.append((event, fields))
+    warnings_before = len(executor.warnings)
     model = tiny_llama()
     request = EstimateRequest("channels", "taylor")
     executor.set_calibration(calibration())
@@ -184,9 +191,27 @@ def test_killed_worker_is_restarted_and_result_unchanged(two_workers):
     thread.join(timeout=90)
     assert not thread.is_alive(), "estimate did not return after the worker was killed"
     assert_stats_close(result, undisturbed)
-    assert ray.get(victim.pid.remote()) != pid  # Ray restarted the actor in a new process
-    assert ray.get(victim.version.remote()) == 20  # and the executor re-loaded the version
-    assert [s.version for s in executor.barrier(20)] == [20, 20]
+    deadline = time.monotonic() + 90
+    while len(states := executor.barrier(20)) < 2:  # Ray restarts the actor: it rejoins
+        assert time.monotonic() < deadline, "the killed worker never came back"
+        time.sleep(0.5)
+    assert [s.version for s in states] == [20, 20]
+    assert ray.get(victim.pid.remote()) != pid  # a new process
+    assert ray.get(victim.version.remote()) == 20  # holding the version the driver re-sent
+    events = [(e, f) for e, f in events if e != "worker_start"]  # first use of a fresh executor
+    assert [e for e, _ in events] == ["worker_lost", "task_rerun", "worker_restart"], events
+    lost, rerun, back = (fields for _, fields in events)
+    assert lost["worker"] == "worker-1" and lost["pid"] == pid and lost["version"] == 20
+    assert "estimate channels/taylor on shard 1" in lost["task"] and lost["node"]
+    assert 1.0 < lost["seconds"] < 30
+    assert rerun["worker"] == "worker-0" and rerun["task"] == lost["task"]
+    assert rerun["lost_with"] == "worker-1" and rerun["seconds"] > 0
+    assert back["worker"] == "worker-1" and back["pid"] not in (None, pid)
+    assert back["task"] == lost["task"] and back["seconds"] > 0 and back["version"] == 20
+    new_warnings = executor.warnings[warnings_before:]
+    assert len(new_warnings) == 3 and "worker-1" in new_warnings[0]
+    assert f"pid {pid}" in new_warnings[0] and "re-ran on worker-0" in new_warnings[1]
+    executor.on_event = None
 
 
 def test_worker_core_refuses_without_ray():
