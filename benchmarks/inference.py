@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from runner.validate import validate_checkpoint, validate_model  # noqa: E402
 from stages import memory_model as mm  # noqa: E402
 from stages.arch import get_adapter  # noqa: E402
 from stages.base import apply_plan  # noqa: E402
@@ -34,7 +35,6 @@ from stages.checkpoint import save_checkpoint  # noqa: E402
 from stages.estimate import EstimateRequest, estimate_locally  # noqa: E402
 from stages.layers import plan_layer_removal  # noqa: E402
 from stages.units import plan_unit_removal, total_units  # noqa: E402
-from runner.validate import validate_checkpoint, validate_model  # noqa: E402
 
 RATIOS = {"layers": 0.25, "heads": 0.5, "channels": 0.5}
 

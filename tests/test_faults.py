@@ -16,8 +16,8 @@ import yaml
 from conftest import tiny_job
 
 from runner.config import parse_config
-from runner.job import run_job
 from runner.errors import JobError
+from runner.job import run_job
 from stages.checkpoint import load_pruned, verify_manifest
 
 pytestmark = pytest.mark.slow

@@ -18,10 +18,10 @@ from transformers import (
 
 from runner.config import ConfigError, parse_config
 from runner.data import DataConfig, build_dataset
+from runner.demo_models import build_tokenizer
 from runner.errors import JobError
 from runner.job import run_job
 from runner.lm_head import load_lm_head, read_token_ids
-from runner.demo_models import build_tokenizer
 from stages.lm_eval import next_token_nll, perplexity, token_windows
 
 WINDOW = 24

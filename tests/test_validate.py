@@ -28,10 +28,6 @@ from runner.devices import (
     load_device,
     resolve_budget,
 )
-from stages import memory_model as mm
-from stages.arch import get_adapter
-from stages.budget import stage_budget
-from stages.checkpoint import load_pruned, save_checkpoint
 from runner.validate import (
     ValidationFailed,
     check_fits,
@@ -39,6 +35,10 @@ from runner.validate import (
     validate_checkpoint,
     validate_for_job,
 )
+from stages import memory_model as mm
+from stages.arch import get_adapter
+from stages.budget import stage_budget
+from stages.checkpoint import load_pruned, save_checkpoint
 
 MIB = 1024**2
 DEVICES = {  # name -> bandwidth in bytes/s (DESIGN.md facts)
