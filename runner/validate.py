@@ -39,6 +39,7 @@ from runner.models import (
     model_file_errors,
     read_config_json,
     read_model_config,
+    source_dir,
 )
 from stages import memory_model as mm
 from stages.arch import get_adapter
@@ -325,7 +326,7 @@ def validate_for_job(exported_model, dense_params: int, job_cfg, model_cfg) -> d
         batch=1,
         seq_len=model_cfg.max_length,
         dtype=model_cfg.dtype,
-        dense_ref=model_cfg.ref,
+        dense_ref=source_dir(model_cfg.ref) or model_cfg.ref,  # built-in LLMs: their folder
         measure=measure,
     )
     path = Path(str(getattr(exported_model, "name_or_path", "") or ""))
