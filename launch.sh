@@ -28,6 +28,7 @@ setup() {
     fi
   fi
   pip_install -e ".[dev]"
+  "$PY" -m runner.smollm2 --prepare >/dev/null  # the built-in LLM, converted once into the cache
   echo "$want" > "$STAMP"
 }
 
