@@ -31,12 +31,11 @@ from runner.config import (
     SafeName,
     Strict,
     TargetConfig,
-    apply_overrides,
     dump_config,
     duplicate_output_names,
     model_entries,
     parse_config,
-    read_yaml_file,
+    read_yaml_mapping,
     same_job,
 )
 from runner.devices import DeviceError, load_device
@@ -110,11 +109,7 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
 def load_family(path: str | Path, overrides: list[str] | None = None) -> FamilyConfig:
     """Read and validate a family file; one ConfigError lists every problem found."""
     path = Path(path)
-    raw = read_yaml_file(path) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError([("", "top level must be a mapping")], str(path))
-    if overrides:
-        raw = apply_overrides(raw, overrides)
+    raw = read_yaml_mapping(path, overrides)
     return parse_family(raw, str(path))
 
 

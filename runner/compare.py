@@ -15,10 +15,9 @@ from runner.config import (
     ModelConfig,
     SafeName,
     Strict,
-    apply_overrides,
     duplicate_output_names,
     model_entries,
-    read_yaml_file,
+    read_yaml_mapping,
     same_job,
 )
 from runner.errors import user_errors
@@ -46,11 +45,7 @@ def load_compare_config(
     """Read and validate a compare file; `updates` (top-level keys, e.g. from --methods and
     --ratios) replace the file's values before validation, so they are checked the same way."""
     path = Path(path)
-    raw = read_yaml_file(path) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError([("", "top level must be a mapping")], str(path))
-    if overrides:
-        raw = apply_overrides(raw, overrides)
+    raw = read_yaml_mapping(path, overrides)
     raw.update(updates or {})
     try:
         cfg = CompareConfig.model_validate(raw)

@@ -537,15 +537,19 @@ def read_yaml_file(path: str | Path) -> Any:
         ) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
-    path = Path(path)
+def read_yaml_mapping(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """A YAML file that must hold a mapping (job, compare, family), `--set` overrides applied."""
     raw = read_yaml_file(path)
     raw = raw if raw is not None else {}
-    if overrides:
-        if not isinstance(raw, dict):
-            raise ConfigError([("", "top level must be a mapping")], str(path))
-        raw = apply_overrides(raw, overrides)
-    return parse_config(raw, str(path))
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            [("", f"expected a mapping at the top level, got {type(raw).__name__}")], str(path)
+        )
+    return apply_overrides(raw, overrides) if overrides else raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    return parse_config(read_yaml_mapping(path, overrides), str(path))
 
 
 def dump_config(cfg: JobConfig) -> str:

@@ -13,12 +13,14 @@ import functools
 import random
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import datasets
 import numpy as np
 import scipy.io
 from pydantic import BaseModel, Field, model_validator
+
+if TYPE_CHECKING:  # imported where a dataset is built: validate/scale run without `datasets`
+    import datasets
 
 CLASS_NAMES: tuple[str, ...] = (
     "normal",
@@ -363,7 +365,6 @@ def load_cwru_folder(path: str | Path, cfg: DataConfig) -> list[tuple[np.ndarray
 # ----------------------------------------------------------------------------- dataset
 
 _COLUMNS = {"text": "string", "label": "int64", "load": "int64"}
-_FEATURES = datasets.Features({name: datasets.Value(dtype) for name, dtype in _COLUMNS.items()})
 
 
 def _signals(cfg: DataConfig) -> dict[tuple[int, int], list[np.ndarray]]:
@@ -445,11 +446,14 @@ def _build_dataset(cfg: DataConfig) -> datasets.DatasetDict:
     ]
     rows["calibration"] = base + mixed
 
+    import datasets
+
+    features = datasets.Features({name: datasets.Value(dtype) for name, dtype in _COLUMNS.items()})
     return datasets.DatasetDict(
         {
             name: datasets.Dataset.from_dict(
-                {column: [row[i] for row in split_rows] for i, column in enumerate(_FEATURES)},
-                features=_FEATURES,
+                {column: [row[i] for row in split_rows] for i, column in enumerate(_COLUMNS)},
+                features=features,
             )
             for name, split_rows in rows.items()
         }

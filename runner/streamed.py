@@ -17,7 +17,6 @@ import torch
 from transformers import AutoTokenizer
 
 from cluster.executor import LocalExecutor
-from cluster.streaming_workers import RayStreamExecutor
 from runner.config import JobConfig, ModelConfig, PruneStageConfig, stage_names
 from runner.errors import JobError
 from runner.events import EventLog
@@ -113,6 +112,8 @@ def stream_prune_stages(ctx: RunContext, state: RunState, source: Path) -> int:
 
 def _executor(cfg: JobConfig):
     if cfg.cluster.executor == "ray":
+        from cluster.streaming_workers import RayStreamExecutor  # lazy: imports Ray
+
         c = cfg.cluster
         return RayStreamExecutor(
             c.workers, cpus_per_worker=c.cpus_per_worker, gpus_per_worker=c.gpus_per_worker,
