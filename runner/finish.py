@@ -8,6 +8,7 @@ from cluster.shards import export_sharded
 from runner.engines import engine_support
 from runner.errors import JobError
 from runner.models import count_params
+from runner.progress import still_working
 from runner.report import write_job_html, write_report
 from runner.report_model import Report
 from runner.run_state import RunContext, RunState
@@ -23,7 +24,8 @@ def export_and_evaluate(ctx: RunContext, state: RunState, sia: dict, start: floa
     _export(ctx, state)
     # Evaluate the exported files, not the in-memory model: the report claims what the checkpoint does.
     exported = load_pruned(ctx.out / "checkpoint")
-    final = ctx.task.measure(exported, ctx.data)
+    with still_working(f"{ctx.model_cfg.ref}: measuring the exported checkpoint", ctx.log):
+        final = ctx.task.measure(exported, ctx.data)
     validation = None
     if ctx.cfg.target.device is not None:
         validation = validate_for_job(exported, ctx.dense.params, ctx.cfg, ctx.model_cfg)

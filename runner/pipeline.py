@@ -14,6 +14,7 @@ from runner.config import JobConfig, ModelConfig, PruneStageConfig, stage_names
 from runner.errors import JobError
 from runner.finish import export_and_evaluate
 from runner.models import count_params
+from runner.progress import still_working
 from runner.prune import estimate_dense_upfront, prune
 from runner.recovery import recover_stage
 from runner.run_state import RunContext, RunState
@@ -122,9 +123,10 @@ def _check_sia(ctx: RunContext, state: RunState) -> dict:
     cfg = ctx.cfg
     if not cfg.sia.enabled:
         return {}
-    result = run_sia(
-        state.model, state.adapter, ctx.calibration, cfg.sia, ctx.task.objective, seed=cfg.seed
-    )
+    with still_working(f"{ctx.model_cfg.ref}: SIA check", ctx.log):
+        result = run_sia(
+            state.model, state.adapter, ctx.calibration, cfg.sia, ctx.task.objective, seed=cfg.seed
+        )
     ctx.events.emit("sia", version=state.version, **result)
     ctx.store.save_extra("sia", result)
     if not result["satisfied"]:

@@ -8,6 +8,7 @@ so a log file or `cascade logs` never sits silent through minutes of training.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -88,3 +89,25 @@ def count_bar(total: int, description: str, enabled: bool, unit: str, log=None):
                 on_step(seen[0])
 
         yield on_progress
+
+
+@contextmanager
+def still_working(description: str, log, interval: float = HEARTBEAT_S):
+    """For work with no steps to count (measuring a model, the SIA check): a line every `interval`
+    seconds saying what is running and for how long, from a daemon thread, until the block ends."""
+    if log is None:
+        yield
+        return
+    done, start = threading.Event(), time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(interval):
+            log(f"[progress] {description}: {time.monotonic() - start:.0f}s so far")
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

@@ -13,6 +13,7 @@ from runner.events import EventLog
 from runner.lm_head import PerplexityProbe
 from runner.models import count_params, describe_model, load_model, source_dir
 from runner.preflight import preflight
+from runner.progress import still_working
 from runner.run_state import DenseFacts, RunContext, RunState
 from runner.stage_store import StageStore
 from runner.tasks import Task, TaskData, get_task
@@ -117,7 +118,8 @@ def _setup_perplexity(cfg: JobConfig, model_cfg: ModelConfig, tokenizer, model):
 
 
 def _setup_dense(task: Task, model, model_cfg, data, finetune, perplexity, log) -> DenseFacts:
-    measures = task.measure(model, data)
+    with still_working(f"{model_cfg.ref}: measuring the dense model", log):
+        measures = task.measure(model, data)
     warnings = task.dense_warnings(measures)
     for warning in warnings:
         log(f"WARNING: {warning}")

@@ -1,10 +1,11 @@
 """Progress: a bar on a terminal, a heartbeat line in logs, nothing when nothing listens."""
 
 import io
+import time
 
 import torch
 
-from runner.progress import Heartbeat, step_bar
+from runner.progress import Heartbeat, step_bar, still_working
 
 
 class FakeTTY(io.StringIO):
@@ -95,3 +96,18 @@ def test_heartbeat_stays_quiet_between_intervals():
     for step in range(10):
         beat(step, 1.0)
     assert lines == []
+
+
+def test_still_working_logs_while_the_block_runs_and_stops_after() -> None:
+    lines: list[str] = []
+    with still_working("measuring the dense model", lines.append, interval=0.05):
+        deadline = time.monotonic() + 10
+        while len(lines) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert len(lines) >= 2, lines
+    assert all(line.startswith("[progress] measuring the dense model: ") for line in lines)
+    assert lines[-1].endswith("s so far")
+    seen = len(lines)
+    time.sleep(0.2)
+    assert len(lines) == seen  # the heartbeat thread ended with the block
+
