@@ -40,7 +40,7 @@ shift || true
 case "$cmd" in
   setup) setup ;;
   demo) setup; exec "$VENV/bin/cascade" run configs/demo.yaml --output "${DEMO_OUT:-runs/demo}" --force "$@" ;;
-  test) setup; exec "$PY" -m pytest -q "$@" ;;
+  test) setup; exec "$PY" -m pytest -q --durations=20 "$@" ;;
   lint) setup; "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check . ;;
   cluster) setup; "$VENV/bin/ray" start --head --node-ip-address=127.0.0.1 --port=6379 \
       --dashboard-host=127.0.0.1 --dashboard-port=8265 --include-dashboard=true "$@"
