@@ -446,7 +446,7 @@ def _build_dataset(cfg: DataConfig) -> datasets.DatasetDict:
     ]
     rows["calibration"] = base + mixed
 
-    import datasets
+    import datasets  # lazy: the GPU check machine has no `datasets`; validate imports this module
 
     features = datasets.Features({name: datasets.Value(dtype) for name, dtype in _COLUMNS.items()})
     return datasets.DatasetDict(
