@@ -20,6 +20,7 @@ from cluster.executor import StaleVersionError
 from stages.arch import get_adapter
 from stages.checkpoint import load_pruned
 from stages.estimate import EstimateRequest, Stats, collect_for
+from stages.training import flush_denormals
 
 
 class WorkerNotLoadedError(StaleVersionError):
@@ -137,7 +138,8 @@ class WorkerCore:
         if self._estimate_delay_s:
             time.sleep(self._estimate_delay_s)
         batches = [self._batches[i] for i in batch_indices]
-        stats = collect_for(self._model, self._adapter, batches, request)
+        with flush_denormals():  # as the driver does (runner.pipeline): same sums, faster on CPU
+            stats = collect_for(self._model, self._adapter, batches, request)
         return {key: value.detach().cpu() for key, value in stats.items()}
 
 
