@@ -176,9 +176,19 @@ def job_resources(family: FamilyConfig) -> tuple[float, float]:
 def run_one(
     cfg_yaml: str, out: str, log_path: str, resume: bool, force: bool, threads: int
 ) -> dict:
-    """Run one model's job (in a Ray task or in-process); never raises, returns status + report."""
+    """Run one model's job (in a Ray task or in-process); never raises, returns status + report.
+
+    The intra-op thread count is the job's while it runs and the caller's again afterwards (an
+    in-process batch must not change how the rest of the process rounds its matmuls)."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
-    out_dir = Path(out)
+    try:
+        return _run_one(cfg_yaml, Path(out), log_path, resume, force)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_one(cfg_yaml: str, out_dir: Path, log_path: str, resume: bool, force: bool) -> dict:
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log_path, "a", encoding="utf-8") as log_file:

@@ -242,3 +242,14 @@ def test_tiny_family_runs_concurrently_on_ray(tmp_path, tiny_checkpoints):
     # both jobs were in flight before the first one finished
     first_done = next(i for i, m in enumerate(lines) if ": done in" in m)
     assert sum(": submitted" in m for m in lines[:first_done]) == 2
+
+
+def test_an_in_process_job_gives_the_thread_count_back(tmp_path):
+    """run_one sets the job's intra-op threads and restores the caller's (bit-exact tests later in
+    the same process depend on one thread)."""
+    import torch
+
+    before = torch.get_num_threads()
+    result = batch.run_one("name: [", str(tmp_path / "out"), str(tmp_path / "log"), False, False, 3)
+    assert result["status"] == "failed"
+    assert torch.get_num_threads() == before
