@@ -168,6 +168,10 @@ def _terminate(pids: list[int], grace_s: float) -> None:
         time.sleep(0.1)
         started = {p: t for p, t in started.items() if _start_time(p) == t and not _zombie(p)}
     _signal(started, signal.SIGKILL)
+    deadline = time.monotonic() + grace_s  # SIGKILL is delivered asynchronously: wait for it
+    while started and time.monotonic() < deadline:
+        started = {p: t for p, t in started.items() if _start_time(p) == t and not _zombie(p)}
+        time.sleep(0.05)
 
 
 def _signal(started: dict[int, int | None], sig: int) -> None:
@@ -197,13 +201,17 @@ def reap_orphans(out: Path, *, grace_s: float = 5.0, log=None) -> list[int]:
     record = _read_record(Path(out))
     if record is None or record.get("host") != socket.gethostname() or _driver_alive(record):
         return []
-    pids = session_processes(record["session_dir"])
-    if pids:
+    reaped: list[int] = []
+    for _ in range(3):  # a raylet stopped mid-way may have started a worker: look again
+        pids = [p for p in session_processes(record["session_dir"]) if p not in reaped]
+        if not pids:
+            break
         if log is not None:
             log(
                 f"stopping {len(pids)} process(es) left by the killed run's Ray session "
                 f"{record['session_dir']} (driver pid {record.get('driver_pid')})"
             )
         _terminate(pids, grace_s)
+        reaped += pids
     forget_session(Path(out))
-    return pids
+    return reaped

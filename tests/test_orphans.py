@@ -60,7 +60,7 @@ def test_a_killed_drivers_ray_processes_are_reaped_by_its_recorded_session(tmp_p
     left = session_processes(session)
     assert left, "nothing outlived the SIGKILLed driver: the test no longer shows the problem"
     messages = []
-    assert sorted(reap_orphans(out, log=messages.append)) == left
+    assert set(left) <= set(reap_orphans(out, log=messages.append))
     assert session in messages[0]
     assert session_processes(session) == []
     assert not (out / RECORD).exists()
