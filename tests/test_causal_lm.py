@@ -221,6 +221,9 @@ def test_causal_lm_job_resumes_to_the_same_checkpoint(lm_run, tmp_path) -> None:
 def test_causal_lm_importance_on_ray_workers_gives_the_same_plans(lm_run, tmp_path) -> None:
     root, raw, _ = lm_run
     ray_job = yaml.safe_load(yaml.safe_dump(raw)) | {"cluster": {"executor": "ray", "workers": 2}}
+    # Plans depend on the stages only: no SIA, choice tasks or plots on the Ray side (time).
+    ray_job |= {"sia": {"enabled": False}, "output": {"plots": False, "progress": False}}
+    ray_job["evaluation"] |= {"choice_tasks": [], "stage_choice_items": 0}
     run_job(parse_config(ray_job), tmp_path / "ray", log=lambda m: None)
     for stage in ("00_layers", "02_heads", "04_channels"):
         a = json.loads((root / "out" / "stages" / stage / "plan.json").read_text())
