@@ -16,6 +16,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 @pytest.fixture(scope="session", autouse=True)
 def _session_model_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cascade-cache")
+    _share_prepared_smollm2(cache)
     old = os.environ.get("CASCADE_CACHE")
     os.environ["CASCADE_CACHE"] = str(cache)
     yield cache
@@ -23,6 +24,21 @@ def _session_model_cache(tmp_path_factory):
         os.environ.pop("CASCADE_CACHE", None)
     else:
         os.environ["CASCADE_CACHE"] = old
+
+
+def _share_prepared_smollm2(cache) -> None:
+    """Link the SmolLM2 folder `launch.sh setup` converted into the session cache (read-only use),
+    so the slow SmolLM2 tests do not convert the 135M model again (~50 s on 2 cores)."""
+    from runner import smollm2
+
+    try:
+        prepared = smollm2.cached_dir()  # $CASCADE_CACHE or ~/.cache/cascade, before the override
+        target = smollm2.cached_dir(cache)
+    except Exception:  # noqa: BLE001 - package missing: the tests that need it say so themselves
+        return
+    if (prepared / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(prepared, target_is_directory=True)
 
 
 TINY_DATA = {"samples_per_class_per_load": 6, "calibration_size": 24}

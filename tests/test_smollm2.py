@@ -1,7 +1,8 @@
 """Built-in SmolLM2: the packaged GGUF becomes a cached, manifest-checked Hugging Face folder.
 
 The fast tests drive the cache logic with a stand-in GGUF file and a fake conversion; the slow
-one converts the real 135M model (~45-60 s on 2 busy cores) and asks it a question.
+ones use the real 135M model as `launch.sh setup` converted it (conftest links it into the
+session cache; converting it takes ~45-60 s on 2 busy cores when it is missing).
 """
 
 from __future__ import annotations
