@@ -191,7 +191,7 @@ def ray_head():
         _wait_for_job_server(address, proc, Path(temp_dir) / "head.log")
         yield address
     finally:
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):  # the group dies either way
             try:
                 os.killpg(proc.pid, sig)
                 proc.wait(timeout=wait)
