@@ -110,4 +110,3 @@ def test_still_working_logs_while_the_block_runs_and_stops_after() -> None:
     seen = len(lines)
     time.sleep(0.2)
     assert len(lines) == seen  # the heartbeat thread ended with the block
-

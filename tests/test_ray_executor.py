@@ -142,7 +142,9 @@ def test_stale_version_refused_and_barrier_waits_for_slow_worker(two_workers, tm
     executor.load_version(10, model, None)
     executor.barrier(10)
     # the driver asks for a version the workers do not hold: a worker (whichever answers first) refuses
-    with pytest.raises(StaleVersionError, match=r"worker-[01] holds version 10, asked for version 11"):
+    with pytest.raises(
+        StaleVersionError, match=r"worker-[01] holds version 10, asked for version 11"
+    ):
         executor.estimate(request, 11)
     # slow reload on worker-1: a short barrier times out naming it, a longer one waits
     ray.get(executor.actors[1].set_test_delays.remote(load_s=2.0))
