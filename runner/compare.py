@@ -20,6 +20,7 @@ from runner.config import (
     read_yaml_mapping,
     same_job,
 )
+from runner.dense_cache import reuse_dense_measures
 from runner.errors import user_errors
 from runner.job import run_job
 from runner.methods import compose, load_method
@@ -98,11 +99,12 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, log=print) -> dict:
     rows = []
     models = model_entries(cfg.job.get("models")) or []
     try:
-        for model in models:
-            for method in cfg.methods:
-                preset = load_method(method)
-                for ratio in cfg.ratios:
-                    rows.append(_run_one(cfg, out, model, preset, ratio, log))
+        with reuse_dense_measures():  # one dense measurement per model, not per method x ratio
+            for model in models:
+                for method in cfg.methods:
+                    preset = load_method(method)
+                    for ratio in cfg.ratios:
+                        rows.append(_run_one(cfg, out, model, preset, ratio, log))
     except user_errors():
         if fresh and not any(p.is_file() for p in out.rglob("*")):
             shutil.rmtree(out, ignore_errors=True)  # rejected before any run wrote a file

@@ -8,6 +8,7 @@ import torch
 
 from cluster.executor import Executor, make_executor
 from runner.config import JobConfig, ModelConfig, RecoverStageConfig
+from runner.dense_cache import measure_dense
 from runner.errors import JobError
 from runner.events import EventLog
 from runner.lm_head import PerplexityProbe
@@ -35,7 +36,7 @@ def start_run(
     try:
         finetune = task.prepare_dense(cfg, model_cfg, model, data, log)
         perplexity = _setup_perplexity(cfg, model_cfg, tokenizer, model)
-        dense = _setup_dense(task, model, model_cfg, data, finetune, perplexity, log)
+        dense = _setup_dense(cfg, task, model, model_cfg, data, finetune, perplexity, log)
         params_target = _setup_params_target(cfg, model, dense.params)
         preflight(cfg, model_cfg.ref, model, adapter, dense.params, params_target)
     except BaseException:
@@ -117,9 +118,16 @@ def _setup_perplexity(cfg: JobConfig, model_cfg: ModelConfig, tokenizer, model):
     return PerplexityProbe(cfg.evaluation, source, model_cfg.ref, tokenizer, model)
 
 
-def _setup_dense(task: Task, model, model_cfg, data, finetune, perplexity, log) -> DenseFacts:
+def _setup_dense(
+    cfg: JobConfig, task: Task, model, model_cfg, data, finetune, perplexity, log
+) -> DenseFacts:
+    settings = (task.name, model_cfg.model_dump_json(), cfg.evaluation.model_dump_json())
     with still_working(f"{model_cfg.ref}: measuring the dense model", log):
-        measures = task.measure(model, data)
+        measures, reused = measure_dense(
+            lambda: task.measure(model, data), model=model, data=data, settings=settings
+        )
+    if reused:
+        log(f"{model_cfg.ref}: same dense model and data as an earlier job here: measures reused")
     warnings = task.dense_warnings(measures)
     for warning in warnings:
         log(f"WARNING: {warning}")
