@@ -31,14 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stages.arch import get_adapter  # noqa: E402
-from stages.base import apply_plan  # noqa: E402
-from stages.budget import stage_budget  # noqa: E402
 from stages.checkpoint import build_on_meta, load_pruned, verify_manifest  # noqa: E402
-from stages.estimate import EstimateRequest, estimate_locally  # noqa: E402
-from stages.layers import max_layers_for_target, plan_layer_removal  # noqa: E402
 from stages.lazy_weights import ShardWriter  # noqa: E402
+from stages.stage_plan import prune_in_memory  # noqa: E402
 from stages.streaming import StreamStage, stream_prune  # noqa: E402
-from stages.units import plan_unit_removal, total_units  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 VOCAB = 32000
@@ -264,49 +260,6 @@ def phase_check(args) -> None:
 
 
 # ---- parity with the in-memory path ---------------------------------------------------------------
-def in_memory_cascade(model, stages, batches, params_target):
-    """The job's prune stages without recovery, in memory (each plan carries its scores)."""
-    adapter = get_adapter(model)
-    floors = {"layers": 1, "heads": 1, "channels": 1}
-    plans = []
-    for idx, stage in enumerate(stages):
-        scores, stats = estimate_locally(
-            model, adapter, batches, EstimateRequest(stage.kind, stage.criterion)
-        )
-        params = sum(p.numel() for p in model.parameters())
-        budget = stage_budget(
-            ratio=stage.ratio,
-            count=stage.count,
-            share=stage.share,
-            total_units=total_units(model, adapter, stage.kind),
-            params_now=params,
-            params_target=params_target,
-            remaining_shares=sum(s.share for s in stages[idx:] if s.share) or 1.0,
-        )
-        common = dict(
-            stage=stage.kind, criterion=stage.criterion, version_in=idx, params_before=params
-        )
-        if stage.kind == "layers":
-            later = {s.kind for s in stages} - {"layers"}
-            cap = max_layers_for_target(model, adapter, params_target, later, floors)
-            plan = plan_layer_removal(model, adapter, scores, budget, max_keep=cap, **common)
-        else:
-            plan = plan_unit_removal(
-                model,
-                adapter,
-                stage.kind,
-                scores,
-                budget,
-                normalize=stage.normalize,
-                stats=stats,
-                bias_compensation=stage.bias_compensation,
-                **common,
-            )
-        apply_plan(model, adapter, plan)
-        plans.append(plan)
-    return plans
-
-
 def run_parity(args) -> None:
     torch.set_num_threads(args.threads)
     source = write_random_model(
@@ -327,7 +280,7 @@ def run_parity(args) -> None:
     t_stream = time.monotonic() - t0
     t0 = time.monotonic()
     model = load_pruned(source, verify=False, attn_implementation="sdpa")
-    memory = in_memory_cascade(model, STAGES, batches, dense // 2)
+    memory = prune_in_memory(model, get_adapter(model), STAGES, batches, dense // 2)
     t_memory = time.monotonic() - t0
     same = [asdict(a) == asdict(b) for a, b in zip(streamed, memory)]
     result = {

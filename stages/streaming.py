@@ -7,8 +7,7 @@ skeleton lives on the meta device, ONE decoder layer is materialised at a time f
 safetensors, and the calibration rows' hidden states are carried from layer to layer
 (`stages.stream_worker`). Global selection needs every layer's scores before cutting, so each
 stage is one streamed pass over the model as it is after the stages before it; the plans come
-from the same `plan_layer_removal` / `plan_unit_removal` / `stage_budget` as the in-memory path
-and the scores are bit-for-bit the in-memory ones. A final pass writes the pruned checkpoint
+from the same planning step as the in-memory path (`stages.stage_plan.plan_stage`) and the scores are bit-for-bit the in-memory ones. A final pass writes the pruned checkpoint
 (`stages.stream_write`). See docs/STREAMING.md.
 
 Entry point: `stream_prune`. `stream_scores` scores one request (used by tests and benchmarks).
@@ -28,10 +27,9 @@ import torch
 
 from stages import importance as imp
 from stages.base import PrunePlan, apply_plan, stage_names
-from stages.budget import stage_budget
 from stages.criteria import criteria_for, get_criterion
 from stages.estimate import EstimateRequest
-from stages.layers import max_layers_for_target, plan_layer_removal
+from stages.stage_plan import plan_stage
 from stages.stream_worker import (
     NEEDS_ACTIVATIONS,
     LayerSource,
@@ -42,7 +40,6 @@ from stages.stream_worker import (
     reduce_parts,
 )
 from stages.stream_write import write_streamed_checkpoint
-from stages.units import plan_unit_removal, total_units
 
 
 def _layer_local(granularity: str) -> tuple[str, ...]:
@@ -282,20 +279,6 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def layer_cap(
-    model, adapter, stages: Sequence[StreamStage], stage: StreamStage, params_target, min_keep
-) -> int | None:
-    """max_keep of a layer stage: the job's rule (`stages.layers.max_layers_for_target`).
-
-    Only a share-driven layer stage with a parameter target is capped; the later head/channel
-    stages are every non-layer kind of the run, as in the job.
-    """
-    if stage.share is None or params_target is None:
-        return None
-    later = {s.kind for s in stages} - {"layers"}
-    return max_layers_for_target(model, adapter, params_target, later, min_keep)
-
-
 def bias_deltas(
     source: LayerSource, plans: Sequence[PrunePlan], plan: PrunePlan, stats: Stats
 ) -> dict[int, list[float]]:
@@ -399,46 +382,19 @@ def stream_prune(
                 request = EstimateRequest(stage.kind, stage.criterion)
                 t0 = time.monotonic()
                 scores, stats = stream_pass(executor, plans, request, heartbeat=beat)
-                budget = stage_budget(
-                    ratio=stage.ratio,
-                    count=stage.count,
-                    share=stage.share,
-                    total_units=total_units(model, adapter, stage.kind),
-                    params_now=_count(model),
+                plan = plan_stage(
+                    model,
+                    adapter,
+                    stages,
+                    idx,
+                    scores,
                     params_target=params_target,
-                    remaining_shares=sum(s.share for s in stages[idx:] if s.share) or 1.0,
+                    min_keep=min_keep,
+                    uniform=uniform_layout,
+                    round_to=round_to,
                 )
-                common = dict(
-                    stage=names[idx],
-                    criterion=stage.criterion,
-                    version_in=idx,
-                    params_before=_count(model),
-                )
-                if stage.kind == "layers":
-                    plan = plan_layer_removal(
-                        model,
-                        adapter,
-                        scores,
-                        budget,
-                        min_keep=min_keep_layers,
-                        max_keep=layer_cap(model, adapter, stages, stage, params_target, min_keep),
-                        **common,
-                    )
-                else:
-                    plan = plan_unit_removal(
-                        model,
-                        adapter,
-                        stage.kind,
-                        scores,
-                        budget,
-                        min_keep=min_keep[stage.kind],
-                        normalize=stage.normalize,
-                        uniform=uniform_layout,
-                        round_to=round_to if stage.kind == "channels" else None,
-                        **common,
-                    )
-                    if stage.bias_compensation:
-                        plan.bias_deltas = bias_deltas(source, plans, plan, stats)
+                if stage.kind != "layers" and stage.bias_compensation:
+                    plan.bias_deltas = bias_deltas(source, plans, plan, stats)
                 apply_plan(model, adapter, plan)
                 plans.append(plan)
                 beat.say(

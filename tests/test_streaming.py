@@ -21,11 +21,10 @@ from transformers import LlamaForCausalLM
 
 from stages.arch import get_adapter
 from stages.base import apply_plan
-from stages.budget import stage_budget
 from stages.checkpoint import load_pruned, save_checkpoint, verify_manifest
 from stages.estimate import EstimateRequest, estimate_locally
-from stages.layers import max_layers_for_target, plan_layer_removal
 from stages.lazy_weights import LazyCheckpoint, LazyWeightsError, ShardWriter
+from stages.stage_plan import prune_in_memory
 from stages.streaming import (
     Heartbeat,
     LocalStreamExecutor,
@@ -34,7 +33,6 @@ from stages.streaming import (
     stream_prune,
     stream_scores,
 )
-from stages.units import plan_unit_removal, total_units
 
 BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral}
 UNIT_REQUESTS = [
@@ -122,53 +120,6 @@ def test_rows_split_over_two_workers_give_the_same_sums(tmp_path):
 
 
 # ---- the cascade -------------------------------------------------------------------------------
-def in_memory_cascade(model, stages, batches, params_target, min_keep=1):
-    """The job's prune stages without recovery: estimate, budget, plan, apply (reference)."""
-    adapter = get_adapter(model)
-    floors = {"layers": min_keep, "heads": min_keep, "channels": min_keep}
-    plans = []
-    for idx, stage in enumerate(stages):
-        request = EstimateRequest(stage.kind, stage.criterion)
-        scores, stats = estimate_locally(model, adapter, batches, request)
-        params = sum(p.numel() for p in model.parameters())
-        budget = stage_budget(
-            ratio=stage.ratio,
-            count=stage.count,
-            share=stage.share,
-            total_units=total_units(model, adapter, stage.kind),
-            params_now=params,
-            params_target=params_target,
-            remaining_shares=sum(s.share for s in stages[idx:] if s.share) or 1.0,
-        )
-        common = dict(
-            stage=stage.kind, criterion=stage.criterion, version_in=idx, params_before=params
-        )
-        if stage.kind == "layers":
-            max_keep = None
-            if stage.share is not None:  # the job's cap for a share-driven layer stage
-                later = {s.kind for s in stages} - {"layers"}
-                max_keep = max_layers_for_target(model, adapter, params_target, later, floors)
-            plan = plan_layer_removal(
-                model, adapter, scores, budget, min_keep=min_keep, max_keep=max_keep, **common
-            )
-        else:
-            plan = plan_unit_removal(
-                model,
-                adapter,
-                stage.kind,
-                scores,
-                budget,
-                min_keep=min_keep,
-                normalize=stage.normalize,
-                stats=stats,
-                bias_compensation=stage.bias_compensation,
-                **common,
-            )
-        apply_plan(model, adapter, plan)
-        plans.append(plan)
-    return plans
-
-
 def cascade_stages(bias: bool) -> list[StreamStage]:
     return [
         StreamStage("layers", "block_influence", share=0.3),
@@ -198,7 +149,7 @@ def test_streamed_cascade_matches_in_memory(family, bias, tmp_path):
         log=lines.append,
     )
     reference = BUILDERS[family]()
-    want = in_memory_cascade(reference, stages, batches, target)
+    want = prune_in_memory(reference, get_adapter(reference), stages, batches, target)
     assert [asdict(p) for p in plans] == [asdict(p) for p in want]
     assert plans[0].drop_layers and all(p.removed_units() for p in plans)
     if bias:
