@@ -218,6 +218,11 @@ class CompareRow(_Row):
     seconds: float | None = None
     sia_score: float | None = None
     sia_satisfied: bool | None = None
+    # causal_lm task
+    lm_perplexity: float | None = None
+    dense_lm_perplexity: float | None = None
+    perplexity_by_domain: dict[str, DomainPerplexity] | None = None
+    choice_accuracy: dict[str, ChoiceAccuracy] | None = None
 
     def with_report(self, report: Report) -> CompareRow:
         f = report.final
@@ -237,7 +242,19 @@ class CompareRow(_Row):
                 "sia_score": report.sia.score,
                 "sia_satisfied": report.sia.satisfied,
             }
+            | _language_figures(f)
         )
+
+
+def _language_figures(f: FinalFigures) -> dict:
+    """A causal LM's perplexities and choice accuracies (absent, not null, for other tasks)."""
+    figures = {
+        "lm_perplexity": f.lm_perplexity,
+        "dense_lm_perplexity": f.dense_lm_perplexity,
+        "perplexity_by_domain": f.perplexity_by_domain,
+        "choice_accuracy": f.choice_accuracy,
+    }
+    return {k: v for k, v in figures.items() if v is not None}
 
 
 class CompareResult(_Part):

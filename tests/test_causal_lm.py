@@ -14,6 +14,7 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from runner.compare import CompareConfig, run_compare
 from runner.config import ConfigError, parse_config
 from runner.demo_models import build_tokenizer
 from runner.job import run_job
@@ -236,3 +237,28 @@ def flat(scores) -> torch.Tensor:
     """A plan's scores (per layer, or per layer per unit) as one float64 vector."""
     values = [v for s in scores for v in (s if isinstance(s, list) else [s])]
     return torch.tensor(values, dtype=torch.float64)
+
+
+@pytest.mark.slow
+def test_compare_of_causal_lms_tabulates_perplexity_and_choice_accuracy(lm_run, tmp_path) -> None:
+    root, raw, _ = lm_run
+    job = {k: v for k, v in raw.items() if k not in ("stages", "target", "name")}
+    job |= {"sia": {"enabled": False}, "output": {"plots": False, "progress": False}}
+    cfg = CompareConfig(methods=["shortgpt", "l2_mlp_kd"], ratios=[1.3], recovery_steps=2, job=job)
+    result = run_compare(cfg, tmp_path / "cmp", log=lambda m: None)
+    rows = result["rows"]
+    assert [r.get("error") for r in rows] == [None, None]
+    for row in rows:
+        report = json.loads((Path(row["dir"]) / "report.json").read_text())["final"]
+        assert row["lm_perplexity"] == report["lm_perplexity"] > 1
+        assert row["perplexity_by_domain"]["words"] == report["perplexity_by_domain"]["words"]
+        assert row["choice_accuracy"]["cloze"]["n"] == 6
+    assert rows[0]["dense_lm_perplexity"] == rows[1]["dense_lm_perplexity"]
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert (
+        "| method | target | achieved | params | test ppl | ppl words | cloze acc / acc_norm |"
+        in md
+    )
+    for row in rows:
+        assert f"{row['lm_perplexity']:.2f}" in md
+    assert f"| dense |  | 1.0x |  | {rows[0]['dense_lm_perplexity']:.2f} |" in md
