@@ -150,7 +150,7 @@ def _run_one(cfg: CompareConfig, out: Path, model, preset, ratio: float, log) ->
     log(f"{label} ...")
     t0 = time.perf_counter()
     try:
-        report = run_job(job, run_dir, force=True, log=lambda m: None)[name]
+        report = run_job(job, run_dir, force=True, log=lambda m: log(f"  {m}"))[name]
     except Exception as exc:  # noqa: BLE001 - one failing method must not stop the comparison
         log(f"{label} FAILED: {exc}")
         error = {"error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - t0}
