@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError
 from runner.config import (
     ConfigError,
     ModelConfig,
+    RecoverStageConfig,
     SafeName,
     Strict,
     duplicate_output_names,
@@ -35,6 +36,11 @@ class CompareConfig(Strict):
     methods: list[str] = Field(min_length=1)
     ratios: list[float] = Field(min_length=1)
     recovery_steps: int = Field(300, ge=0, description="total recovery steps given to every method")
+    recovery: dict[str, Any] = Field(
+        default_factory=dict,
+        description="settings of every recover stage its method preset leaves unset "
+        "(batch_size, lr, lora_rank ...): the same batch for every method",
+    )
     job: dict[str, Any] = Field(
         description="base job: models, data, calibration, sia, cluster ... (no stages)"
     )
@@ -69,9 +75,21 @@ def load_compare_config(
         except ConfigError as exc:
             problems.append((f"methods.{i}", exc.problems[0][1]))
     problems += _model_problems(cfg.job.get("models") or [])
+    problems += _recovery_problems(cfg.recovery)
     if problems:
         raise ConfigError(problems, str(path))
     return cfg
+
+
+def _recovery_problems(recovery: dict) -> list[tuple[str, str]]:
+    """Keys of `recovery` that a recover stage does not have, or values it refuses."""
+    if "kind" in recovery or "steps" in recovery:
+        return [("recovery", "kind and steps are set by the compare (recovery_steps); remove them")]
+    try:
+        RecoverStageConfig.model_validate({"kind": "recover", **recovery})
+    except ValidationError as exc:
+        return [(".".join(map(str, ("recovery", *e["loc"]))), e["msg"]) for e in exc.errors()]
+    return []
 
 
 def _model_problems(entries) -> list[tuple[str, str]]:
@@ -134,7 +152,9 @@ def _run_one(cfg: CompareConfig, out: Path, model, preset, ratio: float, log) ->
     )
     label = f"[compare] {name} {preset.name} {ratio:g}x"
     base = dict(cfg.job, models=[model], name=cfg.name)
-    job = compose(base, preset, ratio=ratio, recovery_steps=cfg.recovery_steps)
+    job = compose(
+        base, preset, ratio=ratio, recovery_steps=cfg.recovery_steps, recovery=cfg.recovery
+    )
     report_path, job_path = run_dir / "report.json", run_dir / "job.yaml"
     if report_path.is_file() and job_path.is_file():
         if not same_job(job_path.read_text(), job):

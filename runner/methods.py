@@ -57,8 +57,10 @@ def compose(
     *,
     ratio: float | None = None,
     recovery_steps: int | None = None,
+    recovery: dict | None = None,
 ) -> JobConfig:
-    """A full job: base job's models/data/... with the preset's stages, target ratio and step budget."""
+    """A full job: base job's models/data/... with the preset's stages, target ratio and step
+    budget; `recovery` fills every recover stage's settings that the preset leaves unset."""
     raw = copy.deepcopy(base_raw)
     raw["name"] = f"{raw.get('name', 'job')}-{preset.name}" + (f"-{ratio:g}x" if ratio else "")
     raw["stages"] = copy.deepcopy(preset.stages)
@@ -67,6 +69,9 @@ def compose(
         raw.setdefault("target", {})["ratio"] = ratio
     if recovery_steps is not None:
         _rescale_steps(raw["stages"], recovery_steps)
+    for stage in raw["stages"]:
+        if stage.get("kind") == "recover":
+            stage.update({k: v for k, v in (recovery or {}).items() if k not in stage})
     return parse_config(raw, f"method {preset.name}")
 
 

@@ -38,6 +38,7 @@ def test_every_shipped_compare_config_parses_and_composes(path):
                 load_method(method),
                 ratio=ratio,
                 recovery_steps=cfg.recovery_steps,
+                recovery=cfg.recovery,
             )
             assert job.target.ratio == ratio
 
@@ -49,6 +50,7 @@ def test_compare_config_errors_are_collected(tmp_path):
             {
                 "methods": ["cascade", "nope"],
                 "ratios": [0.5, 4],
+                "recovery": {"batch_size": 0, "learning_rate": 1e-3},
                 "job": {"models": ["m"], "stages": []},
             }
         )
@@ -57,6 +59,16 @@ def test_compare_config_errors_are_collected(tmp_path):
         load_compare_config(path)
     problems = dict(info.value.problems)
     assert {"methods.1", "ratios.0", "job.stages"} <= set(problems)
+    assert {"recovery.batch_size", "recovery.learning_rate"} <= set(problems)
+
+
+def test_compare_recovery_settings_fill_what_a_preset_leaves_unset():
+    settings = {"batch_size": 4, "lr": 5e-4}
+    comp = compose(MINIMAL, load_method("comp"), ratio=4.0, recovery_steps=30, recovery=settings)
+    cascade = compose(MINIMAL, load_method("cascade"), ratio=4.0, recovery=settings)
+    (mask,) = [s for s in comp.stages if s.kind == "recover"]
+    assert (mask.batch_size, mask.lr) == (4, 0.01)  # the preset's own lr for mask tuning wins
+    assert {(s.batch_size, s.lr) for s in cascade.stages if s.kind == "recover"} == {(4, 5e-4)}
 
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
