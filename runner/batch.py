@@ -35,9 +35,9 @@ from runner.config import (
     duplicate_output_names,
     model_entries,
     parse_config,
-    read_yaml_mapping,
     same_job,
 )
+from runner.config_files import read_yaml_mapping
 from runner.devices import DeviceError, load_device
 from runner.errors import JobError
 from runner.job import run_job

@@ -27,7 +27,8 @@ from cluster.submit import (
     stop_job,
     submit_job,
 )
-from runner.config import ConfigError, load_config, read_config_text
+from runner.config import ConfigError, load_config
+from runner.config_files import read_config_text
 
 EXIT_ERROR = 2
 

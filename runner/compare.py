@@ -18,9 +18,9 @@ from runner.config import (
     Strict,
     duplicate_output_names,
     model_entries,
-    read_yaml_mapping,
     same_job,
 )
+from runner.config_files import read_yaml_mapping
 from runner.dense_cache import reuse_dense_measures
 from runner.errors import user_errors
 from runner.job import run_job

@@ -18,24 +18,13 @@ from pydantic import (
 )
 
 from runner.choice_tasks import ChoiceTaskSpec
+from runner.config_files import ConfigError, read_yaml_mapping
 from runner.data import MAX_SEED, DataConfig
 from runner.paths import dir_name_for_ref
 from runner.tasks import get_task, task_names
 from runner.text_sources import TextSource
 from stages.base import stage_names
 from stages.criteria import criteria_for, get_criterion
-
-
-class ConfigError(ValueError):
-    """A job file (or override) is invalid; `problems` holds (yaml_path, message) pairs."""
-
-    def __init__(self, problems: list[tuple[str, str]], source: str = "config"):
-        self.problems = problems
-        self.source = source
-        lines = [f"{source}: {len(problems)} problem(s)"]
-        lines += [f"  {path or '<root>'}: {msg}" for path, msg in problems]
-        super().__init__("\n".join(lines))
-
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 
@@ -468,84 +457,6 @@ def _comparable(cfg: JobConfig) -> dict:
         for key in keys:
             dumped[section].pop(key, None)
     return dumped
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """--set a.b.0.c=value; value parsed as YAML. Unknown paths are created and then rejected by validation."""
-    problems = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            problems.append((f"--set {item}", "expected KEY=VALUE"))
-            continue
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            problems.append((f"--set {key}", f"value is not valid YAML: {exc}"))
-            continue
-        node: Any = raw
-        parts = key.split(".")
-        try:
-            for part in parts[:-1]:
-                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-            last = parts[-1]
-            if isinstance(node, list):
-                node[int(last)] = value
-            else:
-                node[last] = value
-        except (ValueError, IndexError, TypeError, AttributeError):
-            problems.append((key, "override path does not exist in the config"))
-    if problems:
-        raise ConfigError(problems, "overrides")
-    return raw
-
-
-def read_config_text(path: Path) -> str:
-    """A job file's text, or a ConfigError naming why it cannot be read (missing, unreadable,
-    not UTF-8)."""
-    if path.is_dir():
-        raise ConfigError([("", "is a directory, not a job file")], str(path))
-    if not path.is_file():
-        raise ConfigError([("", f"config file not found: {path}")], str(path))
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(
-            [("", f"cannot read the file ({exc.strerror or exc}); check its permissions")],
-            str(path),
-        ) from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            [("", f"not UTF-8 text (byte {exc.start}: 0x{data[exc.start]:02x}); save it as UTF-8")],
-            str(path),
-        ) from None
-
-
-def read_yaml_file(path: str | Path) -> Any:
-    """A YAML file's content (None when empty), or a ConfigError naming why it cannot be read."""
-    path = Path(path)
-    text = read_config_text(path)
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise ConfigError(
-            [("", f"malformed YAML at {where}: {getattr(exc, 'problem', exc)}")], str(path)
-        ) from None
-
-
-def read_yaml_mapping(path: str | Path, overrides: list[str] | None = None) -> dict:
-    """A YAML file that must hold a mapping (job, compare, family), `--set` overrides applied."""
-    raw = read_yaml_file(path)
-    raw = raw if raw is not None else {}
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            [("", f"expected a mapping at the top level, got {type(raw).__name__}")], str(path)
-        )
-    return apply_overrides(raw, overrides) if overrides else raw
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:

@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from runner.config import ConfigError, JobConfig, Strict, parse_config, read_yaml_file
+from runner.config import ConfigError, JobConfig, Strict, parse_config
+from runner.config_files import read_yaml_file
 
 METHODS_DIR = Path(__file__).resolve().parents[1] / "configs" / "methods"
 
