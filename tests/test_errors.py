@@ -4,6 +4,7 @@ import json
 
 import pytest
 import yaml
+from cli_checks import run_cli
 from conftest import TINY_DATA, tiny_job
 
 from runner.cli import main
@@ -13,12 +14,6 @@ def write_job(tmp_path, **overrides):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(tiny_job(**overrides)))
     return path
-
-
-def run_cli(args, capsys):
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.err.strip()
 
 
 def fake_hf_dir(tmp_path, config: dict, name="model"):
@@ -87,7 +82,7 @@ CASES = {
 def test_bad_job_input_is_one_line_exit_2_and_writes_nothing(name, tmp_path, capsys):
     overrides, expected = CASES[name]
     out = tmp_path / "out"
-    code, err = run_cli(["run", str(write_job(tmp_path, **overrides)), "-o", str(out)], capsys)
+    code, err, _ = run_cli(["run", str(write_job(tmp_path, **overrides)), "-o", str(out)], capsys)
     assert code == 2, err
     assert err.startswith("error:") and expected in err
     assert "Traceback" not in err
@@ -100,7 +95,7 @@ def test_bad_job_input_is_one_line_exit_2_and_writes_nothing(name, tmp_path, cap
 def test_bad_model_directories(make, tmp_path, capsys):
     ref, expected = make(tmp_path)
     out = tmp_path / "out"
-    code, err = run_cli(["run", str(write_job(tmp_path, models=[ref])), "-o", str(out)], capsys)
+    code, err, _ = run_cli(["run", str(write_job(tmp_path, models=[ref])), "-o", str(out)], capsys)
     assert code == 2 and expected in err.lower(), err
     assert not out.exists()
 
@@ -109,7 +104,7 @@ def test_directory_that_is_not_a_hf_model(tmp_path, capsys):
     d = tmp_path / "not_a_model"
     d.mkdir()
     (d / "notes.txt").write_text("hello")
-    code, err = run_cli(
+    code, err, _ = run_cli(
         ["run", str(write_job(tmp_path, models=[str(d)])), "-o", str(tmp_path / "o")], capsys
     )
     assert code == 2 and "config.json" in err
@@ -118,7 +113,7 @@ def test_directory_that_is_not_a_hf_model(tmp_path, capsys):
 def test_malformed_yaml(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("models: [a\n  stages: {{\n")
-    code, err = run_cli(["check", str(path)], capsys)
+    code, err, _ = run_cli(["check", str(path)], capsys)
     assert code == 2 and "malformed YAML" in err and "line" in err
 
 
@@ -126,7 +121,7 @@ def test_check_lists_every_problem(tmp_path, capsys):
     path = write_job(
         tmp_path, bogus=1, seed="x", stages=[{"kind": "heads", "criterion": "l2", "ratio": 2}]
     )
-    code, err = run_cli(["check", str(path)], capsys)
+    code, err, _ = run_cli(["check", str(path)], capsys)
     assert code == 2
     for where in ("bogus", "seed", "stages.0.ratio"):
         assert where in err
@@ -142,10 +137,10 @@ def test_output_dir_of_another_job_is_refused(tmp_path, capsys):
     out.mkdir()
     (out / "job.yaml").write_text("name: someone-else\n")
     (out / "report.json").write_text("{}")
-    code, err = run_cli(["run", str(write_job(tmp_path)), "-o", str(out)], capsys)
+    code, err, _ = run_cli(["run", str(write_job(tmp_path)), "-o", str(out)], capsys)
     assert code == 2 and "--resume" in err and "--force" in err
     assert (out / "report.json").read_text() == "{}"  # nothing of theirs was touched
-    code, err = run_cli(["run", str(write_job(tmp_path)), "-o", str(out), "--resume"], capsys)
+    code, err, _ = run_cli(["run", str(write_job(tmp_path)), "-o", str(out), "--resume"], capsys)
     assert code == 2 and "different config" in err
 
 
@@ -153,6 +148,6 @@ def test_force_refuses_to_delete_a_directory_that_is_not_a_job(tmp_path, capsys)
     out = tmp_path / "precious"
     out.mkdir()
     (out / "thesis.tex").write_text("...")
-    code, err = run_cli(["run", str(write_job(tmp_path)), "-o", str(out), "--force"], capsys)
+    code, err, _ = run_cli(["run", str(write_job(tmp_path)), "-o", str(out), "--force"], capsys)
     assert code == 2 and "refusing" in err
     assert (out / "thesis.tex").exists()
