@@ -34,6 +34,9 @@ def test_fingerprint_follows_weights_data_and_settings():
     changed_token.splits["test"].input_ids[2, 3] = 99
     changed_extra = _data()
     changed_extra.extras["prompts"][1] = "c"
+    other_recovery = _data()  # recover stages' subset of train: sized by each method's budget
+    other_recovery.splits["recovery"] = other_recovery.splits["test"].subset([0])
+    assert fingerprint(model, other_recovery, SETTINGS) == key
     keys = {
         fingerprint(changed_weight, data, SETTINGS),
         fingerprint(model, changed_token, SETTINGS),
@@ -57,9 +60,7 @@ def test_measures_are_reused_only_inside_the_block_and_as_copies():
         first, reused_first = measure_dense(measure, model=model, data=data, settings=SETTINGS)
         first["test"].append(3.0)  # a job changing its copy must not change the next job's
         second, reused_second = measure_dense(measure, model=model, data=data, settings=SETTINGS)
-        other, _ = measure_dense(
-            measure, model=torch.nn.Linear(3, 2), data=data, settings=SETTINGS
-        )
+        other, _ = measure_dense(measure, model=torch.nn.Linear(3, 2), data=data, settings=SETTINGS)
     assert (reused_first, reused_second) == (False, True)
     assert second == {"test": [1.0, 2.0]} and other == second
     assert len(calls) == 4  # measured once for the first model, once for the other
@@ -75,10 +76,10 @@ def test_compare_measures_the_dense_model_once(tmp_path, monkeypatch):
         return real_measure(self, model, data)
 
     monkeypatch.setattr(task, "measure", counting)
-    cfg = CompareConfig(
-        methods=["shortgpt", "flap"],
+    cfg = CompareConfig(  # flap trains nothing; l2_mlp_ce's recovery split is its own size
+        methods=["flap", "l2_mlp_ce"],
         ratios=[1.5],
-        recovery_steps=0,
+        recovery_steps=2,
         job={
             "models": ["demo-tiny-gpt2"],
             "data": dict(TINY_DATA),
