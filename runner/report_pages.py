@@ -44,7 +44,12 @@ def compare_page(result: CompareResult, out_dir: Path) -> list[Block]:
         Paragraph(
             f"Every method gets the same model, data split, calibration set and "
             f"{result.recovery_steps} recovery steps in total (methods without training use "
-            "none). Cells: test accuracy / macro-F1 (achieved compression, params, seconds)."
+            "none). Cells: test accuracy / macro-F1 (achieved compression, params, seconds)"
+            + (
+                "; for a causal LM the accuracy is next-token top-1 accuracy."
+                if any(r.lm_perplexity is not None for r in result.rows)
+                else "."
+            )
         ),
     ]
     headers = ("method", *(f"{x:g}x" for x in result.ratios))

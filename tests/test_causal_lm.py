@@ -262,3 +262,4 @@ def test_compare_of_causal_lms_tabulates_perplexity_and_choice_accuracy(lm_run, 
     for row in rows:
         assert f"{row['lm_perplexity']:.2f}" in md
     assert f"| dense |  | 1.0x |  | {rows[0]['dense_lm_perplexity']:.2f} |" in md
+    assert "for a causal LM the accuracy is next-token top-1 accuracy" in md
