@@ -86,7 +86,7 @@ def measure_inference(
     return json.loads(lines[-1])
 
 
-# ---- measured run (child side: python -m runner.inference_probe --probe REF ...) ---------------------
+# ---- measured run (child side: python -m runner.inference_probe --probe REF ...) ----------------
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:

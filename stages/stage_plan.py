@@ -19,7 +19,8 @@ from stages.layers import max_layers_for_target, plan_layer_removal
 from stages.units import plan_unit_removal, total_units
 
 
-def _count(model) -> int:
+def param_count(model) -> int:
+    """Parameters of `model` (a meta-device skeleton counts the same as real weights)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -44,7 +45,7 @@ def plan_stage(
     computes them layer by layer instead and passes neither.
     """
     stage = stages[idx]
-    params = _count(model)
+    params = param_count(model)
     budget = stage_budget(
         ratio=stage.ratio,
         count=stage.count,

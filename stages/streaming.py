@@ -7,7 +7,8 @@ skeleton lives on the meta device, ONE decoder layer is materialised at a time f
 safetensors, and the calibration rows' hidden states are carried from layer to layer
 (`stages.stream_worker`). Global selection needs every layer's scores before cutting, so each
 stage is one streamed pass over the model as it is after the stages before it; the plans come
-from the same planning step as the in-memory path (`stages.stage_plan.plan_stage`) and the scores are bit-for-bit the in-memory ones. A final pass writes the pruned checkpoint
+from the same planning step as the in-memory path (`stages.stage_plan.plan_stage`) and the
+scores are bit-for-bit the in-memory ones. A final pass writes the pruned checkpoint
 (`stages.stream_write`). See docs/STREAMING.md.
 
 Entry point: `stream_prune`. `stream_scores` scores one request (used by tests and benchmarks).
@@ -29,7 +30,7 @@ from stages import importance as imp
 from stages.base import PrunePlan, apply_plan, stage_names
 from stages.criteria import criteria_for, get_criterion
 from stages.estimate import EstimateRequest
-from stages.stage_plan import plan_stage
+from stages.stage_plan import param_count, plan_stage
 from stages.stream_worker import (
     NEEDS_ACTIVATIONS,
     LayerSource,
@@ -275,10 +276,6 @@ def stream_scores(
 
 
 # ---- plans ---------------------------------------------------------------------------------------
-def _count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def bias_deltas(
     source: LayerSource, plans: Sequence[PrunePlan], plan: PrunePlan, stats: Stats
 ) -> dict[int, list[float]]:
@@ -400,7 +397,7 @@ def stream_prune(
                 beat.say(
                     f"stage {names[idx]} ({stage.kind}, {stage.criterion}): removed "
                     f"{plan.removed_units()} unit(s), {plan.params_to_remove} params; "
-                    f"{_count(model)} left ({time.monotonic() - t0:.1f} s)"
+                    f"{param_count(model)} left ({time.monotonic() - t0:.1f} s)"
                 )
         finally:
             executor.close()
