@@ -27,17 +27,17 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from stages import importance as imp
 from stages.arch import get_adapter
 from stages.arch_base import backbone
 from stages.base import PrunePlan, apply_plan
+from stages.criteria import get_criterion
 from stages.estimate import EstimateRequest
+from stages.layer_view import LayerView, from_layer, to_layer
 from stages.lazy_weights import LazyCheckpoint, meta_skeleton, module_name
+from stages.statistics import get_statistic
 
 Stats = dict[str, torch.Tensor]
 Part = tuple[int, Stats]  # (global micro-batch index, that batch's sums)
-
-NEEDS_ACTIVATIONS = {"wanda", "activation", "fluctuation", "condition", "block_influence"}
 
 
 class StreamWorkerError(ValueError):
@@ -234,7 +234,8 @@ class LayerStreamWorker:
         self.calls: list[dict] | None = None
         self.layer_idx: int | None = None
         self._meta_layer: nn.Module | None = None
-        self._outputs: list[torch.Tensor] | None = None
+        self._outputs: list[torch.Tensor | None] | None = None
+        self._batch = 0
 
     # ---- a pass --------------------------------------------------------------------------------
     def begin_pass(self, plans: Sequence[PrunePlan], activations: bool = True) -> int:
@@ -324,91 +325,70 @@ class LayerStreamWorker:
         out = self._layer()(self.hidden[b], *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
+    def _view(self) -> LayerView:
+        return LayerView(self.model, self.adapter, self._layer(), self._view_forward)
+
+    def _view_forward(self) -> torch.Tensor:
+        out = self._forward(self._batch)
+        self._outputs[self._batch] = out
+        return out
+
     def statistics(self, request: EstimateRequest) -> list[Part]:
-        """Run the loaded layer on every held micro-batch; per-batch additive sums."""
-        layer, i = self._layer(), self.layer_idx
-        needs_data = request.criterion in NEEDS_ACTIVATIONS
-        if needs_data and self.hidden is None:
+        """Run the criterion's registered statistics on the loaded layer, per held micro-batch.
+
+        The layer is wrapped as a one-layer model (`stages.layer_view`), so each `collect` is the
+        one the in-memory path runs; the sums come back under this layer's keys.
+        """
+        i = self._layer_idx_loaded()
+        collectors = [get_statistic(n) for n in get_criterion(request.criterion).statistics]
+        if collectors and self.hidden is None:
             raise StreamWorkerError(
                 "begin_pass(plans, activations=True) is needed for this request"
             )
-        current: Stats = {}
-        handle = None
-        if needs_data and request.granularity != "layers":
-
-            def hook(_module, args):
-                x = args[0]
-                # [tokens, in] as the in-memory hook; OPT feeds its FFN [rows * tokens, in]
-                x = x[mask.reshape(-1) if x.dim() == 2 else mask].to(torch.float32)
-                if request.criterion == "condition":
-                    current[f"{i}.gram"] = x.T @ x
-                current[f"{i}.x_sum"] = x.sum(0)
-                current[f"{i}.x_sq_sum"] = (x * x).sum(0)
-
-            handle = self.adapter.out_proj(layer, request.granularity).register_forward_pre_hook(
-                hook
-            )
+        view = self._view()
+        self._outputs = [None] * len(self.batches)
         parts: list[Part] = []
-        outputs = []
-        try:
-            for b, (idx, batch) in enumerate(self.batches):
-                current.clear()
-                current.update(_zero_stats(batch))
-                if needs_data:
-                    mask = batch["attention_mask"].to(self.device).bool()
-                    with torch.no_grad():
-                        out = self._forward(b)
-                    if request.granularity == "layers":
-                        dist, _ = imp.cosine_distance_stats(self.hidden[b], out, mask)
-                        current[f"{i}.dist_sum"] = dist
-                    outputs.append(out)
-                part = {k: v.detach().to(torch.float64).cpu() for k, v in current.items()}
-                if self.running_sum and parts:
-                    add_into(parts[0][1], part)
-                else:
-                    parts.append((idx, part))
-        finally:
-            if handle is not None:
-                handle.remove()
-        self._outputs = outputs if needs_data else None
+        for b, (idx, batch) in enumerate(self.batches):
+            part = _zero_stats(batch)
+            self._batch = b
+            on_device = {k: v.to(self.device) for k, v in batch.items()}
+            for collector in collectors:
+                collector.collect(view, self.adapter, on_device, request.granularity, None, part)
+            part = to_layer(part, i)
+            if self.running_sum and parts:
+                add_into(parts[0][1], part)
+            else:
+                parts.append((idx, part))
+        if not collectors:
+            self._outputs = None
         return parts
 
     def scores(self, request: EstimateRequest, totals: Stats) -> torch.Tensor:
-        """Per-unit scores of the loaded layer from the reduced totals (float64, CPU)."""
-        model, i, adapter = self.model, self.layer_idx, self.adapter
-        layer, crit, gran = self._layer(), request.criterion, request.granularity
-        if crit == "l2":
-            views = (
-                adapter.attn_unit_weights(model, i)
-                if gran == "heads"
-                else adapter.mlp_unit_weights(model, i)
-            )
-            score = imp.l2_magnitude(views)
-        else:
-            weight = adapter.out_proj_weight(adapter.out_proj(layer, gran))
-            width = adapter.unit_width(model, gran)
-            count = totals["tokens"]
-            if crit == "wanda":
-                score = imp.wanda(weight, totals[f"{i}.x_sq_sum"], count, width)
-            elif crit == "activation":
-                score = imp.activation_norm(totals[f"{i}.x_sq_sum"], count, width)
-            elif crit == "fluctuation":
-                score = imp.fluctuation(
-                    weight, totals[f"{i}.x_sum"], totals[f"{i}.x_sq_sum"], count, width
-                )
-            elif crit == "condition":
-                score = imp.condition_scores(weight, totals[f"{i}.gram"], width)
-            else:
-                raise StreamWorkerError(f"criterion {crit!r} has no streamed scoring")
+        """The registered criterion's score of the loaded layer from the reduced totals.
+
+        Units: a float64 [units] tensor; layers: this layer's one score (as the criterion's dtype).
+        """
+        i = self._layer_idx_loaded()
+        view = self._view()
+        score = get_criterion(request.criterion).score(
+            view, self.adapter, from_layer(totals, i), request.granularity
+        )[0]
+        if request.granularity == "layers":
+            return score.detach().cpu()
         return score.detach().to(torch.float64).cpu()
+
+    def _layer_idx_loaded(self) -> int:
+        self._layer()  # raises when no layer is loaded
+        return self.layer_idx
 
     def advance(self) -> None:
         """The loaded layer's outputs become the next layer's inputs; the layer is unloaded."""
         if self.hidden is not None:
-            if self._outputs is None:
-                with torch.no_grad():
-                    self._outputs = [self._forward(b) for b in range(len(self.batches))]
-            self.hidden = self._outputs
+            outputs = self._outputs or [None] * len(self.batches)
+            with torch.no_grad():
+                self.hidden = [
+                    out if out is not None else self._forward(b) for b, out in enumerate(outputs)
+                ]
         self.unload()
 
     def step(self, i: int, request: EstimateRequest) -> list[Part]:

@@ -32,7 +32,6 @@ from stages.criteria import criteria_for, get_criterion
 from stages.estimate import EstimateRequest
 from stages.stage_plan import param_count, plan_stage
 from stages.stream_worker import (
-    NEEDS_ACTIVATIONS,
     LayerSource,
     LayerStreamWorker,
     Part,
@@ -78,7 +77,7 @@ class StreamStage:
         where = f"stream stage {self.name or self.kind}"
         if self.kind not in ("layers", "heads", "channels"):
             raise StreamingError(f"{where}: kind {self.kind!r}; use layers, heads or channels")
-        if self.criterion in ("taylor", "loss_delta"):
+        if not get_criterion(self.criterion).layer_local:
             raise StreamingError(
                 f"{where}: criterion {self.criterion!r} needs a forward (and for taylor a backward) "
                 "pass through the whole model, which the layer-streamed path never holds; use "
@@ -202,16 +201,16 @@ def stream_pass(
     [units] tensor per layer); stats keeps rows, tokens and the small per-layer sums (Gram
     matrices only with keep_gram).
     """
-    n_layers = executor.begin_pass(plans, request.criterion in NEEDS_ACTIVATIONS)
+    activations = bool(get_criterion(request.criterion).statistics)
+    n_layers = executor.begin_pass(plans, activations)
     stats: Stats = {}
-    unit_scores: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
     for i in range(n_layers):
         if heartbeat is not None:
             what = f"{request.granularity} pass ({request.criterion})"
             heartbeat.status = f"streamed {what}: layer {i + 1}/{n_layers}"
         totals = reduce_parts(executor.layer_statistics(i, request))
-        if request.granularity != "layers":
-            unit_scores.append(executor.layer_scores(request, totals))
+        scores.append(executor.layer_scores(request, totals))
         executor.advance()
         for key, value in totals.items():
             if "." not in key:
@@ -219,12 +218,8 @@ def stream_pass(
             elif keep_gram or key.split(".", 1)[1] in _KEEP_KEYS:
                 stats[key] = value
     if request.granularity == "layers":
-        tokens = stats["tokens"]
-        scores = torch.tensor(
-            [imp.block_influence(stats[f"{i}.dist_sum"], tokens) for i in range(n_layers)]
-        )
-        return scores, stats
-    return unit_scores, stats
+        return torch.stack(scores), stats
+    return scores, stats
 
 
 def _spec(source_dir, device, compute_dtype, attn_implementation, torch_threads) -> StreamSpec:

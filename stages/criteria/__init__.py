@@ -2,12 +2,16 @@
 
 A criterion says which granularities it scores, which additive statistics it needs
 (stages/statistics.py collects them, so Ray workers reduce them exactly) and how it scores from
-them. The job config's allowed criterion names come from this registry (`criteria_for`), in the
-order the modules are imported below (the order docs and error messages list them).
-Adding a criterion = one new module here (+ its test) imported below.
+them. The job config's allowed criterion names come from this registry (`criteria_for`).
+Adding a criterion = one new module in this folder (+ its test): every module here is imported
+below, the established ones first in the order docs and error messages list them, then any
+other module in name order. A `layer_local` criterion streams by construction
+(stages/layer_view.py runs its statistics and score on one layer at a time).
 """
 
-# isort: skip_file
+import importlib
+import pkgutil
+
 from stages.criteria.base import (
     GRANULARITIES,
     Criterion,
@@ -15,7 +19,25 @@ from stages.criteria.base import (
     get_criterion,
     register_criterion,
 )
-from stages.criteria import block_influence, loss_delta  # noqa: F401  (layers)
-from stages.criteria import taylor, wanda, l2, activation, fluctuation, condition  # noqa: F401
+
+_LISTED_FIRST = (
+    "block_influence",
+    "loss_delta",
+    "taylor",
+    "wanda",
+    "l2",
+    "activation",
+    "fluctuation",
+    "condition",
+)
+
+
+def _import_all() -> None:
+    found = {m.name for m in pkgutil.iter_modules(__path__) if m.name != "base"}
+    for name in [n for n in _LISTED_FIRST if n in found] + sorted(found - set(_LISTED_FIRST)):
+        importlib.import_module(f"{__name__}.{name}")
+
+
+_import_all()
 
 __all__ = ["GRANULARITIES", "Criterion", "criteria_for", "get_criterion", "register_criterion"]
