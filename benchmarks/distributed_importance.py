@@ -31,6 +31,7 @@ from cluster.executor import LocalExecutor  # noqa: E402
 from cluster.ray_executor import RayExecutor, start_ray  # noqa: E402
 from runner.config import ClusterConfig  # noqa: E402
 from stages.arch import get_adapter  # noqa: E402
+from stages.base import param_count  # noqa: E402
 from stages.estimate import EstimateRequest  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "distributed_importance.json"
@@ -131,7 +132,7 @@ def main() -> None:
     torch.set_num_threads(1)  # the driver's baseline gets the same single thread as a worker
 
     model = build_model()
-    params = sum(p.numel() for p in model.parameters())
+    params = param_count(model)
     batches = build_calibration(args.rows, args.tokens, args.batch_size)
     request = EstimateRequest(GRANULARITY[args.criterion], args.criterion)
     tokens = args.rows * args.tokens

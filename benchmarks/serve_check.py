@@ -53,6 +53,7 @@ from runner.paths import cache_root  # noqa: E402
 from runner.smollm2 import ensure_smollm2  # noqa: E402
 from stages.arch import get_adapter  # noqa: E402
 from stages.atomic import write_json_atomic  # noqa: E402
+from stages.base import param_count  # noqa: E402
 from stages.checkpoint import save_checkpoint  # noqa: E402
 
 EVAL_MODULES = (
@@ -239,7 +240,7 @@ def check_variant(name, model, tokenizer, ckpt, args, bin_dir, work, text_file, 
     layout = get_adapter(model).layout(model)
     row = {
         "variant": name,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": param_count(model),
         "layers": len(layout),
         "heads": sorted({x.num_heads for x in layout}),
         "kv_heads": sorted({x.num_kv_heads for x in layout}),

@@ -31,17 +31,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stages.arch import get_adapter  # noqa: E402
+from stages.base import param_count  # noqa: E402
 from stages.checkpoint import build_on_meta, load_pruned, verify_manifest  # noqa: E402
 from stages.lazy_weights import ShardWriter  # noqa: E402
-from stages.stage_plan import prune_in_memory  # noqa: E402
-from stages.streaming import StreamStage, stream_prune  # noqa: E402
+from stages.prune_stage import PruneStage  # noqa: E402
+from stages.stage_plan import PlanLimits, prune_in_memory  # noqa: E402
+from stages.streaming import stream_prune  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 VOCAB = 32000
 STAGES = [
-    StreamStage("layers", "block_influence", share=0.3),
-    StreamStage("heads", "wanda", share=0.3),
-    StreamStage("channels", "fluctuation", share=0.4, bias_compensation=True),
+    PruneStage(kind="layers", criterion="block_influence", share=0.3),
+    PruneStage(kind="heads", criterion="wanda", share=0.3),
+    PruneStage(kind="channels", criterion="fluctuation", share=0.4, bias_compensation=True),
 ]
 
 
@@ -159,7 +161,7 @@ def phase_prune(args) -> dict:
         args.out,
         STAGES,
         calibration(args.rows, args.seq, args.batch),
-        params_target=dense // 2,
+        limits=PlanLimits(params_target=dense // 2),
         compute_dtype=torch.float32,
         attn_implementation="sdpa",
         log=log,
@@ -251,7 +253,7 @@ def phase_check(args) -> None:
     print(
         json.dumps(
             {
-                "params": sum(p.numel() for p in model.parameters()),
+                "params": param_count(model),
                 "layers": len(layout),
                 "finite_logits": bool(torch.isfinite(logits).all()),
             }
@@ -274,13 +276,15 @@ def run_parity(args) -> None:
         out,
         STAGES,
         batches,
-        params_target=dense // 2,
+        limits=PlanLimits(params_target=dense // 2),
         attn_implementation="sdpa",
     )
     t_stream = time.monotonic() - t0
     t0 = time.monotonic()
     model = load_pruned(source, verify=False, attn_implementation="sdpa")
-    memory = prune_in_memory(model, get_adapter(model), STAGES, batches, dense // 2)
+    memory = prune_in_memory(
+        model, get_adapter(model), STAGES, batches, PlanLimits(params_target=dense // 2)
+    )
     t_memory = time.monotonic() - t0
     same = [asdict(a) == asdict(b) for a, b in zip(streamed, memory)]
     result = {

@@ -24,7 +24,8 @@ from runner.paths import dir_name_for_ref
 from runner.tasks import get_task, task_names
 from runner.text_sources import TextSource
 from stages.base import stage_names
-from stages.criteria import criteria_for, get_criterion
+from stages.prune_stage import PruneStage, is_prune_stage, streaming_problems
+from stages.stage_plan import PlanLimits
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 
@@ -153,42 +154,23 @@ class TargetConfig(Strict):
     def uniform(self) -> bool:
         return self.layout == "uniform"
 
+    def plan_limits(self, params_target: int | None) -> PlanLimits:
+        """What every stage's plan respects (stages.stage_plan.plan_stage)."""
+        return PlanLimits(
+            params_target=params_target,
+            min_keep={
+                "layers": self.min_keep_layers,
+                "heads": self.min_keep_heads,
+                "channels": self.min_keep_channels,
+            },
+            uniform=self.uniform,
+            round_to=self.round_to,
+        )
+
     @model_validator(mode="after")
     def _budget_needs_device(self) -> TargetConfig:
         if self.fraction is not None and self.device is None:
             raise ValueError("fraction needs target.device")
-        return self
-
-
-class PruneStageConfig(Strict):
-    """One pruning granularity. Amount: exactly one of ratio / count / share."""
-
-    kind: Literal["layers", "heads", "channels"]
-    name: str | None = None
-    criterion: str = "wanda"
-    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of units to remove")
-    count: int | None = Field(None, ge=1, description="number of units to remove")
-    share: float | None = Field(
-        None, gt=0.0, le=1.0, description="share of the remaining parameter budget of target.ratio"
-    )
-    normalize: Literal["none", "mean", "max"] = "mean"
-    bias_compensation: bool = False
-    estimate_on: Literal["current", "dense"] = Field(
-        "current", description="dense: score on the unpruned model once (one-shot baselines)"
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> PruneStageConfig:
-        allowed = criteria_for(self.kind)
-        if self.criterion not in allowed:
-            raise ValueError(
-                f"criterion {self.criterion!r} is not valid for {self.kind}; choose from {', '.join(allowed)}"
-            )
-        given = [k for k in ("ratio", "count", "share") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of ratio, count, share (got {given or 'none'})")
-        if self.bias_compensation and self.criterion != "fluctuation":
-            raise ValueError("bias_compensation is only defined for criterion fluctuation (FLAP)")
         return self
 
 
@@ -216,7 +198,7 @@ class RecoverStageConfig(Strict):
     strategy: Literal["ddp", "deepspeed_zero2", "deepspeed_zero3"] = "ddp"
 
 
-StageConfig = Annotated[PruneStageConfig | RecoverStageConfig, Field(discriminator="kind")]
+StageConfig = Annotated[PruneStage | RecoverStageConfig, Field(discriminator="kind")]
 
 
 class SIAConfig(Strict):
@@ -361,7 +343,7 @@ class JobConfig(Strict):
         ):
             if self.target.device is None and self.target.budget_bytes is None:
                 problems.append("stages use share but target has no ratio, device or budget_bytes")
-        if not any(isinstance(s, PruneStageConfig) for s in self.stages):
+        if not any(is_prune_stage(s) for s in self.stages):
             problems.append("stages: at least one layers/heads/channels stage is required")
         if self.target.keep_attention:
             problems += [
@@ -380,25 +362,7 @@ class JobConfig(Strict):
 
 def _streamed_problems(cfg: JobConfig, names: list[str]) -> list[str]:
     """What the layer-streamed path cannot do (it never holds the whole model)."""
-    problems = []
-    kinds = [s.kind for s in cfg.stages]
-    first_recover = kinds.index("recover") if "recover" in kinds else len(kinds)
-    for i, s in enumerate(cfg.stages):
-        if s.kind == "recover":
-            continue
-        if i > first_recover:
-            problems.append(
-                f"stages.{i} ({names[i]}): calibration.streamed runs every prune stage before any "
-                "recovery; move the recover stages after the last prune stage"
-            )
-        if not get_criterion(s.criterion).layer_local:
-            local = [n for n in criteria_for(s.kind) if get_criterion(n).layer_local]
-            problems.append(
-                f"stages.{i}.criterion: {s.criterion} needs the whole model at once, which "
-                f"calibration.streamed never holds; use {', '.join(local)}"
-            )
-        if s.estimate_on == "dense":
-            problems.append(f"stages.{i}.estimate_on: dense scoring is not streamed; use current")
+    problems = [text for _, text in streaming_problems(cfg.stages, names)]
     if cfg.guards.max_accuracy_drop is not None:
         problems.append("guards.max_accuracy_drop: streamed stages are not evaluated one by one")
     if cfg.task == "embedding":

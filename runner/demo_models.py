@@ -36,6 +36,7 @@ from transformers import (
 from runner.data import CLASS_NAMES, DataConfig, build_dataset
 from runner.paths import cache_root
 from stages.atomic import atomic_directory
+from stages.base import param_count
 from stages.objectives import get_objective
 from stages.split import encode_split
 from stages.training import TrainSettings, train_steps, training_loss
@@ -217,7 +218,7 @@ def get_demo_model(
     model.eval()
     if progress:
         print(
-            f"[cascade] demo {name}: {sum(p.numel() for p in model.parameters()):,} params, trained {spec.train_steps} "
+            f"[cascade] demo {name}: {param_count(model):,} params, trained {spec.train_steps} "
             f"steps in {seconds:.1f}s, dense test accuracy {result.accuracy:.3f}",
             file=sys.stderr,
         )

@@ -7,12 +7,12 @@ import time
 from cluster.shards import export_sharded
 from runner.engines import engine_support
 from runner.errors import JobError
-from runner.models import count_params
 from runner.progress import still_working
 from runner.report import write_job_html, write_report
 from runner.report_model import Report
 from runner.run_state import RunContext, RunState
 from runner.validate import ValidationFailed, check_fits, validate_for_job
+from stages.base import param_count
 from stages.checkpoint import DiskFullError, load_pruned, save_checkpoint
 
 
@@ -82,7 +82,7 @@ def _export(ctx: RunContext, state: RunState) -> None:
 def build_report(
     ctx: RunContext, state: RunState, sia: dict, final: dict, exported, validation, perplexity
 ) -> Report:
-    dense, params = ctx.dense, count_params(exported)
+    dense, params = ctx.dense, param_count(exported)
     figures = {
         "params": params,
         "dense_params": dense.params,

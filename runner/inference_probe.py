@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from runner.models import load_model
 from stages.arch import get_adapter
+from stages.base import param_count
 from stages.checkpoint import load_pruned, model_class
 
 PROBE_TIMEOUT_S = 900
@@ -191,7 +192,7 @@ def _probe(args) -> dict:
         "peak_bytes": int(peak),
         "latency_ms": statistics.median(times),
         "device": args.device,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": param_count(model),
     }
 
 

@@ -35,6 +35,7 @@ from runner.demo_models import DEMO_MODELS, get_demo_model
 from runner.smollm2 import SMOLLM2, ensure_smollm2
 from stages.arch import UnsupportedArchitecture, get_adapter
 from stages.arch_base import backbone, unwrap_model
+from stages.base import param_count
 from stages.checkpoint import TOKENIZER_FILES as CHECKPOINT_TOKENIZER_FILES
 from stages.checkpoint import CheckpointError, load_pruned
 
@@ -349,11 +350,6 @@ def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
 
 # ----------------------------------------------------------------------------- description
-def count_params(model: torch.nn.Module) -> int:
-    """Total parameters (shared/tied tensors counted once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def _fallback_kinds(config: PretrainedConfig) -> tuple[str, str]:
     """Attention/MLP kinds from config fields alone, for when no adapter is available."""
     heads = getattr(config, "num_attention_heads", None)
@@ -382,4 +378,4 @@ def describe_model(model: PreTrainedModel) -> dict:
     attention, mlp = _adapter_kinds(model) or _fallback_kinds(config)
     name = getattr(config, "_name_or_path", "") or config.model_type
     return {"name": name, "architecture": type(unwrap_model(model)).__name__, "attention": attention, "mlp": mlp,
-            "params": count_params(model)}  # fmt: skip
+            "params": param_count(model)}  # fmt: skip

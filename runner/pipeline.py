@@ -10,10 +10,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from runner.config import JobConfig, ModelConfig, PruneStageConfig, stage_names
+from runner.config import JobConfig, ModelConfig, stage_names
 from runner.errors import JobError
 from runner.finish import export_and_evaluate
-from runner.models import count_params
 from runner.progress import still_working
 from runner.prune import estimate_dense_upfront, prune
 from runner.recovery import recover_stage
@@ -22,7 +21,9 @@ from runner.setup_run import start_run
 from runner.streamed import start_streamed_run, stream_prune_stages
 from runner.workers import sync_workers
 from stages.arch import get_adapter
+from stages.base import param_count
 from stages.checkpoint import load_pruned
+from stages.prune_stage import PruneStage
 from stages.sia import run_sia
 from stages.training import flush_denormals
 
@@ -62,7 +63,7 @@ def _run_model(cfg: JobConfig, model_cfg: ModelConfig, out: Path, *, resume: boo
 
 def _run_stage(ctx: RunContext, state: RunState, idx: int, stage, name: str, steps: int) -> None:
     t0 = time.perf_counter()
-    if isinstance(stage, PruneStageConfig):
+    if isinstance(stage, PruneStage):
         plans, before = prune(ctx, state, idx, stage, name, steps)
         extra = {"plan": plans}
     else:
@@ -82,7 +83,7 @@ def _record(ctx: RunContext, state: RunState, idx, stage, name, before, seconds)
         "kind": stage.kind,
         "version": state.version,
         "params_before": before["params"],
-        "params_after": count_params(state.model),
+        "params_after": param_count(state.model),
         **{k: v for k, v in metrics.items() if v is not None},
         "seconds": round(seconds, 3),
         "criterion": getattr(stage, "criterion", None),

@@ -6,7 +6,8 @@ device nobody defined) fails here with one line, not hours later.
 
 from __future__ import annotations
 
-from runner.config import JobConfig, PruneStageConfig
+from runner.config import JobConfig
+from stages.prune_stage import PruneStage
 from stages.units import total_units
 
 
@@ -26,7 +27,7 @@ def preflight(
         "channels": t.min_keep_channels,
     }
     for i, stage in enumerate(cfg.stages):
-        if not isinstance(stage, PruneStageConfig) or stage.count is None:
+        if not isinstance(stage, PruneStage) or stage.count is None:
             continue
         units = total_units(model, adapter, stage.kind)
         keep = min_keep[stage.kind] * (1 if stage.kind == "layers" else n_layers)

@@ -8,33 +8,33 @@ from __future__ import annotations
 
 import copy
 
-from runner.config import PruneStageConfig, RecoverStageConfig, stage_names
+from runner.config import RecoverStageConfig, stage_names
 from runner.errors import JobError
-from runner.models import count_params
 from runner.progress import count_bar
 from runner.run_state import RunContext, RunState
 from runner.workers import sync_workers
-from stages.base import PrunePlan, apply_plan
-from stages.budget import Budget, stage_budget
+from stages.base import PrunePlan, apply_plan, param_count
+from stages.budget import Budget
 from stages.estimate import EstimateRequest, scores_from_statistics
 from stages.guards import NumericalError, check_finite
-from stages.layers import max_layers_for_target, plan_layer_removal
-from stages.units import plan_unit_removal, total_units
+from stages.prune_stage import PruneStage
+from stages.stage_plan import plan_stage, stage_budget_for
 
 
-def prune(
-    ctx: RunContext, state: RunState, idx: int, stage: PruneStageConfig, name: str, steps: int
-):
+def prune(ctx: RunContext, state: RunState, idx: int, stage: PruneStage, name: str, steps: int):
     """Run one prune stage in `steps` parts (SIA shrink policy); returns (plans, params before)."""
     before = state.snapshot()
     if _next_recover_needs_pre_stage_teacher(ctx, idx):
         state.teachers["pre_stage"] = ctx.task.objective.make_teacher(
             state.model, ctx.data.splits["recovery"]
         )
-    budget = _budget(ctx, state, idx, stage)
+    budget = stage_budget_for(
+        state.model, state.adapter, ctx.cfg.stages, idx, ctx.limits.params_target
+    )
     plans = []
     for step in range(steps):
-        plans.append(_prune_step(ctx, state, stage, name, _split_budget(budget, steps, step)))
+        part = _split_budget(budget, steps, step)
+        plans.append(_prune_step(ctx, state, idx, stage, name, part))
     return [p.__dict__ for p in plans], before
 
 
@@ -43,7 +43,7 @@ def estimate_dense_upfront(ctx: RunContext, state: RunState) -> None:
     state.dense_estimates = {}
     names = stage_names(ctx.cfg.stages)
     for idx, stage in enumerate(ctx.cfg.stages):
-        if not (isinstance(stage, PruneStageConfig) and stage.estimate_on == "dense"):
+        if not (isinstance(stage, PruneStage) and stage.estimate_on == "dense"):
             continue
         key = (stage.kind, stage.criterion)
         if key in state.dense_estimates:
@@ -59,24 +59,11 @@ def estimate_dense_upfront(ctx: RunContext, state: RunState) -> None:
         state.dense_estimates[key] = (scores, stats)
 
 
-def _request(ctx: RunContext, stage: PruneStageConfig) -> EstimateRequest:
+def _request(ctx: RunContext, stage: PruneStage) -> EstimateRequest:
     return EstimateRequest(stage.kind, stage.criterion, ctx.objective_name)
 
 
-def _budget(ctx: RunContext, state: RunState, idx: int, stage: PruneStageConfig) -> Budget:
-    prune_stages = [s for s in ctx.cfg.stages[idx:] if isinstance(s, PruneStageConfig) and s.share]
-    return stage_budget(
-        ratio=stage.ratio,
-        count=stage.count,
-        share=stage.share,
-        total_units=total_units(state.model, state.adapter, stage.kind),
-        params_now=count_params(state.model),
-        params_target=ctx.params_target,
-        remaining_shares=sum(s.share for s in prune_stages) or 1.0,
-    )
-
-
-def _dense_scores(state: RunState, stage: PruneStageConfig, name: str):
+def _dense_scores(state: RunState, stage: PruneStage, name: str):
     """Scores from the dense model (version 0), remapped to the surviving layers."""
     key = (stage.kind, stage.criterion)
     if key not in state.dense_estimates:
@@ -103,7 +90,7 @@ def _estimate(ctx: RunContext, state: RunState, request: EstimateRequest, name: 
         return ctx.executor.estimate(request, state.version, on_progress)
 
 
-def _scores(ctx: RunContext, state: RunState, stage: PruneStageConfig, name: str):
+def _scores(ctx: RunContext, state: RunState, stage: PruneStage, name: str):
     if stage.estimate_on == "dense":
         return _dense_scores(state, stage, name)
     request = _request(ctx, stage)
@@ -118,10 +105,10 @@ def _scores(ctx: RunContext, state: RunState, stage: PruneStageConfig, name: str
 
 
 def _prune_step(
-    ctx: RunContext, state: RunState, stage: PruneStageConfig, name: str, budget: Budget
+    ctx: RunContext, state: RunState, idx: int, stage: PruneStage, name: str, budget: Budget
 ) -> PrunePlan:
     scores, stats = _scores(ctx, state, stage, name)
-    plan = _plan(ctx, state, stage, name, scores, stats, budget)
+    plan = _plan(ctx, state, idx, scores, stats, budget)
     guards = ctx.cfg.guards
     accuracy_before = _val_accuracy(ctx, state) if guards.max_accuracy_drop is not None else None
     for attempt in range(guards.retries + 1):
@@ -138,7 +125,7 @@ def _prune_step(
                 raise JobError(f"stage {name}: {exc}; no retries left") from None
             budget = budget.scaled(guards.retry_shrink)
             ctx.events.emit("retry", stage=name, version=state.version, budget=budget.__dict__)
-            plan = _plan(ctx, state, stage, name, scores, stats, budget)
+            plan = _plan(ctx, state, idx, scores, stats, budget)
     if plan.granularity == "layers":
         dropped = set(plan.drop_layers)
         state.layer_origin = [o for i, o in enumerate(state.layer_origin) if i not in dropped]
@@ -149,7 +136,7 @@ def _prune_step(
         version=state.version,
         granularity=stage.kind,
         removed_units=plan.removed_units(),
-        params=count_params(state.model),
+        params=param_count(state.model),
     )
     sync_workers(ctx, state, name)
     return plan
@@ -171,51 +158,11 @@ def _check_accuracy_drop(ctx: RunContext, state: RunState, accuracy_before: floa
         )
 
 
-def _max_layers_for_target(ctx: RunContext, state: RunState, stage: PruneStageConfig) -> int | None:
-    if stage.share is None or ctx.params_target is None:
-        return None
-    t = ctx.cfg.target
-    later = {s.kind for s in ctx.cfg.stages if isinstance(s, PruneStageConfig)} - {"layers"}
-    floors = {
-        "layers": t.min_keep_layers,
-        "heads": t.min_keep_heads,
-        "channels": t.min_keep_channels,
-    }
-    return max_layers_for_target(state.model, state.adapter, ctx.params_target, later, floors)
-
-
-def _plan(ctx: RunContext, state: RunState, stage, name, scores, stats, budget) -> PrunePlan:
-    common = dict(
-        stage=name,
-        criterion=stage.criterion,
-        version_in=state.version,
-        params_before=count_params(state.model),
-    )
-    t = ctx.cfg.target
-    if stage.kind == "layers":
-        return plan_layer_removal(
-            state.model,
-            state.adapter,
-            scores,
-            budget,
-            min_keep=t.min_keep_layers,
-            max_keep=_max_layers_for_target(ctx, state, stage),
-            **common,
-        )
-    return plan_unit_removal(
-        state.model,
-        state.adapter,
-        stage.kind,
-        scores,
-        budget,
-        min_keep=t.min_keep_heads if stage.kind == "heads" else t.min_keep_channels,
-        normalize=stage.normalize,
-        uniform=t.uniform,
-        round_to=t.round_to if stage.kind == "channels" else None,
-        stats=stats,
-        bias_compensation=stage.bias_compensation,
-        **common,
-    )
+def _plan(ctx: RunContext, state: RunState, idx: int, scores, stats, budget) -> PrunePlan:
+    return plan_stage(
+        state.model, state.adapter, ctx.cfg.stages, idx, scores,
+        limits=ctx.limits, version_in=state.version, budget=budget, stats=stats,
+    )  # fmt: skip
 
 
 def _next_recover_needs_pre_stage_teacher(ctx: RunContext, idx: int) -> bool:

@@ -19,10 +19,11 @@ from torch import nn
 from cluster.executor import Executor
 from runner.config import JobConfig, ModelConfig
 from runner.events import EventLog
-from runner.models import count_params
 from runner.stage_store import StageStore
 from runner.tasks import Task, TaskData
+from stages.base import param_count
 from stages.objectives import Teacher
+from stages.stage_plan import PlanLimits
 
 
 @dataclass
@@ -58,6 +59,11 @@ class RunContext:
     def objective_name(self) -> str:
         return self.task.objective.name
 
+    @property
+    def limits(self) -> PlanLimits:
+        """The parameter target and layout every prune stage's plan respects."""
+        return self.cfg.target.plan_limits(self.params_target)
+
 
 @dataclass
 class RunState:
@@ -70,4 +76,4 @@ class RunState:
     dense_estimates: dict = field(default_factory=dict)  # (kind, criterion) -> (scores, stats)
 
     def snapshot(self) -> dict:
-        return {"params": count_params(self.model), "version": self.version}
+        return {"params": param_count(self.model), "version": self.version}

@@ -12,7 +12,7 @@ from runner.dense_cache import measure_dense
 from runner.errors import JobError
 from runner.events import EventLog
 from runner.lm_head import PerplexityProbe
-from runner.models import count_params, describe_model, load_model, source_dir
+from runner.models import describe_model, load_model, source_dir
 from runner.preflight import preflight
 from runner.progress import still_working
 from runner.run_state import DenseFacts, RunContext, RunState
@@ -20,6 +20,7 @@ from runner.stage_store import StageStore
 from runner.tasks import Task, TaskData, get_task
 from runner.validate import params_for_budget
 from stages.arch import get_adapter
+from stages.base import param_count
 
 
 def start_run(
@@ -132,7 +133,7 @@ def _setup_dense(
     for warning in warnings:
         log(f"WARNING: {warning}")
     return DenseFacts(
-        params=count_params(model),
+        params=param_count(model),
         info=describe_model(model) | {"name": model_cfg.ref},
         measures=measures,
         finetune=finetune,

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from cluster.executor import LocalExecutor
-from runner.config import JobConfig, ModelConfig, PruneStageConfig, stage_names
+from runner.config import JobConfig, ModelConfig, stage_names
 from runner.errors import JobError
 from runner.events import EventLog
 from runner.models import check_safetensors, source_dir
@@ -28,7 +28,8 @@ from runner.tasks import get_task
 from stages.arch import get_adapter
 from stages.checkpoint import load_pruned
 from stages.lazy_weights import LazyCheckpoint
-from stages.streaming import LocalStreamExecutor, StreamStage, stream_prune
+from stages.prune_stage import PruneStage
+from stages.streaming import LocalStreamExecutor, stream_prune
 
 SKIPPED = (
     "streamed run: the dense model is never loaded whole, so the SIA check and the dense model's "
@@ -69,19 +70,12 @@ def start_streamed_run(cfg: JobConfig, model_cfg: ModelConfig, out: Path, log):
 def stream_prune_stages(ctx: RunContext, state: RunState, source: Path) -> int:
     """Run every prune stage streamed, save their records; returns the first stage left to run."""
     cfg, names = ctx.cfg, stage_names(ctx.cfg.stages)
-    prune = [(i, s) for i, s in enumerate(cfg.stages) if isinstance(s, PruneStageConfig)]
-    stages = [
-        StreamStage(s.kind, s.criterion, s.ratio, s.count, s.share, s.normalize,
-                    s.bias_compensation, names[i])
-        for i, s in prune
-    ]  # fmt: skip
+    prune = [(i, s) for i, s in enumerate(cfg.stages) if isinstance(s, PruneStage)]
+    stages = [s.model_copy(update={"name": names[i]}) for i, s in prune]
     last = prune[-1][0]
     model_dir = ctx.store.root / f".streamed-{last:02d}"
-    t = cfg.target
     plans = stream_prune(
-        source, model_dir, stages, ctx.calibration, seed=cfg.seed, params_target=ctx.params_target,
-        min_keep_layers=t.min_keep_layers, min_keep_heads=t.min_keep_heads,
-        min_keep_channels=t.min_keep_channels, uniform_layout=t.uniform, round_to=t.round_to,
+        source, model_dir, stages, ctx.calibration, seed=cfg.seed, limits=ctx.limits,
         executor=_executor(cfg), compute_dtype=torch.float32, log=ctx.log,
     )  # fmt: skip
     state.model = load_pruned(model_dir)

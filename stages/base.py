@@ -55,6 +55,14 @@ class PrunePlan:
         return cls.from_json(Path(path).read_text())
 
 
+def param_count(model: torch.nn.Module) -> int:
+    """Parameters of `model`, shared ones once (a meta-device skeleton counts like real weights).
+
+    The one whole-model counter: budgets, plans, reports and benchmarks all count with it.
+    """
+    return sum(p.numel() for p in model.parameters())
+
+
 def apply_plan(model: torch.nn.Module, adapter, plan: PrunePlan) -> None:
     """Cut the model as the plan says (replay works on any copy of the `version_in` model)."""
     if plan.granularity == "layers":

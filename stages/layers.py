@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.base import PrunePlan
+from stages.base import PrunePlan, param_count
 from stages.budget import Budget
 
 
@@ -88,7 +88,7 @@ def max_layers_for_target(
             spare = adapter.mlp_units(model, i) - min_keep["channels"]
             floor -= spare * adapter.mlp_unit_cost(model, i)
         floors.append(floor)
-    params = sum(p.numel() for p in model.parameters())
+    params = param_count(model)
     room = params_target - (params - sum(adapter.layer_cost(model, i) for i in range(n_layers)))
     keep = 0
     for floor in sorted(floors):

@@ -20,17 +20,17 @@ import copy
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from stages import importance as imp
-from stages.base import PrunePlan, apply_plan, stage_names
-from stages.criteria import criteria_for, get_criterion
+from stages.base import PrunePlan, apply_plan, param_count, stage_names
+from stages.criteria import get_criterion
 from stages.estimate import EstimateRequest
-from stages.stage_plan import param_count, plan_stage
+from stages.prune_stage import PruneStage, streaming_problems
+from stages.stage_plan import PlanLimits, plan_stage
 from stages.stream_worker import (
     LayerSource,
     LayerStreamWorker,
@@ -41,14 +41,6 @@ from stages.stream_worker import (
 )
 from stages.stream_write import write_streamed_checkpoint
 
-
-def _layer_local(granularity: str) -> tuple[str, ...]:
-    """Criteria computed from one layer's own inputs: the ones a stream can score."""
-    return tuple(n for n in criteria_for(granularity) if get_criterion(n).layer_local)
-
-
-UNIT_CRITERIA = _layer_local("channels")
-LAYER_CRITERIA = _layer_local("layers")
 STREAMABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "opt", "gpt_neox")
 _KEEP_KEYS = ("x_sum", "x_sq_sum", "dist_sum")  # small per-layer sums kept after scoring
 HEARTBEAT_S = 30.0
@@ -58,47 +50,6 @@ Log = Callable[[str], None]
 
 class StreamingError(ValueError):
     """A streamed pruning request that cannot run (the message says why and what to use instead)."""
-
-
-@dataclass(frozen=True)
-class StreamStage:
-    """One prune stage of a streamed run: like the job's prune stage, without recovery."""
-
-    kind: str  # layers | heads | channels
-    criterion: str
-    ratio: float | None = None
-    count: int | None = None
-    share: float | None = None
-    normalize: str = "mean"
-    bias_compensation: bool = False
-    name: str | None = None
-
-    def __post_init__(self) -> None:
-        where = f"stream stage {self.name or self.kind}"
-        if self.kind not in ("layers", "heads", "channels"):
-            raise StreamingError(f"{where}: kind {self.kind!r}; use layers, heads or channels")
-        if not get_criterion(self.criterion).layer_local:
-            raise StreamingError(
-                f"{where}: criterion {self.criterion!r} needs a forward (and for taylor a backward) "
-                "pass through the whole model, which the layer-streamed path never holds; use "
-                f"{', '.join(LAYER_CRITERIA if self.kind == 'layers' else UNIT_CRITERIA)} here, "
-                "or the in-memory path on a machine that holds the model (docs/STREAMING.md)"
-            )
-        allowed = LAYER_CRITERIA if self.kind == "layers" else UNIT_CRITERIA
-        if self.criterion not in allowed:
-            raise StreamingError(
-                f"{where}: criterion {self.criterion!r} is not valid for {self.kind}; "
-                f"choose from {', '.join(allowed)}"
-            )
-        given = [k for k in ("ratio", "count", "share") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise StreamingError(
-                f"{where}: give exactly one of ratio, count, share (got {given or 'none'})"
-            )
-        if self.bias_compensation and self.criterion != "fluctuation":
-            raise StreamingError(
-                f"{where}: bias_compensation is only defined for criterion fluctuation (FLAP)"
-            )
 
 
 # ---- executors -----------------------------------------------------------------------------------
@@ -260,7 +211,7 @@ def stream_scores(
     keep_gram: bool = False,
 ):
     """Scores of one request on the source cut by `plans`, streamed: (scores, stats)."""
-    StreamStage(request.granularity, request.criterion, count=1)  # validates the request
+    _check_stages([PruneStage(kind=request.granularity, criterion=request.criterion, count=1)])
     executor = executor or LocalStreamExecutor()
     spec = _spec(source_dir, device, compute_dtype, attn_implementation, torch_threads)
     executor.start(spec, _check_batches(calibration_batches))
@@ -301,7 +252,23 @@ def bias_deltas(
     return deltas
 
 
-def _check_stages(source: LayerSource, stages: Sequence[StreamStage], params_target) -> None:
+def _check_stages(stages: Sequence[PruneStage], params_target: int | None = None) -> None:
+    """Refuse, in one line, what the layer-streamed path cannot run (stages.prune_stage rules)."""
+    if not stages:
+        raise StreamingError("stages is empty; give at least one PruneStage")
+    names = stage_names(stages)
+    problems = [text for _, text in streaming_problems(stages, names)]
+    for name, stage in zip(names, stages):
+        if stage.share is not None and params_target is None:
+            problems.append(f"stream stage {name}: share needs params_target (the job's target)")
+    if problems:
+        raise StreamingError(
+            "; ".join(problems) + " (or use the in-memory path on a machine that holds the model:"
+            " docs/STREAMING.md)"
+        )
+
+
+def _check_source(source: LayerSource, stages: Sequence[PruneStage]) -> None:
     model_type = source.dense.config.model_type
     if model_type not in STREAMABLE_MODEL_TYPES:
         raise StreamingError(
@@ -309,34 +276,22 @@ def _check_stages(source: LayerSource, stages: Sequence[StreamStage], params_tar
             f"layer-streamed path (decoders: {', '.join(STREAMABLE_MODEL_TYPES)}); "
             "use the in-memory path"
         )
-    if not stages:
-        raise StreamingError("stages is empty; give at least one StreamStage")
-    for stage in stages:
-        if stage.share is not None and params_target is None:
-            raise StreamingError(
-                f"stream stage {stage.name or stage.kind}: share needs params_target "
-                "(the job's parameter target)"
-            )
+    for name, stage in zip(stage_names(stages), stages):
         if stage.bias_compensation:
             try:
                 source.adapter.ensure_out_proj_bias(copy.deepcopy(source.dense), stage.kind)
             except ValueError as err:
-                raise StreamingError(f"stream stage {stage.name or stage.kind}: {err}") from None
+                raise StreamingError(f"stream stage {name}: {err}") from None
 
 
 def stream_prune(
     source_dir: str | Path,
     out_dir: str | Path,
-    stages: Sequence[StreamStage],
+    stages: Sequence[PruneStage],
     calibration_batches: Sequence[dict],
     *,
     seed: int = 0,
-    params_target: int | None = None,
-    min_keep_layers: int = 1,
-    min_keep_heads: int = 1,
-    min_keep_channels: int = 1,
-    uniform_layout: bool = False,
-    round_to: int | None = None,
+    limits: PlanLimits | None = None,
     executor: StreamExecutor | None = None,
     device: str = "cpu",
     compute_dtype: torch.dtype | None = None,
@@ -353,11 +308,12 @@ def stream_prune(
     torch for parity with the job (the streamed path itself draws no random numbers).
     """
     torch.manual_seed(seed)
+    limits = limits or PlanLimits()
+    _check_stages(stages, limits.params_target)
     batches = _check_batches(calibration_batches)
     source = LayerSource(str(source_dir), attn_implementation)
-    _check_stages(source, stages, params_target)
+    _check_source(source, stages)
     adapter = source.adapter
-    min_keep = {"layers": min_keep_layers, "heads": min_keep_heads, "channels": min_keep_channels}
     executor = executor or LocalStreamExecutor()
     spec = _spec(source_dir, device, compute_dtype, attn_implementation, torch_threads)
     names = stage_names(stages)
@@ -375,15 +331,7 @@ def stream_prune(
                 t0 = time.monotonic()
                 scores, stats = stream_pass(executor, plans, request, heartbeat=beat)
                 plan = plan_stage(
-                    model,
-                    adapter,
-                    stages,
-                    idx,
-                    scores,
-                    params_target=params_target,
-                    min_keep=min_keep,
-                    uniform=uniform_layout,
-                    round_to=round_to,
+                    model, adapter, stages, idx, scores, limits=limits, version_in=idx
                 )
                 if stage.kind != "layers" and stage.bias_compensation:
                     plan.bias_deltas = bias_deltas(source, plans, plan, stats)

@@ -69,7 +69,9 @@ def test_streamed_two_shards_equal_in_memory(granularity, tmp_path):
     )  # fmt: skip
     for g, w in zip(got, want):
         assert torch.equal(g, w)
-    assert plan(model, adapter, granularity, got).keep == plan(model, adapter, granularity, want).keep
+    assert (
+        plan(model, adapter, granularity, got).keep == plan(model, adapter, granularity, want).keep
+    )
 
 
 @pytest.mark.slow

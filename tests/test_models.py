@@ -21,7 +21,8 @@ from runner.demo_models import (
     demo_config,
     get_demo_model,
 )
-from runner.models import ModelError, count_params, describe_model, load_model
+from runner.models import ModelError, describe_model, load_model
+from stages.base import param_count
 
 TEXTS = ["rms 0.3 kurt 14 env 4.7x", "rms 0.19 kurt 3.5", "rms 0.3 hf 0.84"]
 
@@ -76,11 +77,11 @@ def test_demo_configs_keep_embeddings_a_small_share(name: str) -> None:
     embedding_params = sum(
         m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)
     )
-    assert embedding_params / count_params(model) < 0.06  # >= 8x total compression possible
+    assert embedding_params / param_count(model) < 0.06  # >= 8x total compression possible
     info = describe_model(model)
     expected = ("mha", "gelu") if spec.family == "gpt2" else ("gqa", "swiglu")
     assert (info["attention"], info["mlp"]) == expected
-    assert info["params"] == count_params(model) and info["architecture"].endswith("Classification")
+    assert info["params"] == param_count(model) and info["architecture"].endswith("Classification")
 
 
 # ----------------------------------------------------------------------------- load_model

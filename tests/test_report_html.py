@@ -15,7 +15,6 @@ from tiny_models import tiny_gpt2
 
 from runner.data import CLASS_NAMES
 from runner.demo_models import DEMO_MODELS, demo_config
-from runner.models import count_params
 from runner.report import job_page, write_job_html, write_report
 from runner.report_blocks import render_markdown
 from runner.report_layout import layer_breakdown
@@ -23,6 +22,7 @@ from runner.report_model import Report
 from runner.report_pages import write_compare_report, write_family_html, write_family_report
 from runner.tasks import chance_level_warning
 from stages.arch import get_adapter
+from stages.base import param_count
 from stages.checkpoint import save_checkpoint
 
 STAGES = ["layers", "recover1", "heads", "recover2", "channels", "recover3"]
@@ -117,8 +117,8 @@ def test_layer_breakdown_counts_are_exact_for_pruned_and_dense(tmp_path):
     def total(c):
         return c["embeddings"] + c["other"] + sum(sum(x.values()) for x in c["layers"])
 
-    assert total(bd["pruned"]) == count_params(model)
-    assert total(bd["dense"]) == count_params(dense)
+    assert total(bd["pruned"]) == param_count(model)
+    assert total(bd["dense"]) == param_count(dense)
     assert [x["num_heads"] for x in bd["pruned"]["layouts"]] == [3, 4]
     assert [x["intermediate_size"] for x in bd["pruned"]["layouts"]] == [48, 20]
     assert len(bd["dense"]["layers"]) == 3
@@ -142,7 +142,7 @@ def test_layer_breakdown_dense_shape_of_a_builtin_demo_model(tmp_path):
     bd = layer_breakdown(tmp_path)
     dense_total = bd["dense"]["embeddings"] + bd["dense"]["other"]
     dense_total += sum(sum(x.values()) for x in bd["dense"]["layers"])
-    assert dense_total == count_params(dense)
+    assert dense_total == param_count(dense)
     assert [x["num_kv_heads"] for x in bd["pruned"]["layouts"]] == [2, 1]
 
 

@@ -24,12 +24,12 @@ from stages.base import apply_plan
 from stages.checkpoint import load_pruned, save_checkpoint, verify_manifest
 from stages.estimate import EstimateRequest, estimate_locally
 from stages.lazy_weights import LazyCheckpoint, LazyWeightsError, ShardWriter
-from stages.stage_plan import prune_in_memory
+from stages.prune_stage import PruneStage
+from stages.stage_plan import PlanLimits, prune_in_memory
 from stages.streaming import (
     Heartbeat,
     LocalStreamExecutor,
     StreamingError,
-    StreamStage,
     stream_prune,
     stream_scores,
 )
@@ -120,11 +120,11 @@ def test_rows_split_over_two_workers_give_the_same_sums(tmp_path):
 
 
 # ---- the cascade -------------------------------------------------------------------------------
-def cascade_stages(bias: bool) -> list[StreamStage]:
+def cascade_stages(bias: bool) -> list[PruneStage]:
     return [
-        StreamStage("layers", "block_influence", share=0.3),
-        StreamStage("heads", "wanda", share=0.3),
-        StreamStage("channels", "fluctuation", share=0.4, bias_compensation=bias),
+        PruneStage(kind="layers", criterion="block_influence", share=0.3),
+        PruneStage(kind="heads", criterion="wanda", share=0.3),
+        PruneStage(kind="channels", criterion="fluctuation", share=0.4, bias_compensation=bias),
     ]
 
 
@@ -143,13 +143,15 @@ def test_streamed_cascade_matches_in_memory(family, bias, tmp_path):
         tmp_path / "out",
         stages,
         batches,
-        params_target=target,
+        limits=PlanLimits(params_target=target),
         attn_implementation="eager",
         max_shard_size="4KB",
         log=lines.append,
     )
     reference = BUILDERS[family]()
-    want = prune_in_memory(reference, get_adapter(reference), stages, batches, target)
+    want = prune_in_memory(
+        reference, get_adapter(reference), stages, batches, PlanLimits(params_target=target)
+    )
     assert [asdict(p) for p in plans] == [asdict(p) for p in want]
     assert plans[0].drop_layers and all(p.removed_units() for p in plans)
     if bias:
@@ -186,7 +188,10 @@ def test_tied_causal_lm_bf16_source_streams_in_float32(tmp_path):
     config.architectures = None
     model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     source = saved(model, tmp_path, shard="100MB")
-    stages = [StreamStage("heads", "l2", count=1), StreamStage("channels", "wanda", count=20)]
+    stages = [
+        PruneStage(kind="heads", criterion="l2", count=1),
+        PruneStage(kind="channels", criterion="wanda", count=20),
+    ]
     plans = stream_prune(
         source,
         tmp_path / "out",
@@ -209,29 +214,31 @@ def test_tied_causal_lm_bf16_source_streams_in_float32(tmp_path):
 
 
 # ---- refusals and building blocks ----------------------------------------------------------------
-def test_taylor_and_loss_delta_are_refused_with_alternatives():
+def test_taylor_and_loss_delta_are_refused_with_alternatives(tmp_path):
+    llama = saved(tiny_llama(), tmp_path, "llama")
+    taylor = [PruneStage(kind="heads", criterion="taylor", count=1)]
     with pytest.raises(StreamingError, match=r"whole model.*wanda, l2, activation, fluctuation"):
-        StreamStage("heads", "taylor", count=1)
-    with pytest.raises(StreamingError, match="block_influence"):
-        StreamStage("layers", "loss_delta", count=1)
-    with pytest.raises(StreamingError, match="only defined for criterion fluctuation"):
-        StreamStage("channels", "wanda", count=1, bias_compensation=True)
+        stream_prune(llama, tmp_path / "o", taylor, calibration(), log=lambda _: None)
+    loss_delta = [PruneStage(kind="layers", criterion="loss_delta", count=1)]
+    with pytest.raises(StreamingError, match="use block_influence"):
+        stream_prune(llama, tmp_path / "o", loss_delta, calibration(), log=lambda _: None)
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_requests_are_refused_before_any_pass(tmp_path):
     llama = saved(tiny_llama(), tmp_path, "llama")
-    stages = [StreamStage("heads", "wanda", share=1.0)]
+    stages = [PruneStage(kind="heads", criterion="wanda", share=1.0)]
     with pytest.raises(StreamingError, match="share needs params_target"):
         stream_prune(llama, tmp_path / "o", stages, calibration(), log=lambda _: None)
     with pytest.raises(StreamingError, match="calibration_batches is empty"):
-        stream_prune(llama, tmp_path / "o", stages, [], params_target=1, log=lambda _: None)
+        stream_prune(llama, tmp_path / "o", stages, [], limits=PlanLimits(1), log=lambda _: None)
     qwen = saved(tiny_qwen2(), tmp_path, "qwen")
-    flap = [StreamStage("channels", "fluctuation", count=1, bias_compensation=True)]
+    flap = [PruneStage(kind="channels", criterion="fluctuation", count=1, bias_compensation=True)]
     with pytest.raises(StreamingError, match="cannot express one"):
         stream_prune(qwen, tmp_path / "o", flap, calibration(), log=lambda _: None)
     bert = saved(tiny_bert(), tmp_path, "bert")
     with pytest.raises(StreamingError, match="not supported by the layer-streamed path"):
-        stream_prune(bert, tmp_path / "o", stages, calibration(), params_target=1)
+        stream_prune(bert, tmp_path / "o", stages, calibration(), limits=PlanLimits(1))
     pickled = tmp_path / "pickled"  # config.json but no safetensors (e.g. only .bin files)
     pickled.mkdir()
     (pickled / "config.json").write_text((llama / "config.json").read_text())
@@ -300,7 +307,7 @@ def test_ray_workers_split_rows_and_make_the_same_plans(tmp_path):
     batches = calibration(n=5)
     stages = cascade_stages(bias=True)
     target = sum(p.numel() for p in model.parameters()) // 2
-    common = dict(params_target=target, attn_implementation="eager", log=lambda _: None)
+    common = dict(limits=PlanLimits(target), attn_implementation="eager", log=lambda _: None)
     local = stream_prune(source, tmp_path / "local", stages, batches, **common)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
