@@ -33,9 +33,10 @@ sys.path.insert(0, str(ROOT))
 from stages.arch import get_adapter  # noqa: E402
 from stages.base import param_count  # noqa: E402
 from stages.checkpoint import build_on_meta, load_pruned, verify_manifest  # noqa: E402
+from stages.compensate_model import prune_in_memory  # noqa: E402
 from stages.lazy_weights import ShardWriter  # noqa: E402
 from stages.prune_stage import PruneStage  # noqa: E402
-from stages.stage_plan import PlanLimits, prune_in_memory  # noqa: E402
+from stages.stage_plan import PlanLimits  # noqa: E402
 from stages.streaming import stream_prune  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -43,7 +44,7 @@ VOCAB = 32000
 STAGES = [
     PruneStage(kind="layers", criterion="block_influence", share=0.3),
     PruneStage(kind="heads", criterion="wanda", share=0.3),
-    PruneStage(kind="channels", criterion="fluctuation", share=0.4, bias_compensation=True),
+    PruneStage(kind="channels", criterion="fluctuation", share=0.4, compensate="bias"),
 ]
 
 

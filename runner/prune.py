@@ -15,6 +15,7 @@ from runner.run_state import RunContext, RunState
 from runner.workers import sync_workers
 from stages.base import PrunePlan, apply_plan, param_count
 from stages.budget import Budget
+from stages.compensate_model import compensate_model
 from stages.estimate import EstimateRequest, scores_from_statistics
 from stages.guards import NumericalError, check_finite
 from stages.prune_stage import PruneStage
@@ -35,7 +36,7 @@ def prune(ctx: RunContext, state: RunState, idx: int, stage: PruneStage, name: s
     for step in range(steps):
         part = _split_budget(budget, steps, step)
         plans.append(_prune_step(ctx, state, idx, stage, name, part))
-    return [p.__dict__ for p in plans], before
+    return plans, before
 
 
 def estimate_dense_upfront(ctx: RunContext, state: RunState) -> None:
@@ -56,7 +57,7 @@ def estimate_dense_upfront(ctx: RunContext, state: RunState) -> None:
         stats = _estimate(ctx, state, request, names[idx])
         scores = scores_from_statistics(state.model, state.adapter, stats, request)
         ctx.events.emit("estimate_end", stage=names[idx], version=state.version)
-        state.dense_estimates[key] = (scores, stats)
+        state.dense_estimates[key] = scores
 
 
 def _request(ctx: RunContext, stage: PruneStage) -> EstimateRequest:
@@ -70,16 +71,11 @@ def _dense_scores(state: RunState, stage: PruneStage, name: str):
         raise JobError(
             f"stage {name}: dense scores were not computed (resume across a one-shot job)"
         )
-    scores, stats = state.dense_estimates[key]
+    scores = state.dense_estimates[key]
     origin = state.layer_origin
     if stage.kind == "layers":
-        return scores[origin], stats
-    remapped = {k: v for k, v in stats.items() if "." not in k}
-    for new, old in enumerate(origin):
-        for k, v in stats.items():
-            if k.startswith(f"{old}."):
-                remapped[f"{new}." + k.split(".", 1)[1]] = v
-    return [scores[o] for o in origin], remapped
+        return scores[origin]
+    return [scores[o] for o in origin]
 
 
 def _estimate(ctx: RunContext, state: RunState, request: EstimateRequest, name: str):
@@ -101,18 +97,21 @@ def _scores(ctx: RunContext, state: RunState, stage: PruneStage, name: str):
     stats = _estimate(ctx, state, request, name)
     scores = scores_from_statistics(state.model, state.adapter, stats, request)
     ctx.events.emit("estimate_end", stage=name, version=state.version)
-    return scores, stats
+    return scores
 
 
 def _prune_step(
     ctx: RunContext, state: RunState, idx: int, stage: PruneStage, name: str, budget: Budget
 ) -> PrunePlan:
-    scores, stats = _scores(ctx, state, stage, name)
-    plan = _plan(ctx, state, idx, scores, stats, budget)
+    scores = _scores(ctx, state, stage, name)
+    plan = _plan(ctx, state, idx, scores, budget)
     guards = ctx.cfg.guards
     accuracy_before = _val_accuracy(ctx, state) if guards.max_accuracy_drop is not None else None
     for attempt in range(guards.retries + 1):
         backup = copy.deepcopy(state.model)
+        compensate_model(
+            state.model, state.adapter, plan, stage, ctx.calibration, work_dir=ctx.out, log=ctx.log
+        )
         apply_plan(state.model, state.adapter, plan)
         try:
             check_finite(state.model, ctx.calibration[0])
@@ -125,7 +124,7 @@ def _prune_step(
                 raise JobError(f"stage {name}: {exc}; no retries left") from None
             budget = budget.scaled(guards.retry_shrink)
             ctx.events.emit("retry", stage=name, version=state.version, budget=budget.__dict__)
-            plan = _plan(ctx, state, idx, scores, stats, budget)
+            plan = _plan(ctx, state, idx, scores, budget)
     if plan.granularity == "layers":
         dropped = set(plan.drop_layers)
         state.layer_origin = [o for i, o in enumerate(state.layer_origin) if i not in dropped]
@@ -137,9 +136,24 @@ def _prune_step(
         granularity=stage.kind,
         removed_units=plan.removed_units(),
         params=param_count(state.model),
+        **_compensation_event(plan),
     )
     sync_workers(ctx, state, name)
     return plan
+
+
+def _compensation_event(plan: PrunePlan) -> dict:
+    """The prune event's compensation fields: method and mean relative output error."""
+    layers = plan.compensation.get("layers")
+    if not layers:
+        return {}
+    mean = {
+        k: sum(e[k] for e in layers.values()) / len(layers) for k in next(iter(layers.values()))
+    }
+    return {
+        "compensation": plan.compensation["method"],
+        **{k: round(v, 6) for k, v in mean.items()},
+    }
 
 
 def _val_accuracy(ctx: RunContext, state: RunState) -> float:
@@ -158,10 +172,10 @@ def _check_accuracy_drop(ctx: RunContext, state: RunState, accuracy_before: floa
         )
 
 
-def _plan(ctx: RunContext, state: RunState, idx: int, scores, stats, budget) -> PrunePlan:
+def _plan(ctx: RunContext, state: RunState, idx: int, scores, budget) -> PrunePlan:
     return plan_stage(
         state.model, state.adapter, ctx.cfg.stages, idx, scores,
-        limits=ctx.limits, version_in=state.version, budget=budget, stats=stats,
+        limits=ctx.limits, version_in=state.version, budget=budget,
     )  # fmt: skip
 
 

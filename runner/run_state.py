@@ -73,7 +73,7 @@ class RunState:
     layer_origin: list[int] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
     teachers: dict[str, Teacher] = field(default_factory=dict)
-    dense_estimates: dict = field(default_factory=dict)  # (kind, criterion) -> (scores, stats)
+    dense_estimates: dict = field(default_factory=dict)  # (kind, criterion) -> scores
 
     def snapshot(self) -> dict:
         return {"params": param_count(self.model), "version": self.version}

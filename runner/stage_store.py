@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from stages.atomic import atomic_directory, write_json_atomic
+from stages.base import PrunePlan
 from stages.checkpoint import DiskFullError, disk_full_error, save_checkpoint
 
 _STAGE_DIR = re.compile(r"^(\d{2})_(.+)$")
@@ -31,9 +32,7 @@ class StageStore:
         try:
             with atomic_directory(final) as tmp:
                 if "plan" in extra:
-                    plans = extra["plan"]
-                    body = plans[0] if len(plans) == 1 else {"steps": plans}
-                    write_json_atomic(tmp / "plan.json", body)
+                    _write_plans(tmp, extra["plan"])
                 if model_dir is not None:
                     os.replace(model_dir, tmp / "model")
                 elif model is not None:
@@ -82,3 +81,16 @@ class StageStore:
     def load_extra(self, name: str) -> dict | None:
         path = self.root / f"{name}.json"
         return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_plans(directory: Path, plans: list[PrunePlan]) -> None:
+    """plan.json (one plan, or {"steps": [...]} for a stage split in steps) and the refit
+    tensors of compensated plans beside it (refit.safetensors, refit.step<k>.safetensors)."""
+    body = [p.to_dict() for p in plans]
+    write_json_atomic(directory / "plan.json", body[0] if len(body) == 1 else {"steps": body})
+    for k, plan in enumerate(plans):
+        if plan.refit is not None:
+            name = PrunePlan.REFIT_FILE
+            if len(plans) > 1:
+                name = name.replace(".safetensors", f".step{k}.safetensors")
+            plan.refit.save(directory / name)

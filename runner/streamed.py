@@ -97,9 +97,7 @@ def stream_prune_stages(ctx: RunContext, state: RunState, source: Path) -> int:
         ctx.events.emit("prune", stage=names[i], version=state.version, granularity=stage.kind,
                         removed_units=plan.removed_units(), streamed=True)  # fmt: skip
         moved = model_dir if i == last else None  # the streamed checkpoint, moved not copied
-        ctx.store.save(
-            i, names[i], None, ctx.tokenizer, record, {"plan": [plan.__dict__]}, model_dir=moved
-        )
+        ctx.store.save(i, names[i], None, ctx.tokenizer, record, {"plan": [plan]}, model_dir=moved)
         state.records.append(record)
     return last + 1
 

@@ -1,13 +1,15 @@
-"""PrunePlan: what a stage removes and why, as replayable data (JSON)."""
+"""PrunePlan: what a stage removes and why, as replayable data (JSON + refit tensors)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
+
+from stages.compensation import Refit
 
 Granularity = Literal["layers", "heads", "channels"]
 
@@ -18,7 +20,13 @@ class PrunePlan:
 
     Layer indices refer to the model version the plan was made on (`version_in`).
     For heads/channels, `keep[l]` lists kept unit indices of layer l (every layer present).
+    A compensated cut (stages/compensation.py) also carries `refit`, the refitted output
+    projections of the layers that lost units (tensors: saved as refit.safetensors beside
+    plan.json), and `compensation`, what was fitted and the calibration output error per layer.
     """
+
+    REFIT_FILE: ClassVar[str] = "refit.safetensors"
+    refit: ClassVar[Refit | None] = None  # set per plan (an attribute, not a JSON field)
 
     stage: str
     granularity: Granularity
@@ -29,7 +37,7 @@ class PrunePlan:
     drop_layers: list[int] = field(default_factory=list)
     keep: dict[int, list[int]] = field(default_factory=dict)
     scores: list = field(default_factory=list)
-    bias_deltas: dict[int, list[float]] = field(default_factory=dict)
+    compensation: dict = field(default_factory=dict)
     note: str = ""
 
     def removed_units(self) -> int:
@@ -37,22 +45,33 @@ class PrunePlan:
             return len(self.drop_layers)
         return sum(len(s) - len(self.keep[layer]) for layer, s in enumerate(self.scores))
 
+    def to_dict(self) -> dict:
+        """The JSON part (the refit tensors are not in it)."""
+        return asdict(self)
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> PrunePlan:
         raw = json.loads(text)
         raw["keep"] = {int(k): v for k, v in raw.get("keep", {}).items()}
-        raw["bias_deltas"] = {int(k): v for k, v in raw.get("bias_deltas", {}).items()}
         return cls(**raw)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+        """plan.json at `path`, and its refit tensors beside it (REFIT_FILE) when it has any."""
+        path = Path(path)
+        path.write_text(self.to_json())
+        if self.refit is not None:
+            self.refit.save(path.with_name(self.REFIT_FILE))
 
     @classmethod
     def load(cls, path: str | Path) -> PrunePlan:
-        return cls.from_json(Path(path).read_text())
+        path = Path(path)
+        plan = cls.from_json(path.read_text())
+        if plan.compensation and path.with_name(cls.REFIT_FILE).is_file():
+            plan.refit = Refit.load(path.with_name(cls.REFIT_FILE))
+        return plan
 
 
 def param_count(model: torch.nn.Module) -> int:
@@ -64,14 +83,15 @@ def param_count(model: torch.nn.Module) -> int:
 
 
 def apply_plan(model: torch.nn.Module, adapter, plan: PrunePlan) -> None:
-    """Cut the model as the plan says (replay works on any copy of the `version_in` model)."""
+    """Cut the model as the plan says (replay works on any copy of the `version_in` model).
+
+    Units first, then the refitted output projections of a compensated plan (on a meta-device
+    skeleton only the shapes matter: biases the refit adds are created, no values copied).
+    """
     if plan.granularity == "layers":
         if plan.drop_layers:
             adapter.remove_layers(model, plan.drop_layers)
         return
-    layers = adapter.layers(model)
-    for layer_idx, deltas in plan.bias_deltas.items():
-        _add_out_proj_bias(adapter, model, layers[layer_idx], plan.granularity, deltas)
     for layer_idx in sorted(plan.keep):
         keep = plan.keep[layer_idx]
         if len(keep) == adapter.units(model, layer_idx, plan.granularity):
@@ -80,16 +100,28 @@ def apply_plan(model: torch.nn.Module, adapter, plan: PrunePlan) -> None:
             adapter.prune_attention(model, layer_idx, keep)
         else:
             adapter.prune_mlp(model, layer_idx, keep)
+    if plan.compensation.get("adds_bias"):
+        adapter.ensure_out_proj_bias(model, plan.granularity)
+    if plan.refit is not None:
+        for layer_idx, tensors in plan.refit.items():
+            set_out_projection(model, adapter, layer_idx, plan.granularity, tensors)
 
 
-def _add_out_proj_bias(adapter, model, layer, granularity: str, deltas: list[float]) -> None:
-    """FLAP bias compensation: fold the removed columns' mean contribution into the bias."""
-    module = adapter.out_proj(layer, granularity)
-    if getattr(module, "bias", None) is None:
+def set_out_projection(model, adapter, layer_idx: int, granularity: str, tensors: dict) -> None:
+    """Give layer i's output projection refitted "weight" [out, in] / "bias" [out] values."""
+    module = adapter.out_proj(adapter.layers(model)[layer_idx], granularity)
+    if "bias" in tensors and getattr(module, "bias", None) is None:
         adapter.ensure_out_proj_bias(model, granularity)
-    bias = module.bias
     with torch.no_grad():
-        bias.add_(torch.tensor(deltas, dtype=bias.dtype, device=bias.device))
+        for name, value in tensors.items():
+            target = adapter.out_proj_weight(module) if name == "weight" else module.bias
+            if target.shape != value.shape:
+                raise ValueError(
+                    f"layer {layer_idx} {granularity} refit {name}: shape {tuple(value.shape)} "
+                    f"does not fit the projection's {tuple(target.shape)}"
+                )
+            if target.device.type != "meta":
+                target.copy_(value.to(dtype=target.dtype, device=target.device))
 
 
 def stage_names(stages) -> list[str]:

@@ -160,35 +160,6 @@ def fluctuation(
     return (variance * col_norm_sq).reshape(units, unit_width).sum(dim=1).float()
 
 
-def bias_compensation(
-    out_weight: Tensor, x_sum: Tensor, count: Number, removed_columns: Tensor
-) -> Tensor:
-    """delta_bias = W[:, removed] @ mean_t(X[removed]) [out], to ADD to the out-projection bias.
-
-    Paper: FLAP (An et al. 2024), baseline bias compensation. Then Linear(x without the removed
-    columns) + delta_bias equals Linear(x) on the mean input, and exactly for columns that are
-    constant over tokens. ``removed_columns`` are column indices (see :func:`unit_columns`) or
-    a boolean mask over columns. Returned as float32; the caller casts to the bias dtype.
-    """
-    _check_vector(out_weight, x_sum, "x_sum", "bias_compensation")
-    n = _count(count, "bias_compensation")
-    cols = removed_columns
-    if cols.dtype == torch.bool:
-        if cols.shape != x_sum.shape:
-            raise ImportanceError(
-                f"bias_compensation: boolean removed_columns has shape {tuple(cols.shape)}, "
-                f"expected {tuple(x_sum.shape)}"
-            )
-        cols = cols.nonzero().reshape(-1)
-    cols = cols.long().reshape(-1)
-    if cols.numel() and (cols.min() < 0 or cols.max() >= out_weight.shape[1]):
-        raise ImportanceError(
-            f"bias_compensation: removed column index out of range [0, {out_weight.shape[1]})"
-        )
-    mean = x_sum.double()[cols] / n
-    return (out_weight[:, cols].double() @ mean).float()
-
-
 def activation_norm(x_sq_sum: Tensor, count: Number, unit_width: int) -> Tensor:
     """s_u = sqrt(sum_{j in u} x_sq_sum_j / N): RMS over tokens of the unit's activation norm.
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from stages.checkpoint import CheckpointError, build_on_meta
+from stages.checkpoint import CheckpointError, build_on_meta, saved_layouts
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -177,7 +177,10 @@ def meta_skeleton(
     """
 
     try:
-        model = build_on_meta(source.config, attn_implementation=attn_implementation)
+        layouts = saved_layouts(source.config)  # a pruned checkpoint streams too
+        model = build_on_meta(
+            source.config, layouts=layouts, attn_implementation=attn_implementation
+        )
     except CheckpointError as err:
         raise LazyWeightsError(str(err)) from None
     for name, param in model.named_parameters(remove_duplicate=False):

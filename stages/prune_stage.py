@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stages.compensation import CompensationSettings
 from stages.criteria import criteria_for, get_criterion
 
 PRUNE_KINDS = ("layers", "heads", "channels")
@@ -32,10 +33,38 @@ class PruneStage(BaseModel):
         None, gt=0.0, le=1.0, description="share of the remaining parameter budget of target.ratio"
     )
     normalize: Literal["none", "mean", "max"] = "mean"
-    bias_compensation: bool = False
+    compensate: Literal["none", "bias", "lsq"] = Field(
+        "none",
+        description="refit the output projection of every layer that lost units, in closed form "
+        "on the calibration data: lsq = least squares on its kept inputs (+ intercept where it "
+        "has a bias), bias = the intercept only (FLAP); stages/compensation.py",
+    )
+    compensate_inputs: Literal["sequential", "parallel"] = Field(
+        "sequential",
+        description="sequential: fit on the inputs of the model cut so far (layers below already "
+        "compensated), parallel: on the uncut model's own inputs (FLAP)",
+    )
+    compensate_ridge: float = Field(
+        1e-2, gt=0.0, le=1e3, description="ridge towards the current weights, x mean input power"
+    )
     estimate_on: Literal["current", "dense"] = Field(
         "current", description="dense: score on the unpruned model once (one-shot baselines)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bias_compensation_alias(cls, value: Any) -> Any:
+        """`bias_compensation: true` (before `compensate` existed) is FLAP's: bias, parallel."""
+        if isinstance(value, dict) and "bias_compensation" in value:
+            value = dict(value)
+            if value.pop("bias_compensation"):
+                value.setdefault("compensate", "bias")
+                value.setdefault("compensate_inputs", "parallel")
+        return value
+
+    @property
+    def compensation(self) -> CompensationSettings:
+        return CompensationSettings(self.compensate, self.compensate_inputs, self.compensate_ridge)
 
     @model_validator(mode="after")
     def _check(self) -> PruneStage:
@@ -48,8 +77,11 @@ class PruneStage(BaseModel):
         given = [k for k in ("ratio", "count", "share") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of ratio, count, share (got {given or 'none'})")
-        if self.bias_compensation and self.criterion != "fluctuation":
-            raise ValueError("bias_compensation is only defined for criterion fluctuation (FLAP)")
+        if self.kind == "layers" and self.compensate != "none":
+            raise ValueError(
+                "compensate refits the projection that consumed removed heads or channels; a "
+                "layers stage removes whole blocks: use compensate: none"
+            )
         return self
 
 

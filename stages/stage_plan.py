@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from stages.base import PrunePlan, apply_plan, param_count, stage_names
+from stages.base import PrunePlan, param_count, stage_names
 from stages.budget import Budget, stage_budget
-from stages.estimate import EstimateRequest, estimate_locally
 from stages.layers import max_layers_for_target, plan_layer_removal
 from stages.prune_stage import is_prune_stage
 from stages.units import plan_unit_removal, total_units
@@ -67,15 +66,14 @@ def plan_stage(
     limits: PlanLimits,
     version_in: int,
     budget: Budget | None = None,
-    stats=None,
 ) -> PrunePlan:
     """The plan of prune stage stages[idx] on `model` (as cut by the stages before it).
 
     The job and the layer-streamed path both plan with this. `budget` defaults to the stage's
     own (`stage_budget_for`); the job passes parts of it when SIA splits a stage into steps.
     A share-driven layer stage is capped so the later head/channel stages can still reach the
-    target. `stats` feeds the plan's FLAP bias deltas when they are computed in memory (the
-    streamed path computes them layer by layer instead and passes none).
+    target. A compensated stage's refit is computed after planning (stages/compensate_model.py,
+    stages.streaming.compensate).
     """
     stage = stages[idx]
     if budget is None:
@@ -105,26 +103,5 @@ def plan_stage(
         normalize=stage.normalize,
         uniform=limits.uniform,
         round_to=limits.round_to if stage.kind == "channels" else None,
-        stats=stats,
-        bias_compensation=stage.bias_compensation and stats is not None,
         **common,
     )
-
-
-def prune_in_memory(
-    model, adapter, stages: Sequence, batches: Sequence[dict], limits: PlanLimits
-) -> list[PrunePlan]:
-    """The stages without recovery on a model held in memory: estimate, plan, apply, in place.
-
-    The reference the streamed path must match plan for plan (tests, benchmarks/streaming.py).
-    """
-    plans = []
-    for idx, stage in enumerate(stages):
-        request = EstimateRequest(stage.kind, stage.criterion)
-        scores, stats = estimate_locally(model, adapter, batches, request)
-        plan = plan_stage(
-            model, adapter, stages, idx, scores, limits=limits, version_in=idx, stats=stats
-        )
-        apply_plan(model, adapter, plan)
-        plans.append(plan)
-    return plans

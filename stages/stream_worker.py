@@ -29,12 +29,14 @@ from transformers import DynamicCache
 
 from stages.arch import get_adapter
 from stages.arch_base import backbone
-from stages.base import PrunePlan, apply_plan
+from stages.base import PrunePlan, apply_plan, set_out_projection
+from stages.compensation import CompensationSettings, Refit
 from stages.criteria import get_criterion
 from stages.estimate import EstimateRequest
 from stages.layer_view import LayerView, from_layer, to_layer
 from stages.lazy_weights import LazyCheckpoint, meta_skeleton, module_name
 from stages.statistics import get_statistic
+from stages.stream_compensate import CompensationPass
 
 Stats = dict[str, torch.Tensor]
 Part = tuple[int, Stats]  # (global micro-batch index, that batch's sums)
@@ -62,8 +64,9 @@ class LayerOp:
     granularity: str
     keep: tuple[int, ...]
     full: bool  # every unit kept: nothing to slice
-    bias: bool  # the plan compensated biases (every layer gets out-projection biases)
-    delta: tuple[float, ...] | None
+    bias: bool  # the plan's refit added out-projection biases (every layer gets them)
+    refit: Refit | None = None  # the plan's refit tensors (read when the layer is replayed)
+    plan_layer: int = 0  # this layer's index in the plan (its version_in numbering)
 
 
 def layer_history(plans: Sequence[PrunePlan], n_layers: int) -> list[tuple[int, tuple]]:
@@ -74,15 +77,14 @@ def layer_history(plans: Sequence[PrunePlan], n_layers: int) -> list[tuple[int, 
             dropped = set(plan.drop_layers)
             current = [c for j, c in enumerate(current) if j not in dropped]
             continue
-        bias = bool(plan.bias_deltas)
+        bias = bool(plan.compensation.get("adds_bias"))
         updated = []
         for j, (origin, ops) in enumerate(current):
             keep = tuple(int(u) for u in plan.keep[j])
             full = len(keep) == len(plan.scores[j])
-            delta = plan.bias_deltas.get(j)
-            if not full or bias:
-                op = LayerOp(plan.granularity, keep, full, bias, tuple(delta) if delta else None)
-                ops = (*ops, op)
+            refit = plan.refit if plan.refit is not None and j in plan.refit.layers() else None
+            if not full or bias or refit is not None:
+                ops = (*ops, LayerOp(plan.granularity, keep, full, bias, refit, j))
             updated.append((origin, ops))
         current = updated
     return current
@@ -140,19 +142,18 @@ class LayerSource:
         return meta_layer
 
     def _replay(self, model: nn.Module, i: int, layer: nn.Module, op: LayerOp) -> None:
+        """One cut, as `apply_plan` performs it: units, then the refitted projection."""
         adapter = self.adapter
-        if op.bias:
-            module = adapter.out_proj(layer, op.granularity)
-            if getattr(module, "bias", None) is None:
-                adapter.ensure_out_proj_bias(model, op.granularity)
-            if op.delta is not None:
-                bias = module.bias
-                bias.add_(torch.tensor(op.delta, dtype=bias.dtype, device=bias.device))
         if not op.full:
             if op.granularity == "heads":
                 adapter.prune_attention(model, i, list(op.keep))
             else:
                 adapter.prune_mlp(model, i, list(op.keep))
+        module = adapter.out_proj(layer, op.granularity)
+        if op.bias and getattr(module, "bias", None) is None:
+            adapter.ensure_out_proj_bias(model, op.granularity)
+        if op.refit is not None:
+            set_out_projection(model, adapter, i, op.granularity, op.refit.get(op.plan_layer))
 
     def restore(self, model: nn.Module, i: int, meta_layer: nn.Module) -> None:
         """Put the meta layer back (the real weights are freed with the last reference)."""
@@ -236,6 +237,7 @@ class LayerStreamWorker:
         self._meta_layer: nn.Module | None = None
         self._outputs: list[torch.Tensor | None] | None = None
         self._batch = 0
+        self._compensation: CompensationPass | None = None
 
     # ---- a pass --------------------------------------------------------------------------------
     def begin_pass(self, plans: Sequence[PrunePlan], activations: bool = True) -> int:
@@ -315,15 +317,20 @@ class LayerStreamWorker:
             raise StreamWorkerError("no layer loaded: call load_layer(i) first")
         return self.adapter.layers(self.model)[self.layer_idx]
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int, layer: nn.Module | None = None, hidden=None) -> torch.Tensor:
+        """Micro-batch b through the loaded layer (or `layer`) from its carried (or `hidden`)
+        inputs, with the masks and rotary embeddings the model's own forward computed."""
         args, kwargs = self.calls[b][self.layer_idx]
-        kwargs = dict(kwargs)
-        for key in ("cache", "past_key_values"):
-            # a fresh cache per call, as the in-memory forward's first (and only) step sees
-            if isinstance(kwargs.get(key), DynamicCache):
-                kwargs[key] = DynamicCache(config=self.model.config)
-        out = self._layer()(self.hidden[b], *args, **kwargs)
+        # a fresh cache per call, as the in-memory forward's first (and only) step sees (GPT-2
+        # passes it positionally); a layer run twice on one batch must not see its own keys
+        args = tuple(self._fresh(a) for a in args)
+        kwargs = {k: self._fresh(v) for k, v in kwargs.items()}
+        layer = self._layer() if layer is None else layer
+        out = layer(self.hidden[b] if hidden is None else hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
+
+    def _fresh(self, value):
+        return DynamicCache(config=self.model.config) if isinstance(value, DynamicCache) else value
 
     def _view(self) -> LayerView:
         return LayerView(self.model, self.adapter, self._layer(), self._view_forward)
@@ -390,6 +397,23 @@ class LayerStreamWorker:
                     out if out is not None else self._forward(b) for b, out in enumerate(outputs)
                 ]
         self.unload()
+
+    # ---- a compensation pass (stages/stream_compensate.py) -----------------------------------
+    def begin_compensation(
+        self, plans: Sequence[PrunePlan], plan: PrunePlan, settings: CompensationSettings
+    ) -> int:
+        """Start refitting `plan` (made on the model after `plans`); returns the layer count."""
+        self._compensation = CompensationPass(self, plans, plan, settings)
+        return self._compensation.n_layers
+
+    def compensation_step(self, i: int) -> list[Part]:
+        return self._compensation.step(i)
+
+    def compensation_fit(self, totals: Stats):
+        return self._compensation.fit(totals)
+
+    def compensation_advance(self, tensors) -> None:
+        self._compensation.advance(tensors)
 
     def step(self, i: int, request: EstimateRequest) -> list[Part]:
         """load_layer(i) + statistics(request): one round trip for remote workers."""

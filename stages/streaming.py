@@ -25,8 +25,8 @@ from typing import Protocol
 
 import torch
 
-from stages import importance as imp
 from stages.base import PrunePlan, apply_plan, param_count, stage_names
+from stages.compensation import CompensationSettings, Refit
 from stages.criteria import get_criterion
 from stages.estimate import EstimateRequest
 from stages.prune_stage import PruneStage, streaming_problems
@@ -42,7 +42,7 @@ from stages.stream_worker import (
 from stages.stream_write import write_streamed_checkpoint
 
 STREAMABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "opt", "gpt_neox")
-_KEEP_KEYS = ("x_sum", "x_sq_sum", "dist_sum")  # small per-layer sums kept after scoring
+_KEEP_KEYS = ("dist_sum",)  # small per-layer sums kept after scoring
 HEARTBEAT_S = 30.0
 
 Log = Callable[[str], None]
@@ -67,6 +67,16 @@ class StreamExecutor(Protocol):
     def layer_scores(self, request: EstimateRequest, totals: Stats) -> torch.Tensor: ...
 
     def advance(self) -> None: ...
+
+    def begin_compensation(
+        self, plans: Sequence[PrunePlan], plan: PrunePlan, settings: CompensationSettings
+    ) -> int: ...
+
+    def compensation_step(self, i: int) -> list[Part]: ...
+
+    def compensation_fit(self, totals: Stats): ...
+
+    def compensation_advance(self, tensors) -> None: ...
 
     def close(self) -> None: ...
 
@@ -104,6 +114,19 @@ class LocalStreamExecutor:
     def advance(self) -> None:
         for w in self._workers:
             w.advance()
+
+    def begin_compensation(self, plans, plan, settings) -> int:
+        return [w.begin_compensation(plans, plan, settings) for w in self._workers][0]
+
+    def compensation_step(self, i: int) -> list[Part]:
+        return [part for w in self._workers for part in w.compensation_step(i)]
+
+    def compensation_fit(self, totals: Stats):
+        return self._workers[0].compensation_fit(totals)
+
+    def compensation_advance(self, tensors) -> None:
+        for w in self._workers:
+            w.compensation_advance(tensors)
 
     def close(self) -> None:
         self._workers = []
@@ -144,13 +167,13 @@ def stream_pass(
     request: EstimateRequest,
     *,
     heartbeat: Heartbeat | None = None,
-    keep_gram: bool = False,
+    keep_sums: bool = False,
 ) -> tuple[torch.Tensor | list[torch.Tensor], Stats]:
     """Score every layer of the model after `plans` in one streamed pass: (scores, stats).
 
     Scores have the in-memory shapes (a float32 [layers] tensor for layers, else one float64
-    [units] tensor per layer); stats keeps rows, tokens and the small per-layer sums (Gram
-    matrices only with keep_gram).
+    [units] tensor per layer); stats keeps rows, tokens and the layers' block distances (every
+    per-layer sum with keep_sums: tests compare them with the in-memory sums).
     """
     activations = bool(get_criterion(request.criterion).statistics)
     n_layers = executor.begin_pass(plans, activations)
@@ -166,11 +189,60 @@ def stream_pass(
         for key, value in totals.items():
             if "." not in key:
                 stats.setdefault(key, value)
-            elif keep_gram or key.split(".", 1)[1] in _KEEP_KEYS:
+            elif keep_sums or key.split(".", 1)[1] in _KEEP_KEYS:
                 stats[key] = value
     if request.granularity == "layers":
         return torch.stack(scores), stats
     return scores, stats
+
+
+def compensate(
+    executor: StreamExecutor,
+    plans: Sequence[PrunePlan],
+    plan: PrunePlan,
+    settings: CompensationSettings,
+    *,
+    adds_bias: bool,
+    heartbeat: Heartbeat | None = None,
+) -> None:
+    """Refit the layers `plan` cuts (made on the model after `plans`), one streamed pass.
+
+    Per layer: every worker's per-micro-batch sums, reduced in global batch order, one fit
+    (stages/compensation.py) on the first worker, the refit sent to all. Sets plan.refit and
+    plan.compensation (method, inputs, ridge, and each refit layer's calibration output error
+    before and after, relative to the layer's output power).
+    """
+    n_layers = executor.begin_compensation(plans, plan, settings)
+    tensors, errors = {}, {}
+    for i in range(n_layers):
+        if heartbeat is not None:
+            heartbeat.status = f"compensation ({settings.method}): layer {i + 1}/{n_layers}"
+        totals = reduce_parts(executor.compensation_step(i))
+        fitted = executor.compensation_fit(totals) if totals else None
+        if fitted is not None:
+            tensors[i], errors[str(i)] = fitted
+        executor.compensation_advance(tensors.get(i))
+    plan.refit = Refit(tensors)
+    plan.compensation = {
+        "method": settings.method,
+        "inputs": settings.inputs,
+        "ridge": settings.ridge,
+        "adds_bias": adds_bias,
+        "layers": errors,
+    }
+
+
+def _spill(plan: PrunePlan, work_dir: Path | None, idx: int) -> None:
+    """Keep a compensated plan's refit on disk instead of in memory (a model larger than it)."""
+    if work_dir is not None and plan.refit is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        plan.refit.spill(work_dir / f"stage{idx:02d}.{PrunePlan.REFIT_FILE}")
+
+
+def adds_out_proj_bias(model, adapter, stage: PruneStage) -> bool:
+    """Does this stage's compensation give the output projections a bias they do not have?"""
+    module = adapter.out_proj(adapter.layers(model)[0], stage.kind)
+    return stage.compensate == "bias" and getattr(module, "bias", None) is None
 
 
 def _spec(source_dir, device, compute_dtype, attn_implementation, torch_threads) -> StreamSpec:
@@ -208,7 +280,7 @@ def stream_scores(
     compute_dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
     torch_threads: int | None = None,
-    keep_gram: bool = False,
+    keep_sums: bool = False,
 ):
     """Scores of one request on the source cut by `plans`, streamed: (scores, stats)."""
     _check_stages([PruneStage(kind=request.granularity, criterion=request.criterion, count=1)])
@@ -216,42 +288,12 @@ def stream_scores(
     spec = _spec(source_dir, device, compute_dtype, attn_implementation, torch_threads)
     executor.start(spec, _check_batches(calibration_batches))
     try:
-        return stream_pass(executor, plans, request, keep_gram=keep_gram)
+        return stream_pass(executor, plans, request, keep_sums=keep_sums)
     finally:
         executor.close()
 
 
 # ---- plans ---------------------------------------------------------------------------------------
-def bias_deltas(
-    source: LayerSource, plans: Sequence[PrunePlan], plan: PrunePlan, stats: Stats
-) -> dict[int, list[float]]:
-    """FLAP bias compensation of `plan` (made on the model after `plans`), one layer at a time.
-
-    Same maths as the in-memory plan (`importance.bias_compensation` on the removed columns);
-    reads each layer with removed units once more, for its out-projection weight.
-    """
-    model, history = source.current(plans)
-    adapter, gran = source.adapter, plan.granularity
-    width = adapter.unit_width(model, gran)
-    deltas: dict[int, list[float]] = {}
-    for i in sorted(plan.keep):
-        kept = set(plan.keep[i])
-        removed = [u for u in range(len(plan.scores[i])) if u not in kept]
-        if not removed:
-            continue
-        meta_layer = source.materialise(model, i, history[i], None)
-        try:
-            module = adapter.out_proj(adapter.layers(model)[i], gran)
-            cols = torch.cat([torch.arange(u * width, (u + 1) * width) for u in removed])
-            delta = imp.bias_compensation(
-                adapter.out_proj_weight(module).detach(), stats[f"{i}.x_sum"], stats["tokens"], cols
-            )
-        finally:
-            source.restore(model, i, meta_layer)
-        deltas[i] = [float(v) for v in delta.detach()]
-    return deltas
-
-
 def _check_stages(stages: Sequence[PruneStage], params_target: int | None = None) -> None:
     """Refuse, in one line, what the layer-streamed path cannot run (stages.prune_stage rules)."""
     if not stages:
@@ -277,7 +319,7 @@ def _check_source(source: LayerSource, stages: Sequence[PruneStage]) -> None:
             "use the in-memory path"
         )
     for name, stage in zip(stage_names(stages), stages):
-        if stage.bias_compensation:
+        if stage.compensate == "bias":
             try:
                 source.adapter.ensure_out_proj_bias(copy.deepcopy(source.dense), stage.kind)
             except ValueError as err:
@@ -300,6 +342,7 @@ def stream_prune(
     max_shard_size: int | str = "2GB",
     require_uniform: bool = False,
     metadata: dict | None = None,
+    work_dir: str | Path | None = None,
     log: Log = print,
 ) -> list[PrunePlan]:
     """Prune the checkpoint at source_dir stage by stage, streamed; write out_dir; the plans.
@@ -309,6 +352,7 @@ def stream_prune(
     """
     torch.manual_seed(seed)
     limits = limits or PlanLimits()
+    work_dir = Path(work_dir) if work_dir is not None else None
     _check_stages(stages, limits.params_target)
     batches = _check_batches(calibration_batches)
     source = LayerSource(str(source_dir), attn_implementation)
@@ -329,12 +373,17 @@ def stream_prune(
             for idx, stage in enumerate(stages):
                 request = EstimateRequest(stage.kind, stage.criterion)
                 t0 = time.monotonic()
-                scores, stats = stream_pass(executor, plans, request, heartbeat=beat)
+                scores, _ = stream_pass(executor, plans, request, heartbeat=beat)
                 plan = plan_stage(
                     model, adapter, stages, idx, scores, limits=limits, version_in=idx
                 )
-                if stage.kind != "layers" and stage.bias_compensation:
-                    plan.bias_deltas = bias_deltas(source, plans, plan, stats)
+                if stage.compensation.active:
+                    beat.status = f"stage {names[idx]}: compensation ({stage.compensate})"
+                    compensate(
+                        executor, plans, plan, stage.compensation, heartbeat=beat,
+                        adds_bias=adds_out_proj_bias(model, adapter, stage),
+                    )  # fmt: skip
+                    _spill(plan, work_dir, idx)
                 apply_plan(model, adapter, plan)
                 plans.append(plan)
                 beat.say(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from stages import importance as imp
 from stages.base import PrunePlan
 from stages.budget import Budget
 from stages.selection import select_by_cost, select_global
@@ -36,8 +35,6 @@ def plan_unit_removal(
     normalize: str = "mean",
     uniform: bool = False,
     round_to: int | None = None,
-    stats: dict | None = None,
-    bias_compensation: bool = False,
 ) -> PrunePlan:
     costs = unit_costs(model, adapter, granularity)
     note = ""
@@ -70,24 +67,4 @@ def plan_unit_removal(
         scores=[[float(v) for v in s] for s in scores],
         note=note,
     )
-    if bias_compensation:
-        plan.bias_deltas = _bias_deltas(model, adapter, granularity, selection.remove, stats or {})
     return plan
-
-
-def _bias_deltas(
-    model, adapter, granularity, removed: list[list[int]], stats
-) -> dict[int, list[float]]:
-    width = adapter.unit_width(model, granularity)
-    layers = adapter.layers(model)
-    deltas = {}
-    for i, units in enumerate(removed):
-        if not units:
-            continue
-        module = adapter.out_proj(layers[i], granularity)
-        cols = imp.unit_columns(units, width)
-        delta = imp.bias_compensation(
-            adapter.out_proj_weight(module).detach(), stats[f"{i}.x_sum"], stats["tokens"], cols
-        )
-        deltas[i] = [float(v) for v in delta.detach()]
-    return deltas

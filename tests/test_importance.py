@@ -11,7 +11,6 @@ from scipy.stats import spearmanr
 from stages.importance import (
     ImportanceError,
     activation_norm,
-    bias_compensation,
     block_influence,
     condition_scores,
     cosine_distance_stats,
@@ -94,28 +93,6 @@ def test_fluctuation_constant_column_scores_zero_and_matches_hand_value():
     _close(fluctuation(W24, x_sum, x_sq_sum, count, unit_width=2), [1.25, 40.0])
     with pytest.raises(ImportanceError, match="count must be >= 2"):
         fluctuation(W24, x_sum, x_sq_sum, 1, 1)
-
-
-def test_bias_compensation_restores_linear_output():
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(4, 3)
-    x = torch.randn(10, 4)
-    x[:, 1] = 0.7  # constant over tokens
-    x[:, 3] = -1.3
-    count, x_sum, _ = activation_sums(x)
-    removed = unit_columns([1, 3], 1)
-    delta = bias_compensation(linear.weight.detach(), x_sum, count, removed)
-    masked = x.clone()
-    masked[:, removed] = 0.0
-    with torch.no_grad():
-        _close(linear(masked) + delta, linear(x), rtol=1e-5, atol=1e-5)
-        # for arbitrary removed columns it holds on the mean over tokens
-        delta0 = bias_compensation(
-            linear.weight, x_sum, count, torch.tensor([True, False, False, False])
-        )
-        masked0 = x.clone()
-        masked0[:, 0] = 0.0
-        _close((linear(masked0) + delta0).mean(0), linear(x).mean(0), rtol=1e-5, atol=1e-5)
 
 
 def test_activation_norm_by_hand():
@@ -218,8 +195,6 @@ def test_statistics_of_two_shards_add_up_to_the_whole():
     _close(fluctuation(w, x_sum, x_sq, count, 2), fluctuation(w, whole[1], whole[2], whole[0], 2))
     _close(wanda(w, x_sq, count, 3), wanda(w, whole[2], whole[0], 3))
     _close(activation_norm(x_sq, count, 1), activation_norm(whole[2], whole[0], 1))
-    cols = torch.tensor([0, 5])
-    _close(bias_compensation(w, x_sum, count, cols), bias_compensation(w, whole[1], whole[0], cols))
     gram = gram_sum(x[:1], mask[:1]) + gram_sum(x[1:], mask[1:])
     _close(condition_scores(w, gram, 2), condition_scores(w, gram_sum(x, mask), 2))
     d = [cosine_distance_stats(x[i : i + 1], h_out[i : i + 1], mask[i : i + 1]) for i in range(2)]

@@ -15,8 +15,14 @@ from stages.checkpoint import load_pruned
 
 STAGES = [
     {"kind": "layers", "criterion": "block_influence", "count": 1},
-    {"kind": "heads", "criterion": "wanda", "share": 0.5},
-    {"kind": "channels", "criterion": "fluctuation", "share": 0.5},
+    {"kind": "heads", "criterion": "wanda", "share": 0.5, "compensate": "lsq"},
+    {
+        "kind": "channels",
+        "criterion": "fluctuation",
+        "share": 0.5,
+        "compensate": "lsq",
+        "compensate_inputs": "parallel",
+    },
     {"kind": "recover", "steps": 2, "batch_size": 4},
 ]
 
@@ -45,6 +51,10 @@ def test_streamed_job_makes_the_in_memory_plans(tmp_path) -> None:
         a = json.loads((tmp_path / "memory" / "stages" / stage / "plan.json").read_text())
         b = json.loads((tmp_path / "stream" / "stages" / stage / "plan.json").read_text())
         assert a["keep"] == b["keep"] and a["drop_layers"] == b["drop_layers"], stage
+        assert a["compensation"] == b["compensation"], stage
+    for run in ("memory", "stream"):  # the refit tensors beside the compensated stages' plans
+        for stage in ("01_heads", "02_channels"):
+            assert (tmp_path / run / "stages" / stage / "refit.safetensors").is_file()
     assert report["final"]["params"] == memory["final"]["params"]
     assert report["final"]["dense_accuracy"] is None and "streamed run" in report["warnings"][0]
     a = load_pruned(tmp_path / "memory" / "checkpoint").state_dict()

@@ -22,10 +22,11 @@ from transformers import LlamaForCausalLM
 from stages.arch import get_adapter
 from stages.base import apply_plan
 from stages.checkpoint import load_pruned, save_checkpoint, verify_manifest
+from stages.compensate_model import prune_in_memory
 from stages.estimate import EstimateRequest, estimate_locally
 from stages.lazy_weights import LazyCheckpoint, LazyWeightsError, ShardWriter
 from stages.prune_stage import PruneStage
-from stages.stage_plan import PlanLimits, prune_in_memory
+from stages.stage_plan import PlanLimits
 from stages.streaming import (
     Heartbeat,
     LocalStreamExecutor,
@@ -77,7 +78,7 @@ def test_streamed_scores_and_sums_equal_in_memory(family, tmp_path):
     for request in REQUESTS:
         want, want_stats = estimate_locally(model, adapter, batches, request)
         got, got_stats = stream_scores(
-            source, batches, request, attn_implementation="eager", keep_gram=True
+            source, batches, request, attn_implementation="eager", keep_sums=True
         )
         assert_scores_equal(got, want)
         for key, value in want_stats.items():
@@ -111,8 +112,9 @@ def test_rows_split_over_two_workers_give_the_same_sums(tmp_path):
     for request in (EstimateRequest("layers", "block_influence"), *UNIT_REQUESTS[:3]):
         want, want_stats = estimate_locally(model, adapter, batches, request)
         got, got_stats = stream_scores(
-            source, batches, request, executor=LocalStreamExecutor(2), attn_implementation="sdpa"
-        )
+            source, batches, request, executor=LocalStreamExecutor(2),
+            attn_implementation="sdpa", keep_sums=True,
+        )  # fmt: skip
         assert_scores_equal(got, want)
         for key in ("rows", "tokens", "0.x_sum", "2.x_sq_sum", "1.dist_sum"):
             if key in want_stats:
@@ -124,7 +126,12 @@ def cascade_stages(bias: bool) -> list[PruneStage]:
     return [
         PruneStage(kind="layers", criterion="block_influence", share=0.3),
         PruneStage(kind="heads", criterion="wanda", share=0.3),
-        PruneStage(kind="channels", criterion="fluctuation", share=0.4, bias_compensation=bias),
+        PruneStage(
+            kind="channels",
+            criterion="fluctuation",
+            share=0.4,
+            compensate="bias" if bias else "none",
+        ),
     ]
 
 
@@ -155,7 +162,7 @@ def test_streamed_cascade_matches_in_memory(family, bias, tmp_path):
     assert [asdict(p) for p in plans] == [asdict(p) for p in want]
     assert plans[0].drop_layers and all(p.removed_units() for p in plans)
     if bias:
-        assert plans[2].bias_deltas
+        assert plans[2].refit is not None and plans[2].compensation["layers"]
     assert any("stage channels" in line for line in lines)
 
     out = tmp_path / "out"
@@ -233,7 +240,7 @@ def test_bad_requests_are_refused_before_any_pass(tmp_path):
     with pytest.raises(StreamingError, match="calibration_batches is empty"):
         stream_prune(llama, tmp_path / "o", stages, [], limits=PlanLimits(1), log=lambda _: None)
     qwen = saved(tiny_qwen2(), tmp_path, "qwen")
-    flap = [PruneStage(kind="channels", criterion="fluctuation", count=1, bias_compensation=True)]
+    flap = [PruneStage(kind="channels", criterion="fluctuation", count=1, compensate="bias")]
     with pytest.raises(StreamingError, match="cannot express one"):
         stream_prune(qwen, tmp_path / "o", flap, calibration(), log=lambda _: None)
     bert = saved(tiny_bert(), tmp_path, "bert")
