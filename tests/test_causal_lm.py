@@ -3,6 +3,7 @@ end to end on a tiny Llama and local text (local, resumed and on Ray workers).""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
@@ -14,6 +15,7 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from runner.cli_eval import main as eval_main
 from runner.compare import CompareConfig, run_compare
 from runner.config import ConfigError, parse_config
 from runner.demo_models import build_tokenizer
@@ -263,3 +265,16 @@ def test_compare_of_causal_lms_tabulates_perplexity_and_choice_accuracy(lm_run, 
         assert f"{row['lm_perplexity']:.2f}" in md
     assert f"| dense |  | 1.0x |  | {rows[0]['dense_lm_perplexity']:.2f} |" in md
     assert "for a causal LM the accuracy is next-token top-1 accuracy" in md
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed")
+def test_cascade_eval_reproduces_the_jobs_choice_accuracy_through_lm_eval(lm_run, capsys) -> None:
+    root, _, report = lm_run
+    code = eval_main([str(root / "out" / "checkpoint"), "--tasks", "cloze", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    expected = report["final"]["choice_accuracy"]["cloze"]
+    assert json.loads(captured.out)["cloze"] == {
+        "n": expected["n"], "acc": expected["acc"], "acc_norm": expected["acc_norm"]
+    }  # fmt: skip

@@ -50,6 +50,17 @@ def bearing_data(cfg) -> DataConfig:
     )
 
 
+def text_splits(cfg, model_cfg, tokenizer):
+    """The job's text by document (train / validation / test / calibration): the same split on
+    every run of the job, so `cascade eval` rebuilds the cloze items the job's report scored."""
+    return build_text_splits(
+        cfg.data.sources, tokenizer, model_cfg.max_length, seed=cfg.data.seed,
+        validation_fraction=cfg.data.validation_fraction,
+        test_fraction=cfg.data.test_fraction, calibration_blocks=cfg.data.calibration_size,
+        calibration_batch_size=cfg.calibration.batch_size, data_cfg_for_bearing=bearing_data(cfg),
+    )  # fmt: skip
+
+
 def chat_prompt(tokenizer, prompt: str) -> list[int]:
     """An instruct model's chat form of `prompt` when its tokenizer has a template, else raw."""
     if getattr(tokenizer, "chat_template", None):
@@ -111,12 +122,7 @@ class CausalLMTask:
 
     def build_data(self, cfg, model_cfg, model, tokenizer) -> TaskData:
         bearing = bearing_data(cfg)
-        text = build_text_splits(
-            cfg.data.sources, tokenizer, model_cfg.max_length, seed=cfg.data.seed,
-            validation_fraction=cfg.data.validation_fraction,
-            test_fraction=cfg.data.test_fraction, calibration_blocks=cfg.data.calibration_size,
-            calibration_batch_size=cfg.calibration.batch_size, data_cfg_for_bearing=bearing,
-        )  # fmt: skip
+        text = text_splits(cfg, model_cfg, tokenizer)
         evaluation = cfg.evaluation
         splits = {name: encoded(getattr(text, name)) for name in ("train", "calibration")}
         splits["validation"] = encoded(per_domain(text.validation, evaluation.validation_blocks))
