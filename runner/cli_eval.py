@@ -100,7 +100,7 @@ def _yaml_task_name(path: Path) -> str:
 
     Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
     try:
-        config = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise EvalError(f"{path}: not a readable lm-eval task file ({err})") from None
     name = config.get("task") if isinstance(config, dict) else None

@@ -83,13 +83,11 @@ def items_by_task():
     return {name: examples for name, (_, examples) in tasks.items()} | {"odd": odd}
 
 
-def lm_eval_run(model, tok, examples: dict, folder, **hflm):
+def lm_eval_run(wrapper, examples: dict, folder):
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     names = [write_task(name, items, folder) for name, items in examples.items()]
-    wrapper = HFLM(pretrained=model, tokenizer=tok, batch_size=4, add_bos_token=False, **hflm)
     return simple_evaluate(
         model=wrapper,
         tasks=names,
@@ -105,7 +103,10 @@ def test_our_scorer_and_lm_eval_agree_item_by_item(tmp_path):
     source = pruned_model(tok)
     model = load_pruned(save_checkpoint(source, tok, tmp_path / "ckpt"))
     examples = items_by_task()
-    results = lm_eval_run(model, tok, examples, tmp_path / "tasks")
+    from lm_eval.models.huggingface import HFLM
+
+    wrapper = HFLM(pretrained=model, tokenizer=tok, batch_size=4, add_bos_token=False)
+    results = lm_eval_run(wrapper, examples, tmp_path / "tasks")
     picks = set()
     for name, items in examples.items():
         encoded = encode_examples(items, tok)
@@ -113,7 +114,7 @@ def test_our_scorer_and_lm_eval_agree_item_by_item(tmp_path):
         mine = score(encoded, ours)
         theirs = results["results"][f"cascade_{name}"]
         assert (theirs["acc,none"], theirs["acc_norm,none"]) == (mine["acc"], mine["acc_norm"])
-        samples = sorted(results["samples"][f"cascade_{name}"], key=lambda s: s["doc_id"])
+        samples = sorted(results["samples"][f"cascade_{name}"], key=doc_id)
         assert len(samples) == len(items)
         for sample, values in zip(samples, ours):
             logliks = [float(r[0]) for r in sample["filtered_resps"]]
@@ -134,15 +135,20 @@ def test_lm_eval_loads_a_remote_code_export_with_the_same_numbers(tmp_path):
     )
     from lm_eval.models.huggingface import HFLM
 
-    wrapper = HFLM(pretrained=str(folder), trust_remote_code=True, device="cpu", dtype="float32")
+    wrapper = HFLM(
+        pretrained=str(folder), trust_remote_code=True, device="cpu", dtype="float32",
+        add_bos_token=False, batch_size=4,
+    )  # fmt: skip
     assert type(wrapper.model).__name__ == "CascadeLlamaForCausalLM"
-    items = encode_examples(items_by_task()["cloze"], tok)
-    ours = choice_logliks(source, items)
-    requests = [(list(i.context), list(c)) for i in items for c in i.choices]
-    theirs = wrapper._loglikelihood_tokens([(("", ""), ctx, cont) for ctx, cont in requests])
-    torch.testing.assert_close(
-        [ll for ll, _ in theirs], [v for row in ours for v in row], rtol=1e-5, atol=1e-4
-    )
+    examples = {"cloze": items_by_task()["cloze"]}
+    samples = lm_eval_run(wrapper, examples, tmp_path / "tasks")["samples"]["cascade_cloze"]
+    theirs = [[float(r[0]) for r in s["filtered_resps"]] for s in sorted(samples, key=doc_id)]
+    ours = choice_logliks(source, encode_examples(examples["cloze"], tok))
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-4)
+
+
+def doc_id(sample: dict) -> int:
+    return sample["doc_id"]
 
 
 # ---- the command --------------------------------------------------------------------------------
