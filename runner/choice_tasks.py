@@ -11,8 +11,10 @@ Three kinds:
 
 Items are encoded as lm-evaluation-harness encodes them: the continuation is " " + choice, its
 tokens are tokens(context + continuation) minus the first len(tokens(context)) (trailing spaces of
-the context move into the continuation first); no BOS unless asked (lm-eval's HF default);
-acc_norm divides by len(choice) in characters, as lm-eval does.
+the context move into the continuation first); no special tokens unless `add_bos` (lm-eval's
+HFLM with add_bos_token=False, which `cascade eval` passes; an empty context is lm-eval's prefix
+token, BOS or else EOS); acc_norm divides by len(choice) in characters, as lm-eval does. Checked
+against lm-eval itself (pinned in the `eval` extra) by tests/test_lm_eval_harness.py.
 
 The supervised form of bearing QA ("note\\nFault: <answer>" documents, train notes only) is the
 corpus builtin:bearing_qa (runner.corpora), or `bearing_qa_training_texts` here.
@@ -124,7 +126,7 @@ def load_choice_file(
 def encode_examples(
     examples: Sequence[ChoiceExample], tokenizer, *, add_bos: bool = False
 ) -> list[ChoiceItem]:
-    """lm-eval's encoding (see the module docstring); an empty context becomes [EOS] (or BOS)."""
+    """lm-eval's encoding (see the module docstring); an empty context becomes [BOS] (or EOS)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     items = []
     for example in examples:
@@ -139,7 +141,7 @@ def encode_examples(
         if add_bos and bos is not None:
             head = [bos, *head]
         if not head:
-            head = [eos if eos is not None else bos]
+            head = [bos if bos is not None else eos]
         lengths = [len(choice) for choice in example.choices]
         items.append(ChoiceItem(head, choices, example.label, lengths))
     return items
@@ -259,17 +261,28 @@ def _sample(examples: list[ChoiceExample], limit: int | None, seed: int) -> list
 
 
 def build_choice_tasks(
+    specs: Sequence[ChoiceTaskSpec | Mapping | str], tokenizer, **kwargs
+) -> dict[str, list[ChoiceItem]]:
+    """{task name: encoded items}; kwargs go to choice_examples."""
+    return {
+        name: encode_examples(examples, tokenizer, add_bos=spec.add_bos)
+        for name, (spec, examples) in choice_examples(specs, **kwargs).items()
+    }
+
+
+def choice_examples(
     specs: Sequence[ChoiceTaskSpec | Mapping | str],
-    tokenizer,
     *,
     test_documents: Mapping[str, Sequence[Document]] | None = None,
     data_cfg: Any = None,
     seed: int = 0,
     base_dir: str | Path | None = None,
     where: str = "evaluation.choice_tasks",
-) -> dict[str, list[ChoiceItem]]:
-    """{task name: encoded items}. `test_documents` is TextSplits.test_documents (for cloze)."""
-    tasks: dict[str, list[ChoiceItem]] = {}
+) -> dict[str, tuple[ChoiceTaskSpec, list[ChoiceExample]]]:
+    """{task name: (its spec, its items as text)}: what the job's scorer encodes and what
+    `cascade eval` writes as lm-eval task files. `test_documents` is TextSplits.test_documents
+    (for cloze)."""
+    tasks: dict[str, tuple[ChoiceTaskSpec, list[ChoiceExample]]] = {}
     for i, raw in enumerate(specs):
         here = f"{where}.{i}"
         spec = ChoiceTaskSpec.model_validate(raw)
@@ -305,5 +318,5 @@ def build_choice_tasks(
                 f"{spec.context_sentences + 1} consecutive prose sentences); lower "
                 "context_sentences or add test documents"
             )
-        tasks[name] = encode_examples(examples, tokenizer, add_bos=spec.add_bos)
+        tasks[name] = (spec, examples)
     return tasks

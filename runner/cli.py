@@ -10,7 +10,7 @@ import warnings
 
 from transformers.utils import logging as hf_logging
 
-from runner import cli_batch, cli_cluster, cli_export, cli_validate
+from runner import cli_batch, cli_cluster, cli_eval, cli_export, cli_validate
 from runner.compare import load_compare_config, run_compare
 from runner.config import ConfigError, dump_config, load_config
 from runner.demo_models import DEMO_MODELS
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--quiet", action="store_true")
     compare.set_defaults(func=cmd_compare)
 
-    for module in (cli_cluster, cli_validate, cli_batch, cli_export):
+    for module in (cli_cluster, cli_validate, cli_batch, cli_export, cli_eval):
         module.register(sub)
     return parser
 

@@ -1,6 +1,8 @@
 """`cascade export CHECKPOINT --format hf|gguf [--dtype f16|bf16|f32] [-o PATH]`.
 
-hf:   a folder plain transformers loads (uniform, vanilla-expressible layouts only).
+hf:   a folder plain transformers loads (uniform, vanilla-expressible layouts only);
+      with --remote-code any per-layer layout (Llama / Mistral / Qwen2 causal LMs), loaded
+      with trust_remote_code=True through a small modeling file shipped in the folder.
 gguf: one .gguf file for llama.cpp (Llama-family causal LMs; per-layer layouts as `deci`).
 
 The checkpoint is checked against its manifest.json first (--no-verify skips that, and says so).
@@ -42,6 +44,11 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--no-verify", action="store_true", help="do not check the checkpoint's manifest.json"
     )
     parser.add_argument(
+        "--remote-code",
+        action="store_true",
+        help="hf: any per-layer layout, with a modeling file in the folder (trust_remote_code)",
+    )
+    parser.add_argument(
         "--tokenizer-pre",
         help="gguf: llama.cpp pre-tokenizer name when it cannot be recognised (e.g. llama-bpe)",
     )
@@ -58,7 +65,7 @@ def cmd_export(args) -> int:
             return EXIT_BAD_INPUT
         exporter_options["tokenizer_pre"] = args.tokenizer_pre
     try:
-        exporter = get_exporter(args.fmt, **exporter_options)
+        exporter = get_exporter(args.fmt, remote_code=args.remote_code, **exporter_options)
         path = export_checkpoint(
             args.checkpoint,
             exporter,

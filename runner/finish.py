@@ -56,6 +56,8 @@ def _export(ctx: RunContext, state: RunState) -> None:
     cfg, ckpt_dir = ctx.cfg, ctx.out / "checkpoint"
     t0 = time.perf_counter()
     meta = {"job": cfg.name, "source_model": ctx.model_cfg.ref, "dense_params": ctx.dense.params}
+    if ctx.dense.layout is not None:  # the report's dense column, whatever the source was
+        meta["dense_layout"] = ctx.dense.layout
     options = dict(require_uniform=cfg.target.uniform, metadata=meta)
     try:
         if cfg.cluster.executor == "ray":  # workers write layer-range shards, merged into one

@@ -219,7 +219,8 @@ def stages_section(report: Report, figures: bool) -> list[Block]:
         Table(headers, tuple(rows)),
     ]
     if figures:
-        blocks.append(Image("accuracy per stage", "plots/stages.png"))
+        what = "perplexity" if f.lm_perplexity is not None else "accuracy"
+        blocks.append(Image(f"{what} per stage", "plots/stages.png"))
     return blocks
 
 

@@ -9,11 +9,20 @@ lives with the layer counts in runner/report_layout.py.
 from __future__ import annotations
 
 import io
+import math
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import (
+    FixedLocator,
+    FuncFormatter,
+    LogLocator,
+    MaxNLocator,
+    NullFormatter,
+    NullLocator,
+)
 
 from runner.data import CLASS_NAMES
+from runner.report_blocks import fmt_params
 from runner.report_model import CompareResult, FamilyRow, Report
 
 
@@ -26,6 +35,9 @@ def png_bytes(fig: Figure, dpi: int = 90) -> bytes:
 
 # ----------------------------------------------------------------------------- one job
 def stages_figure(report: Report) -> bytes:
+    """A causal LM: perplexity per stage; any other task: accuracy and parameters per stage."""
+    if report.final.lm_perplexity is not None:
+        return png_bytes(perplexity_stages_plot(report))
     f, stages = report.final, report.stages
     names = ["dense"] + [r.name for r in stages] + ["final (export)"]
     acc = [f.dense_accuracy] + [r.accuracy for r in stages] + [f.accuracy]
@@ -44,6 +56,76 @@ def stages_figure(report: Report) -> bytes:
     ax.tick_params(axis="x", rotation=25)
     ax.set_title("accuracy (line) and parameters (bars) per stage")
     return png_bytes(fig)
+
+
+def _pooled_ppl(parts: list[tuple[float, int]]) -> float:
+    """Perplexity of several domains' tokens together, from each one's (perplexity, tokens)."""
+    tokens = sum(n for _, n in parts)
+    return math.exp(sum(math.log(p) * n for p, n in parts) / tokens)
+
+
+def _perplexity_panels(report: Report) -> list[tuple[str, list[float | None], float | None, str]]:
+    """(title, [stage values..., final], dense reference, what the reference is) per panel: one
+    per domain, plus all domains together when there are several. Everything on the validation
+    blocks the stage rows measure; a report without per-domain stage figures (written before
+    they existed) gets one panel and the dense TEST perplexity as its reference, labelled so."""
+    f, stages = report.final, report.stages
+    ref = f.validation_perplexity_by_domain or {}
+    if not ref or not any(r.perplexity_by_domain for r in stages):
+        values = [r.perplexity for r in stages] + [f.lm_perplexity]
+        return [("all text (final: test split)", values, f.dense_lm_perplexity, "dense, test")]
+    panels = [
+        (d, [(r.perplexity_by_domain or {}).get(d) for r in stages] + [p.pruned], p.dense, "dense")
+        for d, p in ref.items()
+    ]
+    if len(ref) > 1:
+        dense = None
+        if all(p.dense is not None for p in ref.values()):
+            dense = _pooled_ppl([(p.dense, p.tokens) for p in ref.values()])
+        final = _pooled_ppl([(p.pruned, p.tokens) for p in ref.values()])
+        panels.append(("all domains", [r.perplexity for r in stages] + [final], dense, "dense"))
+    return panels
+
+
+def _log_axis(ax, values: list[float | None]) -> None:
+    """Log scale with readable ticks: within one decade (most stages) a few round values, as
+    log ticks alone would label none between 100 and 200; plain numbers, not 1.5 x 10^2."""
+    ax.set_yscale("log")
+    seen = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+    if seen and max(seen) / min(seen) < 10:
+        ticks = MaxNLocator(nbins=5).tick_values(min(seen), max(seen))
+        ax.yaxis.set_major_locator(FixedLocator([t for t in ticks if t > 0]))
+        ax.yaxis.set_minor_locator(NullLocator())
+    for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        set_formatter(FuncFormatter(lambda v, _pos: f"{v:.4g}"))
+
+
+def perplexity_stages_plot(report: Report) -> Figure:
+    """Validation perplexity after every stage, log scale, one panel per domain, the dense model
+    as a dashed reference line; x labels carry each stage's parameter count."""
+    stages, f = report.stages, report.final
+    labels = [f"{r.name} ({fmt_params(r.params_after)})" for r in stages]
+    labels.append(f"final export ({fmt_params(f.params)})")
+    panels = _perplexity_panels(report)
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig = Figure(figsize=(max(6.0, 4.2 * columns), 3.6 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False).flatten()
+    for ax, (title, values, dense, what) in zip(axes, panels):
+        ys = [float("nan") if v is None else v for v in values]  # not measured (streamed): a gap
+        ax.plot(range(len(ys)), ys, "o-", color="tab:blue", zorder=3, label="pruned")
+        if dense is not None:
+            ax.axhline(dense, color="0.3", ls="--", label=f"{what} {dense:.2f}")
+        _log_axis(ax, [*ys, dense])
+        ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=7)
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle("validation perplexity per stage (lower is better)", fontsize=11)
+    return fig
 
 
 def confusion_figure(confusion: list[list[int]]) -> bytes:

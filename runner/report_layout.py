@@ -11,6 +11,7 @@ from pathlib import Path
 
 import transformers
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from transformers import AutoConfig
 
 from runner.demo_models import DEMO_MODELS
@@ -27,7 +28,9 @@ def _build_meta(config, layouts=None):
         config = copy.deepcopy(config)
         config.architectures = ["AutoModel"]
     cls = getattr(transformers, config.architectures[0])
-    return build_on_meta(config, cls=cls, layouts=layouts)
+    model = build_on_meta(config, cls=cls, layouts=layouts)
+    model.tie_weights()  # a tied LM head is the embedding, not another vocab x hidden to count
+    return model
 
 
 def _count(model) -> dict:
@@ -50,7 +53,9 @@ def _count(model) -> dict:
 
 
 def _dense_model(config, source: str | None):
-    """The source model's dense shape: built-in demo spec, or the source checkpoint's config."""
+    """The source model's dense shape, for checkpoints that do not record it (pruning.dense_layout,
+    written since the built-in SmolLM2 left this column empty): built-in demo spec, or the source
+    checkpoint's config."""
     if source in DEMO_MODELS:
         s = DEMO_MODELS[source]
         return _build_meta(config, [LayerLayout(s.heads, s.kv_heads, s.intermediate)] * s.layers)
@@ -73,7 +78,12 @@ def layer_breakdown(job_dir: str | Path) -> dict | None:
         return None
     result = {"pruned": _count(_build_meta(config, layouts)), "dense": None}
     try:
-        dense = _dense_model(config, pruning.get("source_model"))
+        recorded = [LayerLayout(**x) for x in pruning.get("dense_layout") or []]
+        dense = (
+            _build_meta(config, recorded)
+            if recorded
+            else _dense_model(config, pruning.get("source_model"))
+        )
         result["dense"] = _count(dense) if dense is not None else None
     except Exception:  # noqa: BLE001 - the dense picture is a bonus; the pruned one stands alone
         pass
@@ -88,13 +98,18 @@ def _origins(report: Report, n: int) -> list[int]:
 
 
 def layout_figure(report: Report, bd: dict) -> bytes:
-    """Parameters per layer at its original index (removed layers marked) over the dense outline,
-    and the share of query heads / KV heads / FFN channels each layer kept."""
+    return png_bytes(layout_plot(report, bd))
+
+
+def layout_plot(report: Report, bd: dict) -> Figure:
+    """Three panels over the original layer index (removed layers marked): parameters per layer
+    over the dense outline; attention heads kept (query and KV heads: single digits, so their
+    own axis); FFN channels kept (hundreds to thousands). Dense counts are dashed outlines."""
     pruned, dense = bd["pruned"], bd["dense"]
     origins = _origins(report, len(pruned["layers"]))
     n = len(dense["layers"]) if dense else max(origins) + 1
-    fig = Figure(figsize=(9, 6))
-    ax, ax2 = fig.subplots(2, 1, sharex=True)
+    fig = Figure(figsize=(9, 8))
+    ax, heads_ax, ffn_ax = fig.subplots(3, 1, sharex=True, height_ratios=(1.3, 1, 1))
     if dense:
         att = [x["attention"] for x in dense["layers"]]
         mlp = [x["mlp"] + x["norm"] for x in dense["layers"]]
@@ -117,25 +132,30 @@ def layout_figure(report: Report, bd: dict) -> bytes:
     ax.set_ylabel("parameters")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("parameters per layer (original layer index)")
-    units = [
-        ("num_heads", "query heads"),
-        ("num_kv_heads", "KV heads"),
-        ("intermediate_size", "FFN channels"),
-    ]
     every = pruned["layouts"] + (dense["layouts"] if dense else [])
-    if all(x["num_kv_heads"] == x["num_heads"] for x in every):
-        units.pop(1)  # MHA: KV heads are the query heads
+    heads = [("num_heads", "query heads", "tab:purple")]
+    if any(x["num_kv_heads"] != x["num_heads"] for x in every):  # MHA: KV heads = query heads
+        heads.append(("num_kv_heads", "KV heads", "tab:orange"))
+    _kept_bars(heads_ax, heads, origins, pruned["layouts"], dense, n)
+    heads_ax.set_ylabel("attention heads")
+    heads_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _kept_bars(ffn_ax, [("intermediate_size", "FFN channels", "tab:green")], origins,
+               pruned["layouts"], dense, n)  # fmt: skip
+    ffn_ax.set_ylabel("FFN channels")
+    ffn_ax.set_xlabel("layer")
+    ffn_ax.set_xticks(range(n))
+    return fig
+
+
+def _kept_bars(ax, units, origins: list[int], layouts: list[dict], dense, n: int) -> None:
+    """Kept count of each unit kind per layer, side by side, over dashed dense outlines."""
     width = 0.8 / len(units)
-    ref = dense["layouts"] if dense else None
-    for k, (key, label) in enumerate(units):
-        kept = [
-            lay[key] / (ref[o][key] if ref and o < len(ref) else 1)
-            for o, lay in zip(origins, pruned["layouts"])
-        ]
+    for k, (key, label, color) in enumerate(units):
         offset = (k - (len(units) - 1) / 2) * width
-        ax2.bar([o + offset for o in origins], kept, width, label=label)
-    ax2.set_ylabel("kept / dense" if dense else "kept units")
-    ax2.set_xlabel("layer")
-    ax2.set_xticks(range(n))
-    ax2.legend(fontsize=7)
-    return png_bytes(fig)
+        if dense:
+            full = [lay[key] for lay in dense["layouts"]]
+            ax.bar([i + offset for i in range(n)], full, width, color="none", edgecolor=color,
+                   ls="--")  # fmt: skip
+        kept = [lay[key] for lay in layouts]
+        ax.bar([o + offset for o in origins], kept, width, color=color, alpha=0.8, label=label)
+    ax.legend(fontsize=7, title="dashed: dense" if dense else None, title_fontsize=7)

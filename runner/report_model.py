@@ -52,6 +52,7 @@ class StageRecord(BaseModel):
     macro_f1: float | None = None
     cosine: float | None = None
     perplexity: float | None = None  # causal_lm: validation perplexity
+    perplexity_by_domain: dict[str, float] | None = None  # causal_lm: the same, per domain
     choice_acc_norm: dict[str, float] | None = None  # causal_lm: a sample of each choice task
     seconds: float
     criterion: str | None = None
@@ -109,6 +110,8 @@ class FinalFigures(_Part):
     lm_perplexity: float | None = None
     dense_lm_perplexity: float | None = None
     perplexity_by_domain: dict[str, DomainPerplexity] | None = None
+    # the validation blocks the stage rows measure: the per-stage figure's dense line and end
+    validation_perplexity_by_domain: dict[str, DomainPerplexity] | None = None
     choice_accuracy: dict[str, ChoiceAccuracy] | None = None
     generations: list[Generation] | None = None
     # which serving engines load the export (runner/engines.py)

@@ -36,6 +36,7 @@ class DenseFacts:
     finetune: dict | None  # the task head's fine-tune record, if one ran
     warnings: list[str]
     perplexity: dict | None
+    layout: list[dict] | None = None  # per-layer shapes: the report's dense "per layer" column
 
 
 @dataclass

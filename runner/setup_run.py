@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -139,6 +140,7 @@ def _setup_dense(
         finetune=finetune,
         warnings=warnings,
         perplexity=perplexity.measure(model) if perplexity else None,
+        layout=[asdict(x) for x in get_adapter(model).layout(model)],
     )
 
 

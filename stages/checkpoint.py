@@ -301,8 +301,15 @@ def _read_state(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def model_class(config, where: str | Path = "config") -> type[PreTrainedModel]:
-    """The transformers class named by config.architectures[0] (never remote code)."""
+    """The transformers class named by config.architectures[0] (never remote code).
+
+    A folder exported with `--remote-code` names its own class there (defined by the .py it
+    ships, which is never imported here) and the transformers class it extends in
+    pruning.transformers_class: that one is built, resized per layer like any checkpoint."""
     names = getattr(config, "architectures", None) or []
+    base = (getattr(config, "pruning", None) or {}).get("transformers_class")
+    if names and base and not hasattr(transformers, names[0]):
+        names = [base]
     cls = getattr(transformers, names[0], None) if names else None
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
         raise CheckpointError(

@@ -3,9 +3,11 @@ end to end on a tiny Llama and local text (local, resumed and on Ray workers).""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -14,10 +16,14 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from runner.cli_eval import main as eval_main
 from runner.compare import CompareConfig, run_compare
 from runner.config import ConfigError, parse_config
 from runner.demo_models import build_tokenizer
 from runner.job import run_job
+from runner.report_figures import perplexity_stages_plot
+from runner.report_layout import layer_breakdown
+from runner.report_model import Report
 from stages.checkpoint import load_pruned
 from stages.objectives import get_objective
 from stages.objectives.causal_lm import KD_TOP_K, CachedTopK
@@ -263,3 +269,46 @@ def test_compare_of_causal_lms_tabulates_perplexity_and_choice_accuracy(lm_run, 
         assert f"{row['lm_perplexity']:.2f}" in md
     assert f"| dense |  | 1.0x |  | {rows[0]['dense_lm_perplexity']:.2f} |" in md
     assert "for a causal LM the accuracy is next-token top-1 accuracy" in md
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed")
+def test_cascade_eval_reproduces_the_jobs_choice_accuracy_through_lm_eval(lm_run, capsys) -> None:
+    root, _, report = lm_run
+    code = eval_main([str(root / "out" / "checkpoint"), "--tasks", "cloze", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    expected = report["final"]["choice_accuracy"]["cloze"]
+    assert json.loads(captured.out)["cloze"] == {
+        "n": expected["n"], "acc": expected["acc"], "acc_norm": expected["acc_norm"]
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_causal_lm_report_shows_perplexity_per_stage_and_the_dense_layer_column(lm_run) -> None:
+    root, _, _ = lm_run
+    out = root / "out"
+    report = Report.read(out / "report.json")
+    reference = report.final.validation_perplexity_by_domain["words"]
+    assert reference.dense > 1 and reference.pruned > 1
+    assert all(set(r.perplexity_by_domain) == {"words"} for r in report.stages)
+    (ax,) = perplexity_stages_plot(report).axes
+    assert ax.get_yscale() == "log" and ax.get_title() == "words"
+    stages, dense = ax.get_lines()
+    assert list(dense.get_ydata()) == [reference.dense] * 2
+    assert list(stages.get_ydata())[-1] == reference.pruned
+    html = (out / "report.html").read_text()
+    for alt in ("perplexity per stage", "pruned layout"):
+        assert f'<img alt="{alt}" src="data:image/png;base64,' in html
+    md = (out / "report.md").read_text().split("## Parameters per layer")[1].split("\n\n")[1]
+    rows = [line.split(" | ") for line in md.splitlines()[2:]]
+    assert [r[0].strip("| ") for r in rows] == [
+        "embeddings", "attention", "MLP", "layer norms", "head / final norm"
+    ]  # fmt: skip
+    assert all(r[1] not in ("-", "") for r in rows), rows  # the dense column, every part
+    assert re.search(r"<td>attention</td><td>[0-9.]+k</td><td>[0-9.]+k</td>", html)
+    counts = layer_breakdown(out)  # tied embeddings counted once: the table adds up to the job's
+    total = lambda c: c["embeddings"] + c["other"] + sum(sum(x.values()) for x in c["layers"])  # noqa: E731
+    assert (total(counts["dense"]), total(counts["pruned"])) == (
+        report.final.dense_params, report.final.params
+    )  # fmt: skip

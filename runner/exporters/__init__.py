@@ -31,6 +31,8 @@ EXPORTERS: dict[str, str] = {
     "gguf": "runner.exporters.gguf:GGUFExporter",
 }
 EXPORT_FORMATS: tuple[str, ...] = tuple(EXPORTERS)
+# `--format hf --remote-code`: any per-layer layout, with a modeling file shipped in the folder
+REMOTE_CODE_EXPORTER = "runner.exporters.hf_remote:HFRemoteCodeExporter"
 DTYPES = ("f16", "bf16", "f32")
 # the job setting that keeps every layer the same shape (named in refusals of per-layer layouts)
 UNIFORM_HINT = "target.layout: uniform"
@@ -106,13 +108,17 @@ class Exporter:
         raise NotImplementedError
 
 
-def get_exporter(name: str, **options) -> Exporter:
-    """A fresh exporter for format `name` (one of EXPORT_FORMATS); options go to its __init__."""
+def get_exporter(name: str, *, remote_code: bool = False, **options) -> Exporter:
+    """A fresh exporter for format `name` (one of EXPORT_FORMATS); options go to its __init__.
+
+    remote_code: the hf folder that ships its own modeling file (format hf only)."""
     if name not in EXPORTERS:
         raise ExportError(
             f"unknown export format {name!r}; known formats: {', '.join(EXPORT_FORMATS)}"
         )
-    module_name, class_name = EXPORTERS[name].split(":")
+    if remote_code and name != "hf":
+        raise ExportError(f"--remote-code applies to --format hf only, not {name}")
+    module_name, class_name = (REMOTE_CODE_EXPORTER if remote_code else EXPORTERS[name]).split(":")
     return getattr(importlib.import_module(module_name), class_name)(**options)
 
 

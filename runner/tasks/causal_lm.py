@@ -9,6 +9,7 @@ completions of fixed prompts (`evaluation.prompts`).
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -18,6 +19,7 @@ from runner.data import DataConfig
 from runner.tasks.base import TaskData, register_task
 from runner.text_sources import PackedBlocks, build_text_splits
 from stages.choice_eval import evaluate_choice_tasks
+from stages.metrics import EvalResult
 from stages.objectives import get_objective
 from stages.split import EncodedSplit
 
@@ -48,6 +50,17 @@ def bearing_data(cfg) -> DataConfig:
     return DataConfig.model_validate(
         {k: v for k, v in cfg.data.model_dump().items() if k in DataConfig.model_fields}
     )
+
+
+def text_splits(cfg, model_cfg, tokenizer):
+    """The job's text by document (train / validation / test / calibration): the same split on
+    every run of the job, so `cascade eval` rebuilds the cloze items the job's report scored."""
+    return build_text_splits(
+        cfg.data.sources, tokenizer, model_cfg.max_length, seed=cfg.data.seed,
+        validation_fraction=cfg.data.validation_fraction,
+        test_fraction=cfg.data.test_fraction, calibration_blocks=cfg.data.calibration_size,
+        calibration_batch_size=cfg.calibration.batch_size, data_cfg_for_bearing=bearing_data(cfg),
+    )  # fmt: skip
 
 
 def chat_prompt(tokenizer, prompt: str) -> list[int]:
@@ -111,15 +124,11 @@ class CausalLMTask:
 
     def build_data(self, cfg, model_cfg, model, tokenizer) -> TaskData:
         bearing = bearing_data(cfg)
-        text = build_text_splits(
-            cfg.data.sources, tokenizer, model_cfg.max_length, seed=cfg.data.seed,
-            validation_fraction=cfg.data.validation_fraction,
-            test_fraction=cfg.data.test_fraction, calibration_blocks=cfg.data.calibration_size,
-            calibration_batch_size=cfg.calibration.batch_size, data_cfg_for_bearing=bearing,
-        )  # fmt: skip
+        text = text_splits(cfg, model_cfg, tokenizer)
         evaluation = cfg.evaluation
         splits = {name: encoded(getattr(text, name)) for name in ("train", "calibration")}
-        splits["validation"] = encoded(per_domain(text.validation, evaluation.validation_blocks))
+        validation = per_domain(text.validation, evaluation.validation_blocks)
+        splits["validation"] = encoded(validation)
         splits["test"] = encoded(per_domain(text.test, evaluation.test_blocks))
         choices = build_choice_tasks(
             evaluation.choice_tasks, tokenizer, test_documents=text.test_documents,
@@ -130,6 +139,11 @@ class CausalLMTask:
                 d: encoded(per_domain(b, evaluation.test_blocks))
                 for d, b in text.test_by_domain.items()
                 if len(b)
+            },
+            "validation_by_domain": {
+                d: encoded(validation.of_domain(d))
+                for d in validation.domains
+                if len(validation.of_domain(d))
             },
             "choices": choices,
             "stage_choices": {k: v[: evaluation.stage_choice_items] for k, v in choices.items()},
@@ -147,8 +161,13 @@ class CausalLMTask:
         return self.objective.evaluate(model, data.splits[split])
 
     def stage_metrics(self, model, data: TaskData) -> dict:
-        val = self.evaluate(model, data, "validation")
-        metrics = {"accuracy": val.accuracy, "perplexity": val.perplexity}
+        parts = self._by_domain(model, data.extras["validation_by_domain"])
+        val = pooled(parts.values())  # the validation split is the domains' blocks together
+        metrics = {
+            "accuracy": val.accuracy,
+            "perplexity": val.perplexity,
+            "perplexity_by_domain": {d: r.perplexity for d, r in parts.items()},
+        }
         if data.extras["stage_choices"]:
             scores = _choices(model, data.extras["stage_choices"], data)
             metrics["choice_acc_norm"] = {k: v["acc_norm"] for k, v in scores.items()}
@@ -159,14 +178,17 @@ class CausalLMTask:
         return {
             "test": self.evaluate(model, data, "test"),
             "prompts": extras["prompts"],
-            "by_domain": {
-                d: self.objective.evaluate(model, s) for d, s in extras["by_domain"].items()
-            },
+            "by_domain": self._by_domain(model, extras["by_domain"]),
+            # the reference the per-stage figure draws the stages' validation perplexity against
+            "validation_by_domain": self._by_domain(model, extras["validation_by_domain"]),
             "choices": _choices(model, extras["choices"], data),
             "generations": greedy_completions(
                 model, extras["tokenizer"], extras["prompts"], extras["max_new_tokens"]
             ),
         }
+
+    def _by_domain(self, model, splits: dict) -> dict:
+        return {d: self.objective.evaluate(model, split) for d, split in splits.items()}
 
     def headline(self, measures: dict) -> float:
         return measures["test"].accuracy
@@ -186,6 +208,14 @@ class CausalLMTask:
                 }
                 for d, result in final["by_domain"].items()
             },
+            "validation_perplexity_by_domain": {
+                d: {
+                    "pruned": result.perplexity,
+                    "dense": dense["validation_by_domain"][d].perplexity,
+                    "tokens": result.tokens,
+                }
+                for d, result in final["validation_by_domain"].items()
+            },
             "choice_accuracy": {
                 name: {
                     "acc": score["acc"],
@@ -204,6 +234,23 @@ class CausalLMTask:
 
     def dense_warnings(self, dense: dict) -> list[str]:
         return []
+
+
+def pooled(results) -> EvalResult:
+    """One split's figures from its disjoint parts (token-weighted: the same numbers one pass
+    over all of them gives, to float rounding)."""
+    results = list(results)
+    tokens = sum(r.tokens for r in results)
+    loss = sum(r.loss * r.tokens for r in results) / max(tokens, 1)
+    return EvalResult(
+        accuracy=sum(r.accuracy * r.tokens for r in results) / max(tokens, 1),
+        macro_f1=None,
+        loss=loss,
+        confusion=None,
+        n=sum(r.n for r in results),
+        perplexity=math.exp(min(loss, 700.0)),
+        tokens=tokens,
+    )
 
 
 def _choices(model, tasks: dict, data: TaskData) -> dict:
