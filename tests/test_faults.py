@@ -18,6 +18,7 @@ from conftest import tiny_job
 from runner.config import parse_config
 from runner.errors import JobError
 from runner.job import run_job
+from runner.run_lock import LOCK_NAME
 from stages.checkpoint import load_pruned, verify_manifest
 
 pytestmark = pytest.mark.slow
@@ -96,6 +97,6 @@ def test_disk_full_during_export_keeps_the_previous_checkpoint(tmp_path, referen
     assert after == before
     verify_manifest(out / "checkpoint")
     assert events(out)[-1]["event"] == "error" and events(out)[-1]["stage"] == "export"
-    assert not [p for p in out.iterdir() if p.name.startswith(".")], (
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME], (
         "temporary export dirs left behind"
     )
