@@ -448,10 +448,11 @@ def same_job(previous_yaml: str | None, cfg: JobConfig) -> bool:
         previous = JobConfig.model_validate(yaml.safe_load(previous_yaml))
     except (ValidationError, yaml.YAMLError):
         return False
-    return _comparable(previous) == _comparable(cfg)
+    return result_settings(previous) == result_settings(cfg)
 
 
-def _comparable(cfg: JobConfig) -> dict:
+def result_settings(cfg: JobConfig) -> dict:
+    """The config as JSON without the settings that change nothing a job computes or writes."""
     dumped = cfg.model_dump(mode="json")
     for section, keys in _RESULT_NEUTRAL.items():
         for key in keys:

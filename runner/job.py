@@ -16,6 +16,7 @@ from runner.output_dir import is_empty_or_missing, output_errors
 from runner.pipeline import run_model
 from runner.report import write_summary
 from runner.report_model import Report
+from runner.resume import check_resumable
 from runner.run_lock import clear_run_dir, run_entries, run_lock
 
 _JOB_MARKERS = ("job.yaml", "events.jsonl", "summary.json", "report.json")
@@ -34,6 +35,7 @@ def prepare_output(cfg: JobConfig, out: Path, *, resume: bool, force: bool) -> N
                 raise JobError(
                     f"--resume: {out}/job.yaml is a different config than this run's; use --force to restart"
                 )
+            check_resumable(cfg, out)  # each finished stage was made with these settings
             return
         if not force:
             raise JobError(

@@ -15,6 +15,7 @@ import torch
 import yaml
 from conftest import tiny_job
 
+from runner.cli import main
 from runner.config import parse_config
 from runner.errors import JobError
 from runner.job import run_job
@@ -46,13 +47,14 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
         assert torch.equal(sa[key], sb[key]), key
 
 
-def test_sigkilled_driver_resumes_to_the_identical_checkpoint(tmp_path, reference):
+def start_and_signal(raw: dict, tmp_path: Path, at, sig: int) -> Path:
+    """Run the job in a child process, send `sig` once an event matches `at`; returns OUT."""
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(tiny_job()))
+    job.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "runner.cli", "run", str(job), "-o", str(out), "--quiet"]
     # One intra-op thread like this process (conftest): matmul reductions split over two threads
-    # round differently (measured: 4e-9 apart), and the comparison below is bit-exact.
+    # round differently (measured: 4e-9 apart), and the comparisons below are bit-exact.
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -60,7 +62,7 @@ def test_sigkilled_driver_resumes_to_the_identical_checkpoint(tmp_path, referenc
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
-            if any(e["event"] == "prune" and e["stage"] == "heads" for e in events(out)):
+            if any(at(e) for e in events(out)):
                 break
             if proc.poll() is not None:
                 pytest.fail(
@@ -68,15 +70,64 @@ def test_sigkilled_driver_resumes_to_the_identical_checkpoint(tmp_path, referenc
                 )
             time.sleep(0.05)
         else:
-            pytest.fail("job never reached the heads stage")
-        proc.send_signal(signal.SIGKILL)
+            pytest.fail("job never reached the event to be killed at")
+        proc.send_signal(sig)
     finally:
         proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -sig, proc.stderr.read().decode()[-2000:]  # a shell says 128 + sig
     assert not (out / "checkpoint").exists()
+    return out
+
+
+def test_sigkilled_driver_resumes_to_the_identical_checkpoint(tmp_path, reference, capsys):
+    out = start_and_signal(
+        tiny_job(),
+        tmp_path,
+        lambda e: e["event"] == "prune" and e["stage"] == "heads",
+        signal.SIGKILL,
+    )
+    # config-edit case: OUT/job.yaml edited, then resumed from it; the finished stages were made
+    # with target.ratio 2.0, so resuming would mix two configs: refused, nothing changed
+    job = out / "job.yaml"
+    original = job.read_text()
+    job.write_text(original.replace("ratio: 2.0", "ratio: 1.4", 1))
+    before = sorted(p.name for p in (out / "stages").iterdir())
+    code = main(["run", str(job), "-o", str(out), "--resume", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "target.ratio 2.0 -> 1.4" in err, err
+    assert sorted(p.name for p in (out / "stages").iterdir()) == before
+    job.write_text(original)
     run_job(parse_config(tiny_job()), out, resume=True, log=lambda m: None)
     assert "resume" in [e["event"] for e in events(out)]
     assert_same_checkpoint(out / "checkpoint", reference / "checkpoint")
+
+
+def kd_job() -> dict:
+    """tiny_job with kd recovers from the pre-stage model; the one after heads runs 150 steps, a
+    wide window to stop it in."""
+    raw = tiny_job()
+    for stage in raw["stages"]:
+        if stage["kind"] == "recover":
+            stage |= {"loss": "kd", "teacher": "pre_stage"}
+    raw["stages"][3]["steps"] = 150
+    return raw
+
+
+def test_sigtermed_kd_recover_resumes_to_the_clean_checkpoint(tmp_path):
+    """SIGTERM in the middle of a kd recover: --resume must distil from the stored pre-stage model
+    (not from the pruned model itself) and end with the clean run's checkpoint."""
+    clean = tmp_path / "clean"
+    run_job(parse_config(kd_job()), clean, log=lambda m: None)
+    out = start_and_signal(
+        kd_job(), tmp_path, lambda e: e["event"] == "recover_start" and e["stage"] == "recover2",
+        signal.SIGTERM,
+    )  # fmt: skip
+    logs: list[str] = []
+    run_job(parse_config(kd_job()), out, resume=True, log=logs.append)
+    (resumed,) = [e for e in events(out) if e["event"] == "resume"]
+    assert resumed["after_stage"] == "heads", "stopped outside the kd recover: widen its window"
+    assert any("pre_stage teacher rebuilt" in m for m in logs), logs
+    assert_same_checkpoint(out / "checkpoint", clean / "checkpoint")
 
 
 def test_disk_full_during_export_keeps_the_previous_checkpoint(tmp_path, reference, monkeypatch):
