@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -259,11 +260,11 @@ def read_config_json(path: Path) -> dict:
 def check_safetensors(path: Path) -> None:
     """Refuse folders whose weights exist only as pickles (torch.load can run code), and
     safetensors files whose header does not parse (truncated, corrupted or not safetensors)."""
-    files = sorted(path.glob("*.safetensors"))
+    files, names = sorted(path.glob("*.safetensors")), []
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
-                handle.keys()
+                names += handle.keys()
         except (SafetensorError, OSError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(
@@ -271,6 +272,7 @@ def check_safetensors(path: Path) -> None:
                 "truncated or corrupted: fetch or save the weights again"
             ) from None
     if files:
+        _check_layer_count(path, names)
         return
     pickles = [name for name in PICKLE_WEIGHTS if (path / name).exists()]
     what = f"only {', '.join(pickles)}" if pickles else "no *.safetensors weights"
@@ -278,6 +280,31 @@ def check_safetensors(path: Path) -> None:
         f"{path}: {what}; weights are read from safetensors only (a pickle can run code): convert "
         "them once, e.g. `AutoModel.from_pretrained(dir).save_pretrained(dir)` in a process you "
         "trust, which writes model.safetensors"
+    )
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def _check_layer_count(path: Path, names: list[str]) -> None:
+    """A config.json declaring more layers than the weights hold would build (and randomly
+    initialise) them all first: 200,000 declared layers took minutes and gigabytes before any
+    shape was compared. Checked from the file headers, before anything is built."""
+    try:
+        raw = read_config_json(path)
+    except ModelError:
+        return  # the caller reports config.json itself
+    declared = next(
+        (raw[k] for k in _LAYER_KEYS if type(raw.get(k)) is int), None
+    )  # bool is not a count
+    held = {int(m.group(1)) for name in names if (m := _LAYER_INDEX.search(name))}
+    if declared is None or not held or declared <= len(held):
+        return
+    raise ModelError(
+        f"{path}: config.json declares {declared} layers but the weights hold {len(held)}; "
+        "config.json and the *.safetensors files come from different models (or config.json was "
+        "edited): restore the checkpoint's own config.json"
     )
 
 

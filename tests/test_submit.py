@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -256,3 +257,37 @@ def test_launch_sh_cluster_then_submit_succeeds_from_a_plain_shell(
     assert resolved["cluster"]["address"]  # Ray work inside the job joins the job's cluster
     assert (out / "checkpoint" / "manifest.json").is_file()
     assert submit.stop_job(job_id, launched_head) is False  # already finished
+
+
+def test_a_server_that_never_answers_and_a_fifo_token_file_do_not_hang(
+    monkeypatch, tmp_path, capsys
+):
+    """A listener that accepts connections and never replies: status gives up after the read
+    timeout with one line; a FIFO as --token-file is refused without opening it."""
+    monkeypatch.setattr(submit, "HTTP_READ_S", 0.5)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes connections; nobody ever reads or answers
+    address = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    codes: list[int] = []
+    try:
+        caller = threading.Thread(
+            target=lambda: codes.append(cli(["status", "j", "--address", address]))
+        )
+        caller.start()
+        caller.join(timeout=60)
+        assert not caller.is_alive(), "cascade status hung on a server that never answers"
+    finally:
+        silent.close()
+    err = capsys.readouterr().err.strip()
+    assert codes == [2] and len(err.splitlines()) == 1
+    assert f"the Ray job server at {address} did not answer within 0.5 s" in err
+
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    with pytest.raises(SubmitError, match="is a named pipe \\(FIFO\\), not a file"):
+        resolve_token(fifo)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (submit.MAX_TOKEN_BYTES + 1))
+    with pytest.raises(SubmitError, match="larger than"):
+        resolve_token(big)
