@@ -121,6 +121,18 @@ def resolve_source(source: FileSpec, where: str, base_dir: Path | None = None):
 # ----------------------------------------------------------------------------- line scanning
 
 
+def split_at_whitespace(text: str) -> tuple[str, str]:
+    """(head, tail): tail starts at the last whitespace run, so no word is cut in two and the
+    run stays with the word after it (how BPE pre-tokenisers attach spaces)."""
+    end = len(text)
+    while end > 0 and not text[end - 1].isspace():
+        end -= 1
+    while end > 1 and text[end - 2].isspace():
+        end -= 1
+    start = end - 1
+    return (text[:start], text[start:]) if start > 0 else (text, "")
+
+
 def scan_lines(path: Path, where: str, limit: int) -> Iterator[tuple[int, int, str]]:
     """(line number, byte offset, text without its newline), reading at most limit+1 bytes a line.
 
