@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -21,6 +20,7 @@ from runner.progress import make_logger
 from runner.sia_report import sia_for_config
 from runner.smollm2 import SMOLLM2
 from stages.arch import SUPPORTED_MODEL_TYPES
+from stages.atomic import dumps_finite
 from stages.checkpoint import is_disk_full
 
 EXIT_USAGE = 2
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_json(data) -> None:
-    print(json.dumps(data, indent=1, default=str))
+    print(dumps_finite(data, "stdout", indent=1))
 
 
 if __name__ == "__main__":

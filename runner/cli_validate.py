@@ -15,6 +15,7 @@ from pathlib import Path
 from runner.devices import DeviceError
 from runner.validate import ProbeError, validate_checkpoint
 from stages.arch import UnsupportedArchitecture
+from stages.atomic import dumps_finite
 from stages.checkpoint import CheckpointError
 
 EXIT_FITS = 0
@@ -97,7 +98,7 @@ def cmd_validate(args) -> int:
         print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
     result["verified"] = not args.no_verify
-    print(json.dumps(result, indent=1, default=str) if args.json else format_table(result))
+    print(dumps_finite(result, "stdout", indent=1) if args.json else format_table(result))
     return EXIT_FITS if result["fits"] else EXIT_DOES_NOT_FIT
 
 

@@ -133,6 +133,7 @@ def _load_model(ref, head, num_labels, trust_remote_code, dtype, cache_dir, prog
             model = load_pruned(path, dtype=_as_dtype(dtype))
         else:
             model = _from_pretrained(path, raw, head, num_labels, trust_remote_code, dtype)
+    check_finite_weights(model, path)
     _check_head(model, head, path)
     _check_vocab(model, tokenizer, path)
     _ensure_pad_token(model, tokenizer)
@@ -260,11 +261,13 @@ def read_config_json(path: Path) -> dict:
 def check_safetensors(path: Path) -> None:
     """Refuse folders whose weights exist only as pickles (torch.load can run code), and
     safetensors files whose header does not parse (truncated, corrupted or not safetensors)."""
-    files, names = sorted(path.glob("*.safetensors")), []
+    files, dtypes = sorted(path.glob("*.safetensors")), {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
-                names += handle.keys()
+                dtypes |= {
+                    name: (file, handle.get_slice(name).get_dtype()) for name in handle.keys()
+                }  # noqa: SIM118
         except (SafetensorError, OSError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(
@@ -272,7 +275,8 @@ def check_safetensors(path: Path) -> None:
                 "truncated or corrupted: fetch or save the weights again"
             ) from None
     if files:
-        _check_layer_count(path, names)
+        _check_layer_count(path, list(dtypes))
+        _check_integer_weights(path, dtypes)
         return
     pickles = [name for name in PICKLE_WEIGHTS if (path / name).exists()]
     what = f"only {', '.join(pickles)}" if pickles else "no *.safetensors weights"
@@ -306,6 +310,36 @@ def _check_layer_count(path: Path, names: list[str]) -> None:
         "config.json and the *.safetensors files come from different models (or config.json was "
         "edited): restore the checkpoint's own config.json"
     )
+
+
+_INTEGER_DTYPES = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")
+
+
+def _check_integer_weights(path: Path, dtypes: dict[str, tuple[Path, str]]) -> None:
+    """Integer weights (int8 quantised) without a quantization_config would be cast to float and
+    used as if they were the real values: refused."""
+    try:
+        if "quantization_config" in read_config_json(path):
+            return  # what reads them is the quantisation library's business
+    except ModelError:
+        return
+    for name, (file, dtype) in dtypes.items():
+        if dtype in _INTEGER_DTYPES and name.endswith((".weight", ".bias")):
+            raise ModelError(
+                f"{file}: {name} is stored as integers ({dtype}) but config.json has no "
+                "quantization_config, so the values would be used as if they were real weights; "
+                "use the unquantised (float) checkpoint"
+            )
+
+
+def check_finite_weights(model: torch.nn.Module, path: Path) -> None:
+    """A NaN or Inf in the weights makes every figure NaN while the job 'succeeds'."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise ModelError(
+                f"{path}: the weights hold NaN or infinite values (first in {name}); the "
+                "checkpoint is damaged: fetch or save the weights again"
+            )
 
 
 def check_tokenizer_files(path: Path) -> None:

@@ -87,7 +87,7 @@ class TextSource(BaseModel, extra="forbid"):
     format: Literal["auto", "text", "jsonl", "json", "csv", "parquet", "arrow"] = "auto"
     field: str = Field("text", min_length=1)
     split_by: Literal["file", "paragraph"] = "paragraph"
-    weight: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False)
     domain: str | None = Field(None, min_length=1)
 
     @model_validator(mode="before")

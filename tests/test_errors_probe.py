@@ -1,0 +1,133 @@
+"""The hostile-user probe of issue 23: silent garbage in, tracebacks and small defects. Each bad
+input is refused in one `error:` line (exit 2) or handled, and nothing is left behind; every JSON
+file the project writes stays RFC 8259 JSON (no bare NaN/Infinity)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from cli_checks import one_line_error, run_cli, write_job
+from safetensors.torch import load_file, save_file
+from tiny_models import tiny_gpt2, tiny_tokenizer
+
+from runner.events import EventLog
+from stages.atomic import write_json_atomic
+
+
+def strict_json(text: str):
+    """json.loads that rejects NaN / Infinity / -Infinity (RFC 8259 has no such numbers)."""
+
+    def refuse(constant):
+        raise ValueError(f"non-RFC JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def hf_folder(tmp_path: Path) -> Path:
+    path = tmp_path / "model"
+    tiny_gpt2(num_labels=10).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def edit_weights(folder: Path, edit) -> None:
+    weights = load_file(folder / "model.safetensors")
+    edit(weights)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+# ---- 6: silent garbage in -----------------------------------------------------------------------
+def _one_nan(weights):
+    weights["transformer.h.0.mlp.c_fc.weight"][0, 0] = math.nan
+
+
+def _int8(weights):
+    name = "transformer.h.0.mlp.c_fc.weight"
+    weights[name] = (weights[name] * 100).to(torch.int8)
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (_one_nan, "the weights hold NaN or infinite values (first in transformer.h.0.mlp.c_fc"),
+        (_int8, "transformer.h.0.mlp.c_fc.weight is stored as integers (I8) but config.json has"),
+    ],
+)
+def test_nan_and_integer_weights_are_refused(edit, expected, tmp_path, capsys):
+    folder = hf_folder(tmp_path)
+    edit_weights(folder, edit)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "j.yaml", models=[str(folder)])
+    code, err, _ = run_cli(["run", str(job), "-o", str(out)], capsys)
+    one_line_error(code, err, expected)
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, capsys):
+    job = tmp_path / "j.yaml"
+    job.write_text("name: x\ntarget: {ratio: 2}\nmodels: [demo-tiny-gpt2]\ntarget: {ratio: 3}\n")
+    code, err, _ = run_cli(["check", str(job)], capsys)
+    one_line_error(code, err, "line 4", "duplicate key 'target' (first given at line 2)")
+    nested = tmp_path / "n.yaml"
+    nested.write_text("name: x\nstages:\n  - {kind: layers, count: 1, count: 2}\n")
+    code, err, _ = run_cli(["check", str(nested)], capsys)
+    one_line_error(code, err, "duplicate key 'count'")
+    merged = tmp_path / "m.yaml"  # a merge key then an explicit key: not a duplicate
+    merged.write_text(
+        "base: &b {ratio: 2}\nname: x\nmodels: [demo-tiny-gpt2]\n"
+        "stages: [{kind: layers, count: 1}]\ntarget: {<<: *b, ratio: 3}\n"
+    )
+    code, err, _ = run_cli(["check", str(merged)], capsys)
+    assert "duplicate" not in err
+
+
+def test_json_writers_never_write_nan_or_infinity(tmp_path, capsys):
+    data = {"final": {"accuracy": math.nan, "params": 3}, "losses": [1.0, math.inf, -math.inf]}
+    write_json_atomic(tmp_path / "report.json", data)
+    written = strict_json((tmp_path / "report.json").read_text())
+    assert written == {"final": {"accuracy": None, "params": 3}, "losses": [1.0, None, None]}
+    err = capsys.readouterr().err
+    assert "report.json: non-finite numbers (NaN/Infinity) written as null at" in err
+    assert "final.accuracy, losses.1, losses.2" in err
+    log = EventLog(tmp_path / "events.jsonl")
+    log.emit(
+        "recover_end", stage="r", version=1, last_loss=math.nan, scores=torch.tensor([math.inf])
+    )
+    (line,) = (tmp_path / "events.jsonl").read_text().splitlines()
+    event = strict_json(line)
+    assert event["last_loss"] is None and event["scores"] == [None]
+    assert "events.jsonl: non-finite numbers" in capsys.readouterr().err
+
+
+# ---- 7: tracebacks ------------------------------------------------------------------------------
+def test_an_infinite_source_weight_is_a_config_error_and_leaves_nothing(tmp_path, capsys):
+    text = tmp_path / "a.txt"
+    text.write_text("\n\n".join(f"document {i} with words" for i in range(8)))
+    out = tmp_path / "out"
+    job = write_job(
+        tmp_path / "j.yaml", task="causal_lm", models=["smollm2-135m"],
+        data={"sources": [{"path": str(text), "weight": math.inf}]},
+    )  # fmt: skip
+    code, err, _ = run_cli(["run", str(job), "-o", str(out)], capsys)
+    one_line_error(code, err, "data.sources.0.weight: Input should be a finite number")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 100_000, "".join("  " * i + "a:\n" for i in range(5000)) + "  " * 5000 + "b: 1\n"],
+    ids=["100000 brackets", "5000 mappings"],
+)
+def test_deeply_nested_yaml_is_one_config_error(text, tmp_path, capsys):
+    job = tmp_path / "deep.yaml"
+    job.write_text(text)
+    for command in (["check", str(job)], ["run", str(job), "-o", str(tmp_path / "out")]):
+        code, err, _ = run_cli(command, capsys)
+        one_line_error(code, err, "nested more than 64 levels deep")
+        assert "RecursionError" not in err
+    assert not (tmp_path / "out").exists()
