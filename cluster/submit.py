@@ -60,6 +60,8 @@ def resolve_token(token_file: str | os.PathLike | None = None) -> str | None:
                 data = handle.read(MAX_TOKEN_BYTES + 1)
         except OSError as err:
             raise SubmitError(f"--token-file {path}: cannot read it ({err.strerror})") from None
+        except ValueError:  # a NUL byte in the name
+            raise SubmitError(f"--token-file {str(path)[:80]!r}: not a file name") from None
         if len(data) > MAX_TOKEN_BYTES:
             raise SubmitError(
                 f"--token-file {path}: larger than {MAX_TOKEN_BYTES} bytes; it must hold one token"

@@ -262,6 +262,7 @@ def check_safetensors(path: Path) -> None:
     """Refuse folders whose weights exist only as pickles (torch.load can run code), and
     safetensors files whose header does not parse (truncated, corrupted or not safetensors)."""
     files, dtypes = sorted(path.glob("*.safetensors")), {}
+    _check_index(path)
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
@@ -285,6 +286,25 @@ def check_safetensors(path: Path) -> None:
         "them once, e.g. `AutoModel.from_pretrained(dir).save_pretrained(dir)` in a process you "
         "trust, which writes model.safetensors"
     )
+
+
+def _check_index(path: Path) -> None:
+    """Every shard model.safetensors.index.json names must be there (the streamed path opened
+    them by name and died with FileNotFoundError)."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        raise ModelError(f"{index}: not a readable shard index; save the model again") from None
+    missing = sorted(str(s) for s in shards if not (path / str(s)).is_file())
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelError(
+            f"{path}: {missing[0]}{more} is listed in {index.name} but missing; the download or "
+            "copy is incomplete: fetch the missing shard(s)"
+        )
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")

@@ -52,6 +52,8 @@ def output_problem(out: Path, exc: OSError) -> str:
 @contextmanager
 def output_errors(out: Path) -> Iterator[None]:
     """OSErrors from preparing `out` become one JobError line (never a traceback)."""
+    if "\0" in str(out):  # the OS calls raise ValueError("embedded null byte") for it
+        raise JobError(f"output directory {str(out)[:80]!r} contains a NUL byte; {_CHOOSE}")
     try:
         yield
     except OSError as exc:

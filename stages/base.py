@@ -9,6 +9,8 @@ from typing import Literal
 
 import torch
 
+from stages.atomic import dumps_finite
+
 Granularity = Literal["layers", "heads", "channels"]
 
 
@@ -38,7 +40,7 @@ class PrunePlan:
         return sum(len(s) - len(self.keep[layer]) for layer, s in enumerate(self.scores))
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        return dumps_finite(asdict(self), "plan", indent=1)  # a NaN score becomes null
 
     @classmethod
     def from_json(cls, text: str) -> PrunePlan:

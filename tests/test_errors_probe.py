@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from cli_checks import one_line_error, run_cli, write_job
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_gpt2, tiny_tokenizer
 
+from runner.data import DataConfig
+from runner.demo_models import get_demo_model
 from runner.events import EventLog
 from stages.atomic import write_json_atomic
+from stages.checkpoint import save_checkpoint, verify_manifest
 
 
 def strict_json(text: str):
@@ -131,3 +136,118 @@ def test_deeply_nested_yaml_is_one_config_error(text, tmp_path, capsys):
         one_line_error(code, err, "nested more than 64 levels deep")
         assert "RecursionError" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_demo_cache_entry_is_trained_again(tmp_path, capsys):
+    data = DataConfig(samples_per_class_per_load=4, window=1024, calibration_size=8)
+    model, _ = get_demo_model("demo-tiny-gpt2", cache_dir=tmp_path, data_cfg=data)
+    (entry,) = tmp_path.iterdir()
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    again, _ = get_demo_model("demo-tiny-gpt2", cache_dir=tmp_path, data_cfg=data)
+    assert "cached copy failed verification" in capsys.readouterr().err
+    verify_manifest(entry)  # rebuilt in place, whole
+    a, b = model.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same seeded training
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    return save_checkpoint(tiny_gpt2(num_labels=10), tiny_tokenizer(), tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ([], "manifest.json lists no files"),
+        ({}, "manifest.json lists no files"),
+        ({"config.json": {"sha256": "0" * 64}}, "the entry for config.json has no integer size"),
+        ({"config.json": "x"}, "manifest.json: bad entry 'config.json'"),
+        ({"../outside": {"size": 1, "sha256": "0"}}, "bad entry '../outside'"),
+    ],
+)
+def test_a_hand_edited_manifest_is_one_line_in_export_and_validate(
+    checkpoint, tmp_path, capsys, files, expected
+):
+    (checkpoint / "manifest.json").write_text(json.dumps({"format": 1, "files": files}))
+    commands = (
+        ["export", str(checkpoint), "--format", "hf", "-o", str(tmp_path / "hf")],
+        ["validate", str(checkpoint), "--device", "dgx_spark", "--analytic-only"],
+    )
+    for command in commands:
+        code, err, _ = run_cli(command, capsys)
+        one_line_error(code, err, expected)
+        assert len(err.splitlines()) == 1
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_nul_byte_in_an_output_path_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    """Found by the fuzz test when it drew new cases each run (`batch F.yaml -o $'\\x00'`)."""
+    monkeypatch.chdir(tmp_path)
+    job = write_job(tmp_path / "j.yaml")
+    family = Path(__file__).resolve().parents[1] / "configs" / "families" / "tiny.yaml"
+    commands = [
+        ["batch", str(family), "-o", "\x00"],
+        ["run", str(job), "-o", "out\x00"],
+        ["compare", str(Path(family).parents[1] / "compare_demo.yaml"), "-o", "\x00"],
+        ["export", str(checkpoint), "--format", "hf", "-o", "x\x00"],
+        ["submit", str(job), "--address", "http://127.0.0.1:9", "--token-file", "\x00"],
+    ]
+    for command in commands:
+        code, err, _ = run_cli(command, capsys)
+        one_line_error(code, err)
+        assert "NUL byte" in err or "not a file name" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "j.yaml"]
+
+
+# ---- 7: the streamed path gives the in-memory path's one line -----------------------------------
+@pytest.fixture(scope="module")
+def streamed_workspace(tmp_path_factory):
+    from test_causal_lm import lm_job, lm_workspace
+    from transformers import AutoModelForCausalLM
+
+    root = lm_workspace(tmp_path_factory.mktemp("lm"))
+    sharded = root / "sharded"
+    AutoModelForCausalLM.from_pretrained(root / "model").save_pretrained(
+        sharded, max_shard_size="20KB"
+    )
+    for tok in (root / "model").glob("tokenizer*"):
+        shutil.copy(tok, sharded)
+    raw = lm_job(root) | {"sia": {"enabled": False}, "evaluation": {}}
+    raw["stages"] = [{"kind": "layers", "criterion": "block_influence", "count": 1}]
+    raw["calibration"]["streamed"] = True
+    raw["models"] = [{"ref": "MODEL", "max_length": 24}]
+    return sharded, raw
+
+
+def _missing_shard(folder: Path) -> None:
+    sorted(folder.glob("model-*.safetensors"))[1].unlink()
+
+
+def _fewer_kv_heads(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"num_key_value_heads": 1}))
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (_missing_shard, "-of-00009.safetensors is listed in model.safetensors.index.json but missing"),
+        (_fewer_kv_heads, "k_proj.weight has shape [16, 32] in the checkpoint but config.json makes it [8, 32]"),
+    ],
+)  # fmt: skip
+def test_streamed_job_on_a_damaged_folder_is_one_line(
+    streamed_workspace, tmp_path, capsys, damage, expected
+):
+    sharded, raw = streamed_workspace
+    folder = tmp_path / "model"
+    shutil.copytree(sharded, folder)
+    damage(folder)
+    raw = json.loads(json.dumps(raw).replace('"MODEL"', json.dumps(str(folder))))
+    job = tmp_path / "j.yaml"
+    job.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    code, err, _ = run_cli(["run", str(job), "-o", str(out)], capsys)
+    one_line_error(code, err, expected)
+    assert not out.exists()

@@ -308,6 +308,8 @@ def export_checkpoint(
         log(f"[cascade] export: --no-verify: {source} is NOT checked against its manifest")
     ckpt = read_checkpoint(source, verify=verify)
     target = Path(out) if out is not None else exporter.default_output(source, dtype)
+    if "\0" in str(target):  # the OS calls raise ValueError("embedded null byte") for it
+        raise ExportError(f"-o {str(target)[:80]!r}: contains a NUL byte; choose another -o")
     target = Path(os.path.abspath(target))  # `-o .` names the current directory, not ''
     check_output_parent(target)
     check_target(source, target, exporter.name, force=force)
