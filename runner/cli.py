@@ -16,6 +16,7 @@ from runner.demo_models import DEMO_MODELS
 from runner.errors import user_errors
 from runner.job import run_job
 from runner.models import PACKAGED_MODELS
+from runner.paths import shown_lines
 from runner.progress import make_logger
 from runner.sia_report import sia_for_config
 from runner.smollm2 import SMOLLM2
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         if args.debug or not isinstance(exc, user_errors()):
             raise
-        message = str(exc).strip()
+        message = shown_lines(str(exc).strip())
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
 

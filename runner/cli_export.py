@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from runner.exporters import DTYPES, EXPORT_FORMATS, ExportError, export_checkpoint, get_exporter
+from runner.paths import shown_lines
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -74,7 +75,7 @@ def cmd_export(args) -> int:
             log=lambda message: print(message, file=sys.stderr),
         )
     except (ExportError, OSError) as exc:
-        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {shown_lines(str(exc).strip().splitlines()[0])}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(path)
     return EXIT_OK

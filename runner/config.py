@@ -20,7 +20,7 @@ from pydantic import (
 from runner.choice_tasks import ChoiceTaskSpec
 from runner.config_files import ConfigError, read_yaml_mapping
 from runner.data import MAX_SEED, DataConfig
-from runner.paths import dir_name_for_ref
+from runner.paths import dir_name_for_ref, shown
 from runner.tasks import get_task, task_names
 from runner.text_sources import TextSource
 from stages.base import stage_names
@@ -33,7 +33,7 @@ def _safe_name(value: str) -> str:
     """Names become directory names: no path separators, no '.' or '..', nothing hidden."""
     if not _SAFE_NAME.fullmatch(value):
         raise ValueError(
-            f"{value!r} cannot name a directory: use up to 100 letters, digits, '.', '_' or '-', "
+            f"{shown(value)!r} cannot name a directory: use up to 100 letters, digits, '.', '_' or '-', "
             "starting with a letter, digit or '_'"
         )
     return value

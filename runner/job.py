@@ -13,6 +13,7 @@ from cluster.orphans import reap_orphans, recorded_session
 from runner.config import JobConfig, dump_config, same_job
 from runner.errors import JobError, user_errors
 from runner.output_dir import is_empty_or_missing, output_errors
+from runner.paths import shown
 from runner.pipeline import run_model
 from runner.report import write_summary
 from runner.report_model import Report
@@ -97,7 +98,7 @@ def _run_models(cfg: JobConfig, out: Path, *, resume: bool, log) -> dict:
             reports[name] = json.loads((model_out / "report.json").read_text())
             typed[name] = Report.model_validate(reports[name])
             continue
-        log(f"[{name}] compressing {model_cfg.ref}")
+        log(f"[{shown(name)}] compressing {shown(model_cfg.ref)}")
         resume_model = resume and (model_out / "stages").exists()
         reports[name] = run_model(cfg, model_cfg, model_out, resume=resume_model, log=log)
         typed[name] = Report.model_validate(reports[name])

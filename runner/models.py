@@ -33,6 +33,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging as hf_logging
 
 from runner.demo_models import DEMO_MODELS, get_demo_model
+from runner.paths import shown
 from runner.smollm2 import SMOLLM2, ensure_smollm2
 from stages.arch import UnsupportedArchitecture, get_adapter
 from stages.arch_base import backbone, unwrap_model
@@ -111,9 +112,11 @@ def _load_model(ref, head, num_labels, trust_remote_code, dtype, cache_dir, prog
     if ref in DEMO_MODELS:
         return _load_demo(ref, head, num_labels, dtype, cache_dir, progress, data_cfg)
     path = source_dir(ref)
-    if not path.exists():
+    if not os.path.exists(path):  # False, not OSError, for a name too long for the OS
         demos = ", ".join(DEMO_MODELS)
-        raise ModelError(f"model {ref!r}: path does not exist and is not a demo model ({demos})")
+        raise ModelError(
+            f"model {shown(ref)!r}: path does not exist and is not a demo model ({demos})"
+        )
     raw = read_config_json(path)
     model_type = raw.get("model_type")
     remote = trust_remote_code and "auto_map" in raw

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,6 +96,11 @@ def resolve_source(source: FileSpec, where: str, base_dir: Path | None = None):
             )
     elif os.path.isfile(raw):
         paths = [Path(raw)]
+    elif os.path.lexists(raw):  # it exists, but is no file or folder: say what it is
+        raise TextDataError(
+            f"{where}.path: {source.path} is {_kind(raw)}, not a file or folder of text; "
+            "save the text to a file and point path at it"
+        )
     else:
         raise TextDataError(
             f"{where}.path: file not found: {source.path}{relative}; check the path"
@@ -116,6 +122,16 @@ def resolve_source(source: FileSpec, where: str, base_dir: Path | None = None):
             f"{where}.path: files of several formats ({found}); use one source per format"
         )
     return next(iter(formats)), paths
+
+
+def _kind(path: str) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a broken symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    return "a socket" if stat.S_ISSOCK(mode) else "a device"
 
 
 # ----------------------------------------------------------------------------- line scanning

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -251,3 +252,44 @@ def test_streamed_job_on_a_damaged_folder_is_one_line(
     code, err, _ = run_cli(["run", str(job), "-o", str(out)], capsys)
     one_line_error(code, err, expected)
     assert not out.exists()
+
+
+# ---- 8: small ones ------------------------------------------------------------------------------
+def test_a_fifo_as_a_data_source_says_what_it_is(tmp_path, capsys):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    job = write_job(
+        tmp_path / "j.yaml", task="causal_lm", models=["smollm2-135m"],
+        data={"sources": [{"path": str(fifo)}]},
+    )  # fmt: skip
+    code, err, _ = run_cli(["run", str(job), "-o", str(tmp_path / "out")], capsys)
+    one_line_error(code, err, f"{fifo} is a named pipe (FIFO), not a file or folder of text")
+    assert "not found" not in err
+
+
+def test_huge_names_are_cut_in_messages(tmp_path, capsys):
+    job = write_job(tmp_path / "name.yaml", name="a" * 1_000_000)
+    code, err, _ = run_cli(["run", str(job), "-o", str(tmp_path / "o1")], capsys)
+    one_line_error(code, err, "...[999,880 characters]...", "cannot name a directory")
+    assert len(err) < 2000
+    job = write_job(tmp_path / "ref.yaml", models=["/x/" + "b" * 1_000_000])
+    code, err, out = run_cli(["run", str(job), "-o", str(tmp_path / "o2")], capsys)
+    one_line_error(code, err, "path does not exist", "characters]")  # was OSError: name too long
+    assert len(err) + len(out) < 2000
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_a_newline_in_the_model_path_keeps_report_md_titled(tmp_path, capsys):
+    folder = tmp_path / "odd\nname"
+    tiny_gpt2(num_labels=10).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    job = write_job(
+        tmp_path / "j.yaml", models=[{"ref": str(folder), "name": "odd"}],
+        stages=[{"kind": "layers", "criterion": "block_influence", "count": 1}],
+        sia={"enabled": False}, target={}, output={"progress": False, "plots": False},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    code, err, _ = run_cli(["run", str(job), "-o", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    title = (out / "report.md").read_text().splitlines()[0]
+    assert title == f"# Compression report: {tmp_path}/odd\\nname"

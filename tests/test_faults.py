@@ -47,8 +47,9 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
         assert torch.equal(sa[key], sb[key]), key
 
 
-def start_and_signal(raw: dict, tmp_path: Path, at, sig: int) -> Path:
-    """Run the job in a child process, send `sig` once an event matches `at`; returns OUT."""
+def start_and_signal(raw: dict, tmp_path: Path, at, sig: int, stderr: list | None = None) -> Path:
+    """Run the job in a child process, send `sig` once an event matches `at`; returns OUT (and
+    appends what the child wrote to stderr to `stderr`)."""
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
@@ -74,7 +75,10 @@ def start_and_signal(raw: dict, tmp_path: Path, at, sig: int) -> Path:
         proc.send_signal(sig)
     finally:
         proc.wait(timeout=60)
-    assert proc.returncode == -sig, proc.stderr.read().decode()[-2000:]  # a shell says 128 + sig
+    err = proc.stderr.read().decode()
+    assert proc.returncode == -sig, err[-2000:]  # a shell says 128 + sig
+    if stderr is not None:
+        stderr.append(err)
     assert not (out / "checkpoint").exists()
     return out
 
@@ -151,3 +155,14 @@ def test_disk_full_during_export_keeps_the_previous_checkpoint(tmp_path, referen
     assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME], (
         "temporary export dirs left behind"
     )
+
+
+@pytest.mark.ray
+def test_sigterm_with_the_ray_executor_ends_like_a_local_job(tmp_path):
+    """Ray's runtime used to abort the driver on SIGTERM with a C++ stack dump (exit 134): the
+    driver now unwinds, shuts Ray down and ends as a SIGTERMed process (exit 143 in a shell)."""
+    raw = tiny_job(cluster={"executor": "ray", "workers": 1}, sia={"enabled": False})
+    err: list[str] = []
+    out = start_and_signal(raw, tmp_path, lambda e: e["event"] == "barrier", signal.SIGTERM, err)
+    assert "SIGTERM received" not in err[0] and "Aborted" not in err[0], err[0][-2000:]
+    assert not (out / ".ray_session.json").exists()  # shut down, not left for the next run to reap
