@@ -58,6 +58,8 @@ def resolve_token(token_file: str | os.PathLike | None = None) -> str | None:
                 raise SubmitError(f"--token-file {path}: is a {kind}, not a file holding a token")
             with open(path, "rb") as handle:
                 data = handle.read(MAX_TOKEN_BYTES + 1)
+        except SubmitError:
+            raise
         except OSError as err:
             raise SubmitError(f"--token-file {path}: cannot read it ({err.strerror})") from None
         except ValueError:  # a NUL byte in the name
