@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One entry point: setup | demo | test | cluster | submit CONFIG | stop-cluster | cascade ARGS...
+# One entry point: setup | demo | test | fuzz | cluster | submit CONFIG | stop-cluster | cascade ARGS...
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv
@@ -44,13 +44,17 @@ case "$cmd" in
   setup) setup ;;
   demo) setup; exec "$VENV/bin/cascade" run configs/demo.yaml --output "${DEMO_OUT:-runs/demo}" --force "$@" ;;
   test) setup; exec "$PY" -m pytest -q --durations=20 "$@" ;;
+  # The fuzz tests with freshly drawn cases, 10x as many (./launch.sh test replays fixed ones).
+  fuzz) setup; CASCADE_FUZZ=explore exec "$PY" -m pytest -q tests/test_fuzz.py "$@" ;;
   lint) setup; "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check . ;;
-  cluster) setup; "$VENV/bin/ray" start --head --node-ip-address=127.0.0.1 --port=6379 \
+  # The head runs with the venv first on PATH: a submitted job's entrypoint (`python -m runner.cli
+  # run-submitted ...`) runs the first `python` on the head's PATH, which must be the project's.
+  cluster) setup; PATH="$PWD/$VENV/bin:$PATH" VIRTUAL_ENV="$PWD/$VENV" "$VENV/bin/ray" start --head --node-ip-address=127.0.0.1 --port=6379 \
       --dashboard-host=127.0.0.1 --dashboard-port=8265 --include-dashboard=true "$@"
     echo "Ray head on 127.0.0.1. Add a worker node with: ray start --address=<head-ip>:6379"
     echo "Submit with: ./launch.sh submit CONFIG   (address http://127.0.0.1:8265)" ;;
   stop-cluster) setup; exec "$VENV/bin/ray" stop "$@" ;;
-  submit) setup; exec "$VENV/bin/cascade" submit "$@" --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" ;;
+  submit) setup; exec "$VENV/bin/cascade" submit --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" "$@" ;;
   cascade) setup; exec "$VENV/bin/cascade" "$@" ;;
-  *) echo "usage: ./launch.sh {setup|demo|test|lint|cluster|stop-cluster|submit CONFIG|cascade ARGS}" >&2; exit 2 ;;
+  *) echo "usage: ./launch.sh {setup|demo|test|fuzz|lint|cluster|stop-cluster|submit CONFIG|cascade ARGS}" >&2; exit 2 ;;
 esac

@@ -236,7 +236,7 @@ def generation_check(name, dtype, gguf_path, reference, tokenizer, args, bin_dir
 def check_variant(name, model, tokenizer, ckpt, args, bin_dir, work, text_file, eval_tokens, log):
     gguf_path = work / f"{name}-f16.gguf"
     started = time.perf_counter()
-    export_checkpoint(ckpt, "gguf", gguf_path, dtype="f16", log=log)
+    export_checkpoint(ckpt, "gguf", gguf_path, dtype="f16", force=True, log=log)
     layout = get_adapter(model).layout(model)
     row = {
         "variant": name,
@@ -256,7 +256,7 @@ def check_variant(name, model, tokenizer, ckpt, args, bin_dir, work, text_file, 
     )
     # f32 file, f32 reference: no rounding on either side, so any difference is a real mismatch
     f32_path = work / f"{name}-f32.gguf"
-    export_checkpoint(ckpt, "gguf", f32_path, dtype="f32", log=log)
+    export_checkpoint(ckpt, "gguf", f32_path, dtype="f32", force=True, log=log)
     row["generations_f32"] = generation_check(
         name, "f32", f32_path, model, tokenizer, args, bin_dir, work, log
     )

@@ -8,6 +8,9 @@ to the single-process value whatever the number of workers.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -124,11 +127,41 @@ def cluster_session(cluster_cfg):
     from cluster.ray_executor import start_ray  # lazy: imports Ray
 
     started = start_ray(cluster_cfg)
+    terminated = False
+    with _sigterm_unwinds():
+        try:
+            yield
+        except Terminated:
+            terminated = True
+        finally:
+            if started and ray.is_initialized():
+                ray.shutdown()
+    if terminated:  # shut down cleanly; now end as a SIGTERMed process does (exit 143)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while a job ran on Ray (BaseException: no `except Exception` swallows it)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Ray's runtime aborts the driver on SIGTERM with a C++ stack dump (exit 134); a Python
+    handler instead unwinds the job (finally blocks, ray.shutdown) and then exits 143 like a
+    local job. Only the main thread can set handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
-        if started and ray.is_initialized():
-            ray.shutdown()
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def make_executor(cluster_cfg, adapter) -> Executor:

@@ -201,17 +201,29 @@ def reap_orphans(out: Path, *, grace_s: float = 5.0, log=None) -> list[int]:
     record = _read_record(Path(out))
     if record is None or record.get("host") != socket.gethostname() or _driver_alive(record):
         return []
-    reaped: list[int] = []
-    for _ in range(3):  # a raylet stopped mid-way may have started a worker: look again
-        pids = [p for p in session_processes(record["session_dir"]) if p not in reaped]
-        if not pids:
-            break
+
+    def note(count: int) -> None:
         if log is not None:
             log(
-                f"stopping {len(pids)} process(es) left by the killed run's Ray session "
+                f"stopping {count} process(es) left by the killed run's Ray session "
                 f"{record['session_dir']} (driver pid {record.get('driver_pid')})"
             )
+
+    reaped = terminate_session(record["session_dir"], grace_s=grace_s, on_found=note)
+    forget_session(Path(out))
+    return reaped
+
+
+def terminate_session(session_dir: str, *, grace_s: float = 5.0, on_found=None) -> list[int]:
+    """Stop every process whose command line or open files name `session_dir` (a Ray session or
+    temp directory); returns their pids. `ray stop` would stop every Ray on the machine instead."""
+    reaped: list[int] = []
+    for _ in range(3):  # a raylet stopped mid-way may have started a worker: look again
+        pids = [p for p in session_processes(session_dir) if p not in reaped]
+        if not pids:
+            break
+        if on_found is not None:
+            on_found(len(pids))
         _terminate(pids, grace_s)
         reaped += pids
-    forget_session(Path(out))
     return reaped

@@ -15,6 +15,7 @@ import asyncio
 import os
 import re
 import shlex
+import stat
 import sys
 import time
 import uuid
@@ -34,6 +35,9 @@ CONFIG_ENV = "CASCADE_JOB_CONFIG"
 TOKEN_ENV = "RAY_AUTH_TOKEN"
 DEFAULT_OUTPUT_ROOT = "~/cascade-runs"
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+MAX_TOKEN_BYTES = 64 * 1024
+HTTP_CONNECT_S = 10.0  # per request: connecting, then waiting for each answer (not log streaming)
+HTTP_READ_S = 60.0
 
 
 class SubmitError(ValueError):
@@ -49,21 +53,59 @@ def resolve_token(token_file: str | os.PathLike | None = None) -> str | None:
     if token_file:
         path = Path(token_file).expanduser()
         try:
-            token = path.read_text().strip()
+            kind = _file_kind(path.stat().st_mode)
+            if kind != "file":  # a FIFO or a device would block the read, or never end
+                raise SubmitError(f"--token-file {path}: is a {kind}, not a file holding a token")
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_TOKEN_BYTES + 1)
+        except SubmitError:
+            raise
         except OSError as err:
             raise SubmitError(f"--token-file {path}: cannot read it ({err.strerror})") from None
+        except ValueError:  # a NUL byte in the name
+            raise SubmitError(f"--token-file {str(path)[:80]!r}: not a file name") from None
+        if len(data) > MAX_TOKEN_BYTES:
+            raise SubmitError(
+                f"--token-file {path}: larger than {MAX_TOKEN_BYTES} bytes; it must hold one token"
+            )
+        token = data.decode("utf-8").strip()
         if not token:
             raise SubmitError(f"--token-file {path}: file is empty")
         return token
     return os.environ.get(TOKEN_ENV) or None
 
 
+def _file_kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return "named pipe (FIFO)" if stat.S_ISFIFO(mode) else "device or socket"
+
+
 def _client(address: str, token: str | None):
+    import requests  # lazy: only cluster commands need it (the CLI imports this module always)
     from ray.job_submission import JobSubmissionClient  # lazy: only cluster commands need it
+
+    class TimedClient(JobSubmissionClient):
+        """The SDK sends every request without a timeout: a server that accepts the connection
+        and never answers would hang the command forever."""
+
+        def _do_request(self, method, endpoint, **kwargs):
+            kwargs.setdefault("timeout", (HTTP_CONNECT_S, HTTP_READ_S))
+            try:
+                return super()._do_request(method, endpoint, **kwargs)
+            except requests.Timeout:
+                raise SubmitError(
+                    f"the Ray job server at {address} did not answer within {HTTP_READ_S:g} s "
+                    "(is it a Ray dashboard? is the head overloaded?)"
+                ) from None
 
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        return JobSubmissionClient(address, headers=headers)
+        return TimedClient(address, headers=headers)
+    except SubmitError:
+        raise
     except Exception as err:  # noqa: BLE001 - connection, auth and version errors alike
         message = str(err).replace(token, "***") if token else str(err)
         raise SubmitError(

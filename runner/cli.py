@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -17,10 +16,12 @@ from runner.demo_models import DEMO_MODELS
 from runner.errors import user_errors
 from runner.job import run_job
 from runner.models import PACKAGED_MODELS
+from runner.paths import shown_lines
 from runner.progress import make_logger
 from runner.sia_report import sia_for_config
 from runner.smollm2 import SMOLLM2
 from stages.arch import SUPPORTED_MODEL_TYPES
+from stages.atomic import dumps_finite
 from stages.checkpoint import is_disk_full
 
 EXIT_USAGE = 2
@@ -180,13 +181,13 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         if args.debug or not isinstance(exc, user_errors()):
             raise
-        message = str(exc).strip()
+        message = shown_lines(str(exc).strip())
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
 
 
 def print_json(data) -> None:
-    print(json.dumps(data, indent=1, default=str))
+    print(dumps_finite(data, "stdout", indent=1))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from cluster.submit import (
 )
 from runner.config import ConfigError, load_config
 from runner.config_files import read_config_text
+from runner.paths import shown_lines
 
 EXIT_ERROR = 2
 
@@ -114,7 +115,7 @@ def _guarded(command):
         except (SubmitError, ConfigError) as exc:
             if getattr(args, "debug", False):
                 raise
-            print(f"error: {str(exc).strip()}", file=sys.stderr)
+            print(f"error: {shown_lines(str(exc).strip())}", file=sys.stderr)
             return EXIT_ERROR
 
     return run

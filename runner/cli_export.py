@@ -1,4 +1,4 @@
-"""`cascade export CHECKPOINT --format hf|gguf [--dtype f16|bf16|f32] [-o PATH]`.
+"""`cascade export CHECKPOINT --format hf|gguf [--dtype f16|bf16|f32] [-o PATH] [--force]`.
 
 hf:   a folder plain transformers loads (uniform, vanilla-expressible layouts only);
       with --remote-code any per-layer layout (Llama / Mistral / Qwen2 causal LMs), loaded
@@ -6,6 +6,8 @@ hf:   a folder plain transformers loads (uniform, vanilla-expressible layouts on
 gguf: one .gguf file for llama.cpp (Llama-family causal LMs; per-layer layouts as `deci`).
 
 The checkpoint is checked against its manifest.json first (--no-verify skips that, and says so).
+An existing output path is refused unless --force names an earlier export of the same format, and
+a path holding the checkpoint (its run directory) or inside it is always refused.
 Exit status: 0 written, 2 refused (one line on stderr: cause, path, what to do); nothing is left
 behind at the output path on failure.
 """
@@ -16,6 +18,7 @@ import argparse
 import sys
 
 from runner.exporters import DTYPES, EXPORT_FORMATS, ExportError, export_checkpoint, get_exporter
+from runner.paths import shown_lines
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -39,6 +42,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         "-o",
         "--output",
         help="output path (default: beside the checkpoint: NAME-hf/, NAME-DT.gguf)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace an earlier export at the output path"
     )
     parser.add_argument(
         "--no-verify", action="store_true", help="do not check the checkpoint's manifest.json"
@@ -72,10 +78,11 @@ def cmd_export(args) -> int:
             args.output,
             dtype=args.dtype,
             verify=not args.no_verify,
+            force=args.force,
             log=lambda message: print(message, file=sys.stderr),
         )
     except (ExportError, OSError) as exc:
-        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {shown_lines(str(exc).strip().splitlines()[0])}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(path)
     return EXIT_OK

@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 from runner.devices import DeviceError
+from runner.paths import shown_lines
 from runner.validate import ProbeError, validate_checkpoint
 from stages.arch import UnsupportedArchitecture
+from stages.atomic import dumps_finite
 from stages.checkpoint import CheckpointError
 
 EXIT_FITS = 0
@@ -94,10 +96,10 @@ def cmd_validate(args) -> int:
     except KNOWN_INPUT_ERRORS as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {shown_lines(str(exc).strip().splitlines()[0])}", file=sys.stderr)
         return EXIT_BAD_INPUT
     result["verified"] = not args.no_verify
-    print(json.dumps(result, indent=1, default=str) if args.json else format_table(result))
+    print(dumps_finite(result, "stdout", indent=1) if args.json else format_table(result))
     return EXIT_FITS if result["fits"] else EXIT_DOES_NOT_FIT
 
 

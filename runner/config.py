@@ -20,7 +20,7 @@ from pydantic import (
 from runner.choice_tasks import ChoiceTaskSpec
 from runner.config_files import ConfigError, read_yaml_mapping
 from runner.data import MAX_SEED, DataConfig
-from runner.paths import dir_name_for_ref
+from runner.paths import dir_name_for_ref, shown
 from runner.tasks import get_task, task_names
 from runner.text_sources import TextSource
 from stages.base import stage_names
@@ -34,7 +34,7 @@ def _safe_name(value: str) -> str:
     """Names become directory names: no path separators, no '.' or '..', nothing hidden."""
     if not _SAFE_NAME.fullmatch(value):
         raise ValueError(
-            f"{value!r} cannot name a directory: use up to 100 letters, digits, '.', '_' or '-', "
+            f"{shown(value)!r} cannot name a directory: use up to 100 letters, digits, '.', '_' or '-', "
             "starting with a letter, digit or '_'"
         )
     return value
@@ -412,10 +412,11 @@ def same_job(previous_yaml: str | None, cfg: JobConfig) -> bool:
         previous = JobConfig.model_validate(yaml.safe_load(previous_yaml))
     except (ValidationError, yaml.YAMLError):
         return False
-    return _comparable(previous) == _comparable(cfg)
+    return result_settings(previous) == result_settings(cfg)
 
 
-def _comparable(cfg: JobConfig) -> dict:
+def result_settings(cfg: JobConfig) -> dict:
+    """The config as JSON without the settings that change nothing a job computes or writes."""
     dumped = cfg.model_dump(mode="json")
     for section, keys in _RESULT_NEUTRAL.items():
         for key in keys:

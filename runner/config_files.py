@@ -73,18 +73,65 @@ def read_config_text(path: Path) -> str:
         ) from None
 
 
+MAX_DEPTH = 64  # a job file is a few levels deep; 100,000 nested '[' overflowed the parser
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML requires unique keys;
+    PyYAML silently keeps the last, so `target` written twice lost the first one)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None,
+                        f"duplicate key {key_node.value!r} (first given at line {seen[key]}); "
+                        "keep one of them",
+                        key_node.start_mark,
+                    )  # fmt: skip
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _too_deep(value: Any) -> bool:
+    """Nested deeper than MAX_DEPTH (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
 def read_yaml_file(path: str | Path) -> Any:
     """A YAML file's content (None when empty), or a ConfigError naming why it cannot be read."""
     path = Path(path)
     text = read_config_text(path)
+    deep = ConfigError(
+        [("", f"nested more than {MAX_DEPTH} levels deep; not a job file")], str(path)
+    )
     try:
-        return yaml.safe_load(text)
+        value = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         raise ConfigError(
             [("", f"malformed YAML at {where}: {getattr(exc, 'problem', exc)}")], str(path)
         ) from None
+    except RecursionError:
+        raise deep from None
+    if _too_deep(value):
+        raise deep
+    return value
 
 
 def read_yaml_mapping(path: str | Path, overrides: list[str] | None = None) -> dict:

@@ -35,8 +35,8 @@ from transformers import (
 
 from runner.data import CLASS_NAMES, DataConfig, build_dataset
 from runner.paths import cache_root
-from stages.atomic import atomic_directory
 from stages.base import param_count
+from stages.checkpoint import CheckpointError, checkpoint_directory, verify_manifest
 from stages.objectives import get_objective
 from stages.split import encode_split
 from stages.training import TrainSettings, train_steps, training_loss
@@ -198,7 +198,8 @@ def get_demo_model(
     spec = DEMO_MODELS[name]
     data_cfg = training_data_cfg(data_cfg if data_cfg is not None else DataConfig())
     target = cache_root(cache_dir) / f"{name}-{demo_cache_key(spec, data_cfg)}"
-    if (target / _MARKER).is_file():
+    damaged = _damaged(target, name, progress)
+    if target.is_dir() and not damaged:
         return _load_cached_demo(target, name)
 
     data = build_dataset(data_cfg)
@@ -224,7 +225,7 @@ def get_demo_model(
         )
     info = {"name": name, "train_seconds": seconds, "test_accuracy": result.accuracy}
     try:
-        _save_atomically(model, tokenizer, target, info)
+        _save_atomically(model, tokenizer, target, info, replace=damaged)
     except (OSError, SafetensorError) as exc:  # the cache only saves time (e.g. a full disk)
         print(
             f"[cascade] WARNING: could not cache demo {name} in {target.parent}: {exc}",
@@ -234,11 +235,32 @@ def get_demo_model(
     return model, tokenizer
 
 
+def _damaged(target: Path, name: str, progress: bool) -> bool:
+    """A cache entry that exists but fails its manifest (truncated, edited, written by a version
+    without manifests) is trained again, like the SmolLM2 cache: never loaded."""
+    if not target.is_dir():
+        return False
+    try:
+        verify_manifest(target)
+    except CheckpointError as err:
+        if progress:
+            print(f"[cascade] demo {name}: cached copy failed verification ({err}); training it "
+                  "again", file=sys.stderr)  # fmt: skip
+        return True
+    return not (target / _MARKER).is_file()
+
+
 def _save_atomically(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, info: dict
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    target: Path,
+    info: dict,
+    *,
+    replace: bool,
 ) -> None:
-    """Write the cache entry beside `target`, then rename; a racing writer's copy wins."""
-    with atomic_directory(target, keep_existing=True) as tmp:
+    """Write the cache entry beside `target` (manifest.json last), then rename; a racing
+    writer's valid copy wins, a damaged entry (`replace`) is replaced."""
+    with checkpoint_directory(target, keep_existing=not replace) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(info, indent=2))

@@ -23,6 +23,7 @@ from runner.validate import ValidationFailed
 from stages.arch import UnsupportedArchitecture
 from stages.checkpoint import CheckpointError
 from stages.guards import NumericalError
+from stages.lazy_weights import LazyWeightsError
 from stages.selection import SelectionError
 
 
@@ -43,6 +44,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     UnsupportedArchitecture,
     SelectionError,
     NumericalError,
+    LazyWeightsError,
     ShardExportError,
     SubmitError,
     DistributedRecoveryError,

@@ -1,4 +1,5 @@
-"""events.jsonl: one JSON object per line, appended and fsynced so a crash loses nothing written."""
+"""events.jsonl: one JSON object per line, appended and fsynced so a crash loses nothing written
+(NaN/Infinity written as null, with a warning: every line is RFC 8259 JSON)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+from stages.atomic import dumps_finite
 
 
 class EventLog:
@@ -18,7 +21,7 @@ class EventLog:
         self, event: str, *, stage: str | None = None, version: int | None = None, **fields
     ) -> dict:
         record = {"ts": time.time(), "event": event, "stage": stage, "version": version, **fields}
-        line = json.dumps(record, default=_jsonable)
+        line = dumps_finite(record, str(self.path), default=_jsonable)
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
             fh.flush()

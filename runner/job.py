@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 from cluster.executor import cluster_session
@@ -12,9 +13,12 @@ from cluster.orphans import reap_orphans, recorded_session
 from runner.config import JobConfig, dump_config, same_job
 from runner.errors import JobError, user_errors
 from runner.output_dir import is_empty_or_missing, output_errors
+from runner.paths import shown
 from runner.pipeline import run_model
 from runner.report import write_summary
 from runner.report_model import Report
+from runner.resume import check_resumable
+from runner.run_lock import clear_run_dir, run_entries, run_lock
 
 _JOB_MARKERS = ("job.yaml", "events.jsonl", "summary.json", "report.json")
 
@@ -22,7 +26,7 @@ _JOB_MARKERS = ("job.yaml", "events.jsonl", "summary.json", "report.json")
 def prepare_output(cfg: JobConfig, out: Path, *, resume: bool, force: bool) -> None:
     """Refuse to mix two jobs in one directory; --resume continues the same job, --force replaces it."""
     resolved = dump_config(cfg)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and run_entries(out):
         is_job_dir = any((out / m).exists() for m in _JOB_MARKERS)
         if resume:
             previous = out / "job.yaml"
@@ -32,6 +36,7 @@ def prepare_output(cfg: JobConfig, out: Path, *, resume: bool, force: bool) -> N
                 raise JobError(
                     f"--resume: {out}/job.yaml is a different config than this run's; use --force to restart"
                 )
+            check_resumable(cfg, out)  # each finished stage was made with these settings
             return
         if not force:
             raise JobError(
@@ -41,7 +46,7 @@ def prepare_output(cfg: JobConfig, out: Path, *, resume: bool, force: bool) -> N
             raise JobError(
                 f"--force: {out} is not a job output directory (no job.yaml); refusing to delete it"
             )
-        shutil.rmtree(out)
+        clear_run_dir(out)  # keeps the lock this job holds
     elif resume:
         raise JobError(f"--resume: {out} does not exist or is empty, nothing to resume")
     out.mkdir(parents=True, exist_ok=True)
@@ -54,19 +59,21 @@ def run_job(
     """Run every model of the job; returns {model_dir_name: report}."""
     out = Path(out)
     _check_embedded_capacity(cfg)
-    reap_orphans(out, log=log)  # what a killed earlier run's embedded Ray left (its own session)
     with output_errors(out):
         fresh = is_empty_or_missing(out)
-        prepare_output(cfg, out, resume=resume, force=force)
-    try:
-        with cluster_session(cfg.cluster), recorded_session(cfg.cluster, out):
-            return _run_models(cfg, out, resume=resume, log=log)
-    except user_errors():
-        if fresh and not any(out.glob("**/events.jsonl")):
-            shutil.rmtree(
-                out, ignore_errors=True
-            )  # rejected before it started: leave nothing behind
-        raise
+    with ExitStack() as held:
+        with output_errors(out):
+            held.enter_context(run_lock(out, log))  # one writer per directory, the whole job
+        try:
+            reap_orphans(out, log=log)  # what a killed earlier run's embedded Ray left
+            with output_errors(out):
+                prepare_output(cfg, out, resume=resume, force=force)
+            with cluster_session(cfg.cluster), recorded_session(cfg.cluster, out):
+                return _run_models(cfg, out, resume=resume, log=log)
+        except user_errors():
+            if fresh and not any(out.glob("**/events.jsonl")):
+                shutil.rmtree(out, ignore_errors=True)  # rejected before it started: no trace
+            raise
 
 
 def _check_embedded_capacity(cfg: JobConfig) -> None:
@@ -91,7 +98,7 @@ def _run_models(cfg: JobConfig, out: Path, *, resume: bool, log) -> dict:
             reports[name] = json.loads((model_out / "report.json").read_text())
             typed[name] = Report.model_validate(reports[name])
             continue
-        log(f"[{name}] compressing {model_cfg.ref}")
+        log(f"[{shown(name)}] compressing {shown(model_cfg.ref)}")
         resume_model = resume and (model_out / "stages").exists()
         reports[name] = run_model(cfg, model_cfg, model_out, resume=resume_model, log=log)
         typed[name] = Report.model_validate(reports[name])

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from runner.errors import JobError
 from runner.models import check_safetensors, read_config_json
+from runner.text_files import split_at_whitespace
 from stages.checkpoint import build_on_meta, saved_layouts, tied_pairs
 from stages.lm_eval import perplexity
 
@@ -102,18 +103,6 @@ def load_lm_head(path: Path, ref: str) -> LMHead:
 CHUNK_CHARS = 1 << 16  # characters tokenised at a time
 
 
-def _split_at_whitespace(text: str) -> tuple[str, str]:
-    """(head, tail): tail starts at the last whitespace run, so no word is cut in two and the
-    run stays with the word after it (how BPE pre-tokenisers attach spaces)."""
-    end = len(text)
-    while end > 0 and not text[end - 1].isspace():
-        end -= 1
-    while end > 1 and text[end - 2].isspace():
-        end -= 1
-    start = end - 1
-    return (text[:start], text[start:]) if start > 0 else (text, "")
-
-
 def token_ids_from(handle, tokenizer, max_tokens: int) -> list[int]:
     """The first `max_tokens` ids of a text stream (no special tokens), read chunk by chunk:
     memory and characters read grow with max_tokens, not with the size of the file."""
@@ -124,7 +113,7 @@ def token_ids_from(handle, tokenizer, max_tokens: int) -> list[int]:
         text = carry + chunk
         if not text:
             break
-        head, carry = _split_at_whitespace(text) if chunk else (text, "")
+        head, carry = split_at_whitespace(text) if chunk else (text, "")
         ids += tokenizer(head, add_special_tokens=False)["input_ids"]
     return ids[:max_tokens]
 

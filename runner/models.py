@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging as hf_logging
 
 from runner.demo_models import DEMO_MODELS, get_demo_model
+from runner.paths import shown
 from runner.smollm2 import SMOLLM2, ensure_smollm2
 from stages.arch import UnsupportedArchitecture, get_adapter
 from stages.arch_base import backbone, unwrap_model
@@ -111,9 +113,11 @@ def _load_model(ref, head, num_labels, trust_remote_code, dtype, cache_dir, prog
     if ref in DEMO_MODELS:
         return _load_demo(ref, head, num_labels, dtype, cache_dir, progress, data_cfg)
     path = source_dir(ref)
-    if not path.exists():
+    if not os.path.exists(path):  # False, not OSError, for a name too long for the OS
         demos = ", ".join(DEMO_MODELS)
-        raise ModelError(f"model {ref!r}: path does not exist and is not a demo model ({demos})")
+        raise ModelError(
+            f"model {shown(ref)!r}: path does not exist and is not a demo model ({demos})"
+        )
     raw = read_config_json(path)
     model_type = raw.get("model_type")
     remote = trust_remote_code and "auto_map" in raw
@@ -133,6 +137,7 @@ def _load_model(ref, head, num_labels, trust_remote_code, dtype, cache_dir, prog
             model = load_pruned(path, dtype=_as_dtype(dtype))
         else:
             model = _from_pretrained(path, raw, head, num_labels, trust_remote_code, dtype)
+    check_finite_weights(model, path)
     _check_head(model, head, path)
     _check_vocab(model, tokenizer, path)
     _ensure_pad_token(model, tokenizer)
@@ -260,11 +265,14 @@ def read_config_json(path: Path) -> dict:
 def check_safetensors(path: Path) -> None:
     """Refuse folders whose weights exist only as pickles (torch.load can run code), and
     safetensors files whose header does not parse (truncated, corrupted or not safetensors)."""
-    files = sorted(path.glob("*.safetensors"))
+    files, dtypes = sorted(path.glob("*.safetensors")), {}
+    _check_index(path)
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
-                handle.keys()
+                dtypes |= {
+                    name: (file, handle.get_slice(name).get_dtype()) for name in handle.keys()
+                }  # noqa: SIM118
         except (SafetensorError, OSError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(
@@ -272,6 +280,8 @@ def check_safetensors(path: Path) -> None:
                 "truncated or corrupted: fetch or save the weights again"
             ) from None
     if files:
+        _check_layer_count(path, list(dtypes))
+        _check_integer_weights(path, dtypes)
         return
     pickles = [name for name in PICKLE_WEIGHTS if (path / name).exists()]
     what = f"only {', '.join(pickles)}" if pickles else "no *.safetensors weights"
@@ -280,6 +290,80 @@ def check_safetensors(path: Path) -> None:
         "them once, e.g. `AutoModel.from_pretrained(dir).save_pretrained(dir)` in a process you "
         "trust, which writes model.safetensors"
     )
+
+
+def _check_index(path: Path) -> None:
+    """Every shard model.safetensors.index.json names must be there (the streamed path opened
+    them by name and died with FileNotFoundError)."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        raise ModelError(f"{index}: not a readable shard index; save the model again") from None
+    missing = sorted(str(s) for s in shards if not (path / str(s)).is_file())
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelError(
+            f"{path}: {missing[0]}{more} is listed in {index.name} but missing; the download or "
+            "copy is incomplete: fetch the missing shard(s)"
+        )
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def _check_layer_count(path: Path, names: list[str]) -> None:
+    """A config.json declaring more layers than the weights hold would build (and randomly
+    initialise) them all first: 200,000 declared layers took minutes and gigabytes before any
+    shape was compared. Checked from the file headers, before anything is built."""
+    try:
+        raw = read_config_json(path)
+    except ModelError:
+        return  # the caller reports config.json itself
+    declared = next(
+        (raw[k] for k in _LAYER_KEYS if type(raw.get(k)) is int), None
+    )  # bool is not a count
+    held = {int(m.group(1)) for name in names if (m := _LAYER_INDEX.search(name))}
+    if declared is None or not held or declared <= len(held):
+        return
+    raise ModelError(
+        f"{path}: config.json declares {declared} layers but the weights hold {len(held)}; "
+        "config.json and the *.safetensors files come from different models (or config.json was "
+        "edited): restore the checkpoint's own config.json"
+    )
+
+
+_INTEGER_DTYPES = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")
+
+
+def _check_integer_weights(path: Path, dtypes: dict[str, tuple[Path, str]]) -> None:
+    """Integer weights (int8 quantised) without a quantization_config would be cast to float and
+    used as if they were the real values: refused."""
+    try:
+        if "quantization_config" in read_config_json(path):
+            return  # what reads them is the quantisation library's business
+    except ModelError:
+        return
+    for name, (file, dtype) in dtypes.items():
+        if dtype in _INTEGER_DTYPES and name.endswith((".weight", ".bias")):
+            raise ModelError(
+                f"{file}: {name} is stored as integers ({dtype}) but config.json has no "
+                "quantization_config, so the values would be used as if they were real weights; "
+                "use the unquantised (float) checkpoint"
+            )
+
+
+def check_finite_weights(model: torch.nn.Module, path: Path) -> None:
+    """A NaN or Inf in the weights makes every figure NaN while the job 'succeeds'."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise ModelError(
+                f"{path}: the weights hold NaN or infinite values (first in {name}); the "
+                "checkpoint is damaged: fetch or save the weights again"
+            )
 
 
 def check_tokenizer_files(path: Path) -> None:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from runner.errors import JobError
+from runner.run_lock import run_entries
 
 _CHOOSE = "choose another output directory (-o/--output)"
 
@@ -51,6 +52,8 @@ def output_problem(out: Path, exc: OSError) -> str:
 @contextmanager
 def output_errors(out: Path) -> Iterator[None]:
     """OSErrors from preparing `out` become one JobError line (never a traceback)."""
+    if "\0" in str(out):  # the OS calls raise ValueError("embedded null byte") for it
+        raise JobError(f"output directory {str(out)[:80]!r} contains a NUL byte; {_CHOOSE}")
     try:
         yield
     except OSError as exc:
@@ -61,7 +64,7 @@ def is_empty_or_missing(out: Path) -> bool:
     """No directory at `out` yet, or an empty one (raises OSError for a file or a loop)."""
     if out.is_symlink() and not out.exists():
         raise FileExistsError(errno.EEXIST, "broken symlink", str(out))
-    return not out.exists() or not any(out.iterdir())
+    return not out.exists() or not run_entries(out)
 
 
 def make_output_dir(out: Path) -> None:

@@ -16,6 +16,7 @@ from runner.finish import export_and_evaluate
 from runner.progress import still_working
 from runner.prune import estimate_dense_upfront, prune
 from runner.recovery import recover_stage
+from runner.resume import restore_teachers, stage_settings
 from runner.run_state import RunContext, RunState
 from runner.setup_run import start_run
 from runner.streamed import start_streamed_run, stream_prune_stages
@@ -44,6 +45,7 @@ def _run_model(cfg: JobConfig, model_cfg: ModelConfig, out: Path, *, resume: boo
         ctx, state, source = start_streamed_run(cfg, model_cfg, Path(out), log)
     else:
         ctx, state = start_run(cfg, model_cfg, Path(out), log)
+    ctx.store.settings = stage_settings(cfg, model_cfg)  # kept in every stage, checked on resume
     try:
         first = _restore(ctx, state) if resume else _begin(ctx)
         if streamed and first == 0:
@@ -117,11 +119,13 @@ def _restore(ctx: RunContext, state: RunState) -> int:
             "cannot --resume: stage models were not saved (output.save_stage_models=false)"
         )
     attn = state.model.config._attn_implementation if state.model is not None else None
+    dense_model = state.model
     state.model = load_pruned(model_dir, attn_implementation=attn)
     state.adapter = get_adapter(state.model)
     state.records = records
     state.version = records[-1]["version"]
     state.layer_origin = records[-1]["layer_origin"]
+    restore_teachers(ctx, state, idx + 1, dense_model)
     ctx.events.emit("resume", version=state.version, after_stage=records[-1]["name"])
     ctx.log(
         f"resuming {ctx.model_cfg.ref} after stage {records[-1]['name']} (version {state.version})"

@@ -25,7 +25,7 @@ from stages.stage_plan import plan_stage, stage_budget_for
 def prune(ctx: RunContext, state: RunState, idx: int, stage: PruneStage, name: str, steps: int):
     """Run one prune stage in `steps` parts (SIA shrink policy); returns (plans, params before)."""
     before = state.snapshot()
-    if _next_recover_needs_pre_stage_teacher(ctx, idx):
+    if next_recover_needs_pre_stage_teacher(ctx.cfg.stages, idx):
         state.teachers["pre_stage"] = ctx.task.objective.make_teacher(
             state.model, ctx.data.splits["recovery"]
         )
@@ -179,8 +179,9 @@ def _plan(ctx: RunContext, state: RunState, idx: int, scores, budget) -> PrunePl
     )  # fmt: skip
 
 
-def _next_recover_needs_pre_stage_teacher(ctx: RunContext, idx: int) -> bool:
-    for later in ctx.cfg.stages[idx + 1 :]:
+def next_recover_needs_pre_stage_teacher(stages: list, idx: int) -> bool:
+    """Does the first recover stage after prune stage `idx` distil from the model before it?"""
+    for later in stages[idx + 1 :]:
         if isinstance(later, RecoverStageConfig):
             return later.loss == "kd" and later.teacher == "pre_stage"
     return False

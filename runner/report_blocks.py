@@ -14,6 +14,7 @@ to it (`Image.file`, e.g. plots/stages.png); both pages show the same bytes.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from html import escape
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 Tone = Literal["strong", "ok", "bad"]
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -103,13 +105,19 @@ def _md_cell(cell: Cell) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _one_line(text: str) -> str:
+    """Control characters shown as escapes (a model path holding a newline broke the title)."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
 def render_markdown(blocks: Iterable[Block]) -> str:
     lines: list[str] = []
     for block in blocks:
         if isinstance(block, Heading):
-            lines += ["#" * block.level + " " + block.text, ""]
+            lines += ["#" * block.level + " " + _one_line(block.text), ""]
         elif isinstance(block, Paragraph):
-            lines += ["".join(_md_inline(p) for p in block.parts), ""]
+            text = "".join(_md_inline(p) for p in block.parts)
+            lines += [_CONTROL.sub(" ", text), ""]  # Markdown shows a newline as a space anyway
         elif isinstance(block, Table):
             lines.append("| " + " | ".join(_md_cell(h) for h in block.headers) + " |")
             lines.append("|---" * len(block.headers) + "|")

@@ -1,4 +1,4 @@
-"""Per-stage directories: stages/NN_name/{plan.json, metrics.json, model/}.
+"""Per-stage directories: stages/NN_name/{plan.json, settings.json, metrics.json, model/}.
 
 A stage directory is assembled under a temporary name and renamed into place, with metrics.json
 written last inside it, so --resume can trust any NN_name directory that has a metrics.json.
@@ -22,6 +22,7 @@ class StageStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._model_dirs: dict[int, Path] = {}
+        self.settings: dict | None = None  # runner.resume.stage_settings, kept in every stage
 
     def save(
         self, idx: int, name: str, model, tokenizer, record: dict, extra: dict, *, model_dir=None
@@ -37,6 +38,8 @@ class StageStore:
                     os.replace(model_dir, tmp / "model")
                 elif model is not None:
                     save_checkpoint(model, tokenizer, tmp / "model")
+                if self.settings is not None:
+                    write_json_atomic(tmp / "settings.json", self.settings)
                 metrics = record | {k: v for k, v in extra.items() if k != "plan"}
                 write_json_atomic(tmp / "metrics.json", metrics)
         except DiskFullError as exc:  # the half-written stage is gone; finished ones are kept

@@ -27,7 +27,7 @@ from runner.stage_store import StageStore
 from runner.tasks import get_task
 from stages.arch import get_adapter
 from stages.checkpoint import load_pruned
-from stages.lazy_weights import LazyCheckpoint
+from stages.lazy_weights import LazyCheckpoint, meta_skeleton
 from stages.prune_stage import PruneStage
 from stages.streaming import LocalStreamExecutor, stream_prune
 
@@ -53,6 +53,7 @@ def start_streamed_run(cfg: JobConfig, model_cfg: ModelConfig, out: Path, log):
     data = task.build_data(cfg, model_cfg, None, tokenizer)
     add_recovery_split(cfg, data)
     lazy = LazyCheckpoint(source)
+    meta_skeleton(lazy)  # config.json against the weights' shapes, before anything is written
     params = sum(math.prod(lazy.shape(n)) for n in lazy.names())
     info = {"name": model_cfg.ref, "architecture": (lazy.config.architectures or ["?"])[0],
             "attention": "?", "mlp": "?", "params": params}  # fmt: skip

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,6 +96,11 @@ def resolve_source(source: FileSpec, where: str, base_dir: Path | None = None):
             )
     elif os.path.isfile(raw):
         paths = [Path(raw)]
+    elif os.path.lexists(raw):  # it exists, but is no file or folder: say what it is
+        raise TextDataError(
+            f"{where}.path: {source.path} is {_kind(raw)}, not a file or folder of text; "
+            "save the text to a file and point path at it"
+        )
     else:
         raise TextDataError(
             f"{where}.path: file not found: {source.path}{relative}; check the path"
@@ -118,7 +124,29 @@ def resolve_source(source: FileSpec, where: str, base_dir: Path | None = None):
     return next(iter(formats)), paths
 
 
+def _kind(path: str) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a broken symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    return "a socket" if stat.S_ISSOCK(mode) else "a device"
+
+
 # ----------------------------------------------------------------------------- line scanning
+
+
+def split_at_whitespace(text: str) -> tuple[str, str]:
+    """(head, tail): tail starts at the last whitespace run, so no word is cut in two and the
+    run stays with the word after it (how BPE pre-tokenisers attach spaces)."""
+    end = len(text)
+    while end > 0 and not text[end - 1].isspace():
+        end -= 1
+    while end > 1 and text[end - 2].isspace():
+        end -= 1
+    start = end - 1
+    return (text[:start], text[start:]) if start > 0 else (text, "")
 
 
 def scan_lines(path: Path, where: str, limit: int) -> Iterator[tuple[int, int, str]]:

@@ -9,12 +9,17 @@ the new one, never a mixture.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 def fsync_dir(path: Path) -> None:
@@ -26,13 +31,72 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def finite_json(value: Any, default: Callable[[Any], Any] = str) -> tuple[Any, list[str]]:
+    """`value` made of JSON types only, NaN and +-Infinity replaced by null (RFC 8259 has no
+    such numbers: Python writes a bare `NaN` other readers reject); returns it and where the
+    replacements were (`final.accuracy`, `stages.2.loss`). Other types go through `default`.
+    Walked without recursion, so any depth is fine."""
+    replaced: list[str] = []
+    root: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any, str]] = [(value, root, 0, "")]
+    while stack:
+        item, parent, key, where = stack.pop()
+        if isinstance(item, np.generic):
+            item = item.item()
+        if isinstance(item, float) and not math.isfinite(item):
+            replaced.append(where or "<root>")
+            item = None
+        elif isinstance(item, dict):
+            keys = [_json_key(k) for k in item]
+            out: Any = dict.fromkeys(keys)  # key order kept: children are filled in place
+            stack.extend(
+                (v, out, k, f"{where}.{k}" if where else k) for k, v in zip(keys, item.values())
+            )
+            item = out
+        elif isinstance(item, list | tuple):
+            out = [None] * len(item)
+            stack.extend(
+                (v, out, i, f"{where}.{i}" if where else str(i)) for i, v in enumerate(item)
+            )
+            item = out
+        elif item is not None and not isinstance(item, str | int | float | bool):
+            stack.append((default(item), parent, key, where))
+            continue
+        parent[key] = item
+    return root[0], sorted(replaced)
+
+
+def _json_key(key: Any) -> str:
+    """A mapping key as json.dumps writes it."""
+    if isinstance(key, str):
+        return key
+    return json.dumps(key) if isinstance(key, bool | int | float) or key is None else str(key)
+
+
+def dumps_finite(data: Any, what: str, *, default: Callable[[Any], Any] = str, **kwargs) -> str:
+    """json.dumps that never writes NaN/Infinity: they become null, with one warning line on
+    stderr naming `what` (the file) and where they were."""
+    clean, replaced = finite_json(data, default)
+    if replaced:
+        shown = ", ".join(replaced[:5]) + (
+            f" and {len(replaced) - 5} more" if len(replaced) > 5 else ""
+        )
+        print(
+            f"warning: {what}: non-finite numbers (NaN/Infinity) written as null at {shown}",
+            file=sys.stderr,
+        )
+    return json.dumps(clean, allow_nan=False, **kwargs)
+
+
 def write_json_atomic(path: Path, data) -> None:
-    """`data` as indented JSON at `path` via a fsynced temp file and os.replace."""
+    """`data` as indented JSON at `path` via a fsynced temp file and os.replace (NaN/Infinity
+    written as null, with a warning: the file stays RFC 8259 JSON)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    text = dumps_finite(data, str(path), indent=1)
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, default=str)
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -9,6 +9,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from stages.atomic import dumps_finite
 from stages.compensation import Refit
 
 Granularity = Literal["layers", "heads", "channels"]
@@ -50,7 +51,7 @@ class PrunePlan:
         return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        return dumps_finite(self.to_dict(), "plan", indent=1)  # a NaN score becomes null
 
     @classmethod
     def from_json(cls, text: str) -> PrunePlan:

@@ -214,15 +214,16 @@ def _write_manifest(directory: Path) -> None:
 
 
 @contextmanager
-def checkpoint_directory(out: Path) -> Iterator[Path]:
-    """A temp dir to fill; then manifest.json is written LAST and the whole replaces `out`.
+def checkpoint_directory(out: Path, *, keep_existing: bool = False) -> Iterator[Path]:
+    """A temp dir to fill; then manifest.json is written LAST and the whole replaces `out`
+    (keep_existing: a cache entry a racing writer put there first is kept instead).
 
     On any failure the temp dir is removed and whatever was at `out` stays as it was.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory")
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, keep_existing=keep_existing) as tmp:
         yield tmp
         _write_manifest(tmp)
 
@@ -271,10 +272,7 @@ def verify_manifest(path: str | Path) -> None:
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{directory}: missing file {MANIFEST}")
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{directory}: unreadable {MANIFEST} ({err})") from err
+    files = _manifest_files(directory, manifest_path)
     for name, entry in sorted(files.items()):
         file = directory / name
         if not file.is_file():
@@ -286,6 +284,30 @@ def verify_manifest(path: str | Path) -> None:
     extra = [name for name in _files(directory) if name != MANIFEST and name not in files]
     if extra:
         raise CheckpointError(f"{directory}: unexpected file {extra[0]} (not in {MANIFEST})")
+
+
+def _manifest_files(directory: Path, manifest_path: Path) -> dict[str, dict]:
+    """manifest.json's {file name: {"size": int, "sha256": str}}, or a CheckpointError saying
+    what is wrong with it (a hand-edited manifest must not end in a KeyError)."""
+    try:
+        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{directory}: unreadable {MANIFEST} ({type(err).__name__})") from err
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(
+            f'{directory}: {MANIFEST} lists no files ("files" must map each file name to its '
+            "size and sha256); export the checkpoint again"
+        )
+    for name, entry in files.items():
+        plain = name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+        if not plain or not isinstance(entry, dict):
+            raise CheckpointError(f"{directory}: {MANIFEST}: bad entry {name[:80]!r}")
+        if type(entry.get("size")) is not int or not isinstance(entry.get("sha256"), str):
+            raise CheckpointError(
+                f"{directory}: {MANIFEST}: the entry for {name[:80]} has no integer size and "
+                "sha256 string; export the checkpoint again"
+            )
+    return files
 
 
 def _read_state(directory: Path) -> dict[str, torch.Tensor]:

@@ -66,6 +66,10 @@ class LazyCheckpoint:
         self._file: dict[str, str] = {}
         self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         for filename in self._files():
+            if not (self.directory / filename).is_file():
+                raise LazyWeightsError(
+                    f"{self.directory}: shard {filename} is listed in {INDEX} but missing"
+                )
             with safe_open(str(self.directory / filename), framework="pt") as handle:
                 for name in handle.keys():
                     view = handle.get_slice(name)
@@ -183,6 +187,19 @@ def meta_skeleton(
         )
     except CheckpointError as err:
         raise LazyWeightsError(str(err)) from None
+    wrong = sorted(
+        (name, list(source.shape(name)), list(param.shape))
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if name in source and tuple(param.shape) != source.shape(name)
+    )
+    if wrong:  # config.json and the weights disagree (e.g. an edited num_key_value_heads)
+        name, stored, expected = wrong[0]
+        more = f" (and {len(wrong) - 1} more tensor(s))" if len(wrong) > 1 else ""
+        raise LazyWeightsError(
+            f"{source.directory}: the weights do not match config.json: {name} has shape "
+            f"{stored} in the checkpoint but config.json makes it {expected}{more}; restore the "
+            "checkpoint's own config.json"
+        )
     for name, param in model.named_parameters(remove_duplicate=False):
         if name in source and param.dtype != source.dtype(name):
             param.data = torch.empty(param.shape, dtype=source.dtype(name), device="meta")

@@ -63,6 +63,11 @@ def _edited_shape_new_head(d):
     (d / "config.json").write_text(json.dumps(config | {"n_inner": 24, "id2label": labels}))
 
 
+def _more_layers_than_weights(d):
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(config | {"n_layer": 200_000}))
+
+
 FOLDERS = {
     "config.json is a list": (_config_list, "JSON object"),
     "config.json not UTF-8": (_config_latin1, "UTF-8"),
@@ -72,6 +77,7 @@ FOLDERS = {
     "no tokenizer": (_no_tokenizer, "vocab.txt, spiece.model"),
     "weights do not match config": (_edited_shape, "c_fc.bias has shape [48]"),
     "... with a new head": (_edited_shape_new_head, "c_fc.bias has shape [48]"),
+    "config declares 200,000 layers": (_more_layers_than_weights, "declares 200000 layers but"),
 }
 
 
@@ -80,6 +86,7 @@ def test_broken_model_folders_are_one_line_and_leave_nothing(case, tmp_path, cap
     damage, expected = FOLDERS[case]
     folder = hf_folder(tmp_path)
     damage(folder)
+    capsys.readouterr()  # save_pretrained's progress bar, shown until a command quiets libraries
     out = tmp_path / "out"
     job = write_job(tmp_path / "j.yaml", models=[str(folder)])
     code, err, _ = run_cli(["run", str(job), "-o", str(out)], capsys)

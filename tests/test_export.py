@@ -314,7 +314,7 @@ def test_unwritable_output_is_refused(tmp_path, tokenizer, capsys):
     for target, needle in (
         (blocker / "m.gguf", "does not exist"),
         (tmp_path / "missing" / "m.gguf", "does not exist"),
-        (tmp_path / "c", "is a directory"),
+        (tmp_path / "c", "is the checkpoint itself"),
     ):
         code, _, err = run_cli(capsys, ckpt, "--format", "gguf", "-o", target)
         assert code == 2
@@ -325,7 +325,7 @@ def test_unwritable_output_is_refused(tmp_path, tokenizer, capsys):
 def test_a_failure_while_writing_leaves_no_partial_file(tmp_path, tokenizer, monkeypatch):
     ckpt = save_checkpoint(causal(vocab=len(tokenizer)), tokenizer, tmp_path / "c")
     target = tmp_path / "m.gguf"
-    target.write_bytes(b"previous export")
+    target.write_bytes(b"GGUF previous export")
     calls = []
 
     def failing(tensor, dtype):
@@ -337,8 +337,8 @@ def test_a_failure_while_writing_leaves_no_partial_file(tmp_path, tokenizer, mon
     real = gguf_export._as_numpy
     monkeypatch.setattr(gguf_export, "_as_numpy", failing)
     with pytest.raises(ExportError, match="cannot write .*No space left on device"):
-        export_checkpoint(ckpt, "gguf", target, log=lambda _: None)
-    assert target.read_bytes() == b"previous export" and leftovers(tmp_path) == []
+        export_checkpoint(ckpt, "gguf", target, force=True, log=lambda _: None)
+    assert target.read_bytes() == b"GGUF previous export" and leftovers(tmp_path) == []
 
 
 def test_registry_names_the_formats():

@@ -15,9 +15,11 @@ import torch
 import yaml
 from conftest import tiny_job
 
+from runner.cli import main
 from runner.config import parse_config
 from runner.errors import JobError
 from runner.job import run_job
+from runner.run_lock import LOCK_NAME
 from stages.checkpoint import load_pruned, verify_manifest
 
 pytestmark = pytest.mark.slow
@@ -45,13 +47,15 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
         assert torch.equal(sa[key], sb[key]), key
 
 
-def test_sigkilled_driver_resumes_to_the_identical_checkpoint(tmp_path, reference):
+def start_and_signal(raw: dict, tmp_path: Path, at, sig: int, stderr: list | None = None) -> Path:
+    """Run the job in a child process, send `sig` once an event matches `at`; returns OUT (and
+    appends what the child wrote to stderr to `stderr`)."""
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(tiny_job()))
+    job.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "runner.cli", "run", str(job), "-o", str(out), "--quiet"]
     # One intra-op thread like this process (conftest): matmul reductions split over two threads
-    # round differently (measured: 4e-9 apart), and the comparison below is bit-exact.
+    # round differently (measured: 4e-9 apart), and the comparisons below are bit-exact.
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -59,7 +63,7 @@ def test_sigkilled_driver_resumes_to_the_identical_checkpoint(tmp_path, referenc
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
-            if any(e["event"] == "prune" and e["stage"] == "heads" for e in events(out)):
+            if any(at(e) for e in events(out)):
                 break
             if proc.poll() is not None:
                 pytest.fail(
@@ -67,15 +71,67 @@ def test_sigkilled_driver_resumes_to_the_identical_checkpoint(tmp_path, referenc
                 )
             time.sleep(0.05)
         else:
-            pytest.fail("job never reached the heads stage")
-        proc.send_signal(signal.SIGKILL)
+            pytest.fail("job never reached the event to be killed at")
+        proc.send_signal(sig)
     finally:
         proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    err = proc.stderr.read().decode()
+    assert proc.returncode == -sig, err[-2000:]  # a shell says 128 + sig
+    if stderr is not None:
+        stderr.append(err)
     assert not (out / "checkpoint").exists()
+    return out
+
+
+def test_sigkilled_driver_resumes_to_the_identical_checkpoint(tmp_path, reference, capsys):
+    out = start_and_signal(
+        tiny_job(),
+        tmp_path,
+        lambda e: e["event"] == "prune" and e["stage"] == "heads",
+        signal.SIGKILL,
+    )
+    # config-edit case: OUT/job.yaml edited, then resumed from it; the finished stages were made
+    # with target.ratio 2.0, so resuming would mix two configs: refused, nothing changed
+    job = out / "job.yaml"
+    original = job.read_text()
+    job.write_text(original.replace("ratio: 2.0", "ratio: 1.4", 1))
+    before = sorted(p.name for p in (out / "stages").iterdir())
+    code = main(["run", str(job), "-o", str(out), "--resume", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "target.ratio 2.0 -> 1.4" in err, err
+    assert sorted(p.name for p in (out / "stages").iterdir()) == before
+    job.write_text(original)
     run_job(parse_config(tiny_job()), out, resume=True, log=lambda m: None)
     assert "resume" in [e["event"] for e in events(out)]
     assert_same_checkpoint(out / "checkpoint", reference / "checkpoint")
+
+
+def kd_job() -> dict:
+    """tiny_job with kd recovers from the pre-stage model; the one after heads runs 150 steps, a
+    wide window to stop it in."""
+    raw = tiny_job()
+    for stage in raw["stages"]:
+        if stage["kind"] == "recover":
+            stage |= {"loss": "kd", "teacher": "pre_stage"}
+    raw["stages"][3]["steps"] = 150
+    return raw
+
+
+def test_sigtermed_kd_recover_resumes_to_the_clean_checkpoint(tmp_path):
+    """SIGTERM in the middle of a kd recover: --resume must distil from the stored pre-stage model
+    (not from the pruned model itself) and end with the clean run's checkpoint."""
+    clean = tmp_path / "clean"
+    run_job(parse_config(kd_job()), clean, log=lambda m: None)
+    out = start_and_signal(
+        kd_job(), tmp_path, lambda e: e["event"] == "recover_start" and e["stage"] == "recover2",
+        signal.SIGTERM,
+    )  # fmt: skip
+    logs: list[str] = []
+    run_job(parse_config(kd_job()), out, resume=True, log=logs.append)
+    (resumed,) = [e for e in events(out) if e["event"] == "resume"]
+    assert resumed["after_stage"] == "heads", "stopped outside the kd recover: widen its window"
+    assert any("pre_stage teacher rebuilt" in m for m in logs), logs
+    assert_same_checkpoint(out / "checkpoint", clean / "checkpoint")
 
 
 def test_disk_full_during_export_keeps_the_previous_checkpoint(tmp_path, reference, monkeypatch):
@@ -96,6 +152,17 @@ def test_disk_full_during_export_keeps_the_previous_checkpoint(tmp_path, referen
     assert after == before
     verify_manifest(out / "checkpoint")
     assert events(out)[-1]["event"] == "error" and events(out)[-1]["stage"] == "export"
-    assert not [p for p in out.iterdir() if p.name.startswith(".")], (
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME], (
         "temporary export dirs left behind"
     )
+
+
+@pytest.mark.ray
+def test_sigterm_with_the_ray_executor_ends_like_a_local_job(tmp_path):
+    """Ray's runtime used to abort the driver on SIGTERM with a C++ stack dump (exit 134): the
+    driver now unwinds, shuts Ray down and ends as a SIGTERMed process (exit 143 in a shell)."""
+    raw = tiny_job(cluster={"executor": "ray", "workers": 1}, sia={"enabled": False})
+    err: list[str] = []
+    out = start_and_signal(raw, tmp_path, lambda e: e["event"] == "barrier", signal.SIGTERM, err)
+    assert "SIGTERM received" not in err[0] and "Aborted" not in err[0], err[0][-2000:]
+    assert not (out / ".ray_session.json").exists()  # shut down, not left for the next run to reap

@@ -1,9 +1,10 @@
-"""Fuzzing: any mutated job file is accepted or rejected with ConfigError; any command line ends in
+"""Fuzzing (derandomized; `./launch.sh fuzz` explores): any mutated job file is accepted or rejected with ConfigError; any command line ends in
 an exit status with at most one `error:` line; any damaged model folder loads or is refused in one
 line (docs/ERRORS.md)."""
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runner.config import ConfigError, load_config, parse_config
+
+# CI and `./launch.sh test` run the same cases every time (derandomized: a fresh clone must not
+# fail on a newly drawn case); `./launch.sh fuzz` (CASCADE_FUZZ=explore) draws fresh ones, ten
+# times as many. What it finds becomes a fixed case (tests/test_errors_probe.py) and a fix.
+EXPLORE = os.environ.get("CASCADE_FUZZ") == "explore"
+
+
+def fuzz_settings(max_examples: int):
+    return settings(
+        max_examples=max_examples * (10 if EXPLORE else 1),
+        derandomize=not EXPLORE,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
 
 scalars = st.one_of(
     st.none(),
@@ -70,13 +86,13 @@ def accepts_or_config_error(raw):
         assert exc.problems and all(isinstance(msg, str) for _, msg in exc.problems)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz_settings(300)
 @given(st.sampled_from(ALL_PATHS), values, st.sampled_from(["set", "delete", "add"]))
 def test_mutated_configs_never_raise_anything_but_config_error(path, value, mode):
     accepts_or_config_error(mutate(BASE, path, value, mode))
 
 
-@settings(max_examples=150, deadline=None)
+@fuzz_settings(150)
 @given(st.text(max_size=200))
 def test_arbitrary_yaml_text_is_handled(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("fuzz") / "job.yaml"
@@ -87,7 +103,7 @@ def test_arbitrary_yaml_text_is_handled(tmp_path_factory, text):
         pass
 
 
-@settings(max_examples=100, deadline=None)
+@fuzz_settings(100)
 @given(st.lists(st.text(max_size=20), max_size=3))
 def test_arbitrary_overrides_are_handled(tmp_path_factory, overrides):
     path = tmp_path_factory.mktemp("fuzz") / "job.yaml"
@@ -206,7 +222,7 @@ def command_lines(draw, paths):
     return argv
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz_settings(120)
 @given(data=st.data())
 def test_any_command_line_ends_in_an_exit_status_never_a_traceback(pool, data):
     import contextlib
@@ -288,7 +304,7 @@ def model_folder(tmp_path_factory):
     return path
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz_settings(25)
 @given(rnd=st.randoms(use_true_random=False), damages=st.integers(1, 3))
 def test_mutated_model_folders_load_or_fail_in_one_line(
     model_folder, tmp_path_factory, rnd, damages

@@ -205,8 +205,8 @@ def test_atomic_save_tolerates_a_racing_writer(tmp_path: Path) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "src")
     tok = build_tokenizer(TEXTS)
     target = tmp_path / "cache" / "demo-x-123"
-    demo._save_atomically(model, tok, target, {"who": "first"})
-    demo._save_atomically(model, tok, target, {"who": "second"})  # lost the race: no error
+    demo._save_atomically(model, tok, target, {"who": "first"}, replace=False)
+    demo._save_atomically(model, tok, target, {"who": "second"}, replace=False)  # lost the race
     assert json.loads((target / demo._MARKER).read_text())["who"] == "first"
     assert [p.name for p in target.parent.iterdir()] == ["demo-x-123"]
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster import submit
+from cluster import orphans, submit
 from cluster.submit import (
     EXCLUDES,
     SubmitError,
@@ -166,51 +167,55 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def _installed() -> bool:
+    """launch.sh's set-up stamp matches pyproject.toml: `./launch.sh cluster` will install nothing."""
+    stamp = ROOT / ".venv" / ".installed"
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    return stamp.is_file() and stamp.read_text().strip() == want
+
+
+def _user_shell_env() -> dict:
+    """The environment of a plain shell: no venv activated (its bin dir is not on PATH), no
+    RAY_ADDRESS, nothing this test process set up for itself."""
+    venv_bins = {str(Path(sys.executable).parent), str(ROOT / ".venv" / "bin")}
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p not in venv_bins]
+    env = {k: os.environ[k] for k in ("HOME", "USER", "LANG", "TMPDIR") if k in os.environ}
+    env["PATH"] = os.pathsep.join(path)
+    return env
+
+
 @pytest.fixture
-def ray_head():
-    """`ray start --head --block` in its own process group; stopped by that group's id, not by
-    `ray stop` (which would kill every Ray instance on the machine, other test runs' too)."""
-    ray_bin = Path(sys.executable).with_name("ray")
-    temp_dir = tempfile.mkdtemp(prefix="rsub", dir="/tmp")  # own temp dir: invisible to ray.init()
+def launched_head(tmp_path):
+    """A head started as the README says, `./launch.sh cluster`, from a plain shell; on its own
+    ports and temp dir (other Ray instances on this machine are left alone). Stopped by stopping
+    every process that names its temp dir (cluster.orphans), never by `ray stop`, which would
+    stop every Ray on the machine."""
+    if not _installed():
+        pytest.skip("needs ./launch.sh setup first (the test must not install anything)")
+    temp_dir = tempfile.mkdtemp(prefix="rsub", dir="/tmp")  # short: Ray's socket paths are short
     gcs, dash, client, agent, agent_grpc, metrics, env_agent = free_ports(7)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
-               PATH=f"{ray_bin.parent}{os.pathsep}{env.get('PATH', '')}")  # fmt: skip
-    cmd = [str(ray_bin), "start", "--head", "--block", "--port", str(gcs), "--dashboard-port", str(dash),
-           "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--include-dashboard=true",
-           "--num-cpus", "2", "--temp-dir", temp_dir, "--ray-client-server-port", str(client),
-           "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-           "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(env_agent),
-           "--disable-usage-stats"]  # fmt: skip
-    log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    args = ["--port", str(gcs), "--dashboard-port", str(dash), "--num-cpus", "2",
+            "--temp-dir", temp_dir, "--ray-client-server-port", str(client),
+            "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+            "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(env_agent),
+            "--disable-usage-stats"]  # fmt: skip
     address = f"http://127.0.0.1:{dash}"
     try:
-        _wait_for_job_server(address, proc, Path(temp_dir) / "head.log")
+        started = subprocess.run(
+            [str(ROOT / "launch.sh"), "cluster", *args], cwd=tmp_path, env=_user_shell_env(),
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        _wait_for_job_server(address, Path(temp_dir))
         yield address
     finally:
-        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):  # the group dies either way
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        log.close()
+        orphans.terminate_session(temp_dir, grace_s=5)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _wait_for_job_server(
-    address: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60
-) -> None:
+def _wait_for_job_server(address: str, temp_dir: Path, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(f"{address}/api/version", timeout=2) as response:
                 if response.status == 200:
@@ -218,24 +223,31 @@ def _wait_for_job_server(
         except OSError:
             pass
         time.sleep(0.5)
-    pytest.fail(
-        f"Ray job server at {address} did not answer in {timeout_s}s:\n{log.read_text()[-3000:]}"
-    )
+    pytest.fail(f"Ray job server at {address} did not answer in {timeout_s}s (logs in {temp_dir})")
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_submitted_job_succeeds_and_writes_its_report(ray_head, job_file, tmp_path):
+def test_launch_sh_cluster_then_submit_succeeds_from_a_plain_shell(
+    launched_head, job_file, tmp_path
+):
+    """The README's flow: `./launch.sh cluster`, then `./launch.sh submit CONFIG`, no venv active.
+    The entrypoint runs `python` from the head's PATH: it must be the project's venv."""
     root = tmp_path / "runs"
-    job_id = submit_job(
-        job_file.read_text(), "tiny", ray_head, extra_args=["--set", "stages.1.steps=2"],
-        output_root=str(root),
+    env = _user_shell_env() | {"RAY_ADDRESS": launched_head}
+    if os.environ.get("PYTHONPATH"):  # a worktree run: submit (and upload) this tree's code
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    done = subprocess.run(
+        [str(ROOT / "launch.sh"), "submit", str(job_file), "--set", "stages.1.steps=2",
+         "--output-root", str(root), "--follow"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    chunks: list[str] = []
-    status = submit.job_logs(job_id, ray_head, follow=True, write=chunks.append)
-    logs = "".join(chunks)
-    assert status == "SUCCEEDED", logs[-3000:]
-    assert submit.job_status(job_id, ray_head) == "SUCCEEDED"
+    logs = done.stdout + done.stderr
+    assert done.returncode == 0, logs[-3000:]  # --follow: 0 only when the job SUCCEEDED
+    (job_id,) = [
+        line.split()[2] for line in done.stdout.splitlines() if line.startswith("submitted")
+    ]
+    assert submit.job_status(job_id, launched_head) == "SUCCEEDED"
     out = root / job_id
     assert f"job outputs -> {out}" in logs
     report = json.loads((out / "report.json").read_text())
@@ -244,4 +256,38 @@ def test_submitted_job_succeeds_and_writes_its_report(ray_head, job_file, tmp_pa
     assert resolved["stages"][1]["steps"] == 2  # --set applied
     assert resolved["cluster"]["address"]  # Ray work inside the job joins the job's cluster
     assert (out / "checkpoint" / "manifest.json").is_file()
-    assert submit.stop_job(job_id, ray_head) is False  # already finished
+    assert submit.stop_job(job_id, launched_head) is False  # already finished
+
+
+def test_a_server_that_never_answers_and_a_fifo_token_file_do_not_hang(
+    monkeypatch, tmp_path, capsys
+):
+    """A listener that accepts connections and never replies: status gives up after the read
+    timeout with one line; a FIFO as --token-file is refused without opening it."""
+    monkeypatch.setattr(submit, "HTTP_READ_S", 0.5)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes connections; nobody ever reads or answers
+    address = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    codes: list[int] = []
+    try:
+        caller = threading.Thread(
+            target=lambda: codes.append(cli(["status", "j", "--address", address]))
+        )
+        caller.start()
+        caller.join(timeout=60)
+        assert not caller.is_alive(), "cascade status hung on a server that never answers"
+    finally:
+        silent.close()
+    err = capsys.readouterr().err.strip()
+    assert codes == [2] and len(err.splitlines()) == 1
+    assert f"the Ray job server at {address} did not answer within 0.5 s" in err
+
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    with pytest.raises(SubmitError, match="is a named pipe \\(FIFO\\), not a file"):
+        resolve_token(fifo)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (submit.MAX_TOKEN_BYTES + 1))
+    with pytest.raises(SubmitError, match="larger than"):
+        resolve_token(big)

@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from runner import corpora
+from runner import corpora, text_sources
 from runner.corpora import clean_pydoc, stdlib_documents
 from runner.data import DataConfig, build_dataset
 from runner.text_sources import (
@@ -275,6 +275,29 @@ def test_single_100mb_line_refused_with_the_default_limit(tmp_path):
         fh.truncate(101_000_000)
     message = error_of([{"path": str(tmp_path / "huge.txt")}])
     assert "line 1 (byte offset 0) is longer than 100,000,000 bytes" in message
+
+
+def test_a_long_line_is_tokenised_in_bounded_pieces_with_the_same_ids(tmp_path, monkeypatch):
+    """Peak memory must not follow line length: a document longer than a piece is tokenised
+    piece by piece, cut at whitespace, and gives the ids one call over the whole line gives."""
+    long_line = " ".join(f"w{k % 300}" for k in range(40_000))  # ~200k characters
+    path = tmp_path / "one-line.txt"
+    path.write_text("\n\n".join([doc(m) for m in range(100, 140)] + [long_line]) + "\n")
+    tokenizer = word_tokenizer()
+    lengths: list[int] = []
+    real = type(tokenizer).__call__
+
+    def recording(self, text, *args, **kwargs):
+        lengths.extend(len(t) for t in ([text] if isinstance(text, str) else text))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", recording)
+    pieces = build([{"path": str(path), "split_by": "paragraph"}], tokenizer=tokenizer)
+    assert max(lengths) <= text_sources._PIECE_CHARS < len(long_line)
+    monkeypatch.setattr(text_sources, "_PIECE_CHARS", 10 * len(long_line))  # one call per line
+    whole = build([{"path": str(path), "split_by": "paragraph"}], tokenizer=tokenizer)
+    for name in ("train", "validation", "test"):
+        assert torch.equal(getattr(pieces, name).input_ids, getattr(whole, name).input_ids), name
 
 
 def test_fewer_tokens_than_one_calibration_batch(tmp_path):

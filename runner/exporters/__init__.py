@@ -235,6 +235,48 @@ def check_output_parent(out: Path) -> None:
         raise ExportError(f"{out}: directory {parent} is not writable; choose another -o")
 
 
+def check_target(source: Path, target: Path, fmt: str, *, force: bool) -> None:
+    """Refuse a target that would destroy something: the checkpoint itself, a directory holding
+    it (e.g. its run directory) or inside it, and any existing path unless --force names an
+    earlier export of the same format (an HF folder; a GGUF file)."""
+    src, tgt = source.resolve(), target.resolve()
+    if tgt == src:
+        raise ExportError(f"{target}: is the checkpoint itself; choose another -o")
+    if src in tgt.parents:
+        raise ExportError(f"{target}: is inside the checkpoint {source}; choose an -o outside it")
+    if tgt in src.parents:
+        raise ExportError(
+            f"{target}: contains the checkpoint {source} (exporting there would delete it); "
+            "choose another -o"
+        )
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not force:
+        raise ExportError(
+            f"{target}: already exists; pass --force to replace it or choose another -o"
+        )
+    if not _earlier_export(target, fmt):
+        what = "an HF folder (config.json, no subfolders)" if fmt == "hf" else "a GGUF file"
+        raise ExportError(
+            f"--force: {target} is not an earlier {fmt} export ({what}); refusing to replace it"
+        )
+
+
+def _earlier_export(target: Path, fmt: str) -> bool:
+    if target.is_symlink():
+        return False
+    if fmt == "hf":
+        return (
+            target.is_dir()
+            and (target / "config.json").is_file()
+            and not any(p.is_dir() for p in target.iterdir())
+        )
+    if not target.is_file():
+        return False
+    with open(target, "rb") as handle:
+        return handle.read(4) == b"GGUF"
+
+
 @contextmanager
 def atomic_file(out: Path) -> Iterator[Path]:
     """A temp path beside `out` to write; fsynced and renamed over `out` only on success."""
@@ -255,11 +297,13 @@ def export_checkpoint(
     *,
     dtype: str | None = None,
     verify: bool = True,
+    force: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Export `checkpoint` as `fmt` to `out` (default: beside the checkpoint); returns the path.
 
     fmt: a format name or a configured exporter (e.g. GGUFExporter(tokenizer_pre="llama-bpe")).
+    An existing `out` is replaced only with force, and only when it is an earlier export.
     """
     exporter = get_exporter(fmt) if isinstance(fmt, str) else fmt
     dtype = dtype or exporter.default_dtype
@@ -270,7 +314,11 @@ def export_checkpoint(
         log(f"[cascade] export: --no-verify: {source} is NOT checked against its manifest")
     ckpt = read_checkpoint(source, verify=verify)
     target = Path(out) if out is not None else exporter.default_output(source, dtype)
+    if "\0" in str(target):  # the OS calls raise ValueError("embedded null byte") for it
+        raise ExportError(f"-o {str(target)[:80]!r}: contains a NUL byte; choose another -o")
+    target = Path(os.path.abspath(target))  # `-o .` names the current directory, not ''
     check_output_parent(target)
+    check_target(source, target, exporter.name, force=force)
     try:
         return exporter.export(ckpt, target, dtype=dtype, log=log)
     except OSError as err:  # disk full, permissions changed underway: name the output
