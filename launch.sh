@@ -12,10 +12,15 @@ pip_install() {
 }
 
 setup() {
+  # Wheels only, nothing compiled. No argument: what the demo, `cascade` and the cluster need;
+  # "dev": also the test, lint and benchmark tools (./launch.sh test | lint). The built-in SmolLM2
+  # is fetched and converted on its first use, DeepSpeed's CPU comm op built on its first use.
+  local extras="${1:-}" want have=""
+  case "$extras" in "" | dev) ;; *) echo "usage: ./launch.sh setup [dev]" >&2; exit 2 ;; esac
   [ -x "$PY" ] || python3 -m venv "$VENV"
-  local want
   want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-  if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  [ -f "$STAMP" ] && have=$(cat "$STAMP")
+  if [ "$have" = "$want dev" ] || [ "$have" = "$want $extras" ]; then
     return 0  # already installed for this pyproject.toml: install nothing
   fi
   pip_install --upgrade pip
@@ -27,11 +32,8 @@ setup() {
       pip_install "torch==2.13.0"
     fi
   fi
-  pip_install -e ".[dev]"
-  # DeepSpeed on CPU compiles its shared-memory comm op on first use (~1 min): do it now, once.
-  "$PY" -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load(verbose=False)" \
-    >/dev/null 2>&1 || echo "warning: DeepSpeed's CPU comm op did not build (g++ missing?); ZeRO recovery on CPU will fail" >&2
-  echo "$want" > "$STAMP"
+  pip_install -e ".${extras:+[$extras]}"
+  echo "$want $extras" > "$STAMP"
 }
 
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
@@ -40,10 +42,10 @@ export HF_HUB_OFFLINE=1
 cmd="${1:-demo}"
 shift || true
 case "$cmd" in
-  setup) setup ;;
+  setup) setup "$@" ;;
   demo) setup; exec "$VENV/bin/cascade" run configs/demo.yaml --output "${DEMO_OUT:-runs/demo}" --force "$@" ;;
-  test) setup; exec "$PY" -m pytest -q --durations=20 "$@" ;;
-  lint) setup; "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check . ;;
+  test) setup dev; exec "$PY" -m pytest -q --durations=20 "$@" ;;
+  lint) setup dev; "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check . ;;
   cluster) setup; "$VENV/bin/ray" start --head --node-ip-address=127.0.0.1 --port=6379 \
       --dashboard-host=127.0.0.1 --dashboard-port=8265 --include-dashboard=true "$@"
     echo "Ray head on 127.0.0.1. Add a worker node with: ray start --address=<head-ip>:6379"
@@ -51,5 +53,5 @@ case "$cmd" in
   stop-cluster) setup; exec "$VENV/bin/ray" stop "$@" ;;
   submit) setup; exec "$VENV/bin/cascade" submit "$@" --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" ;;
   cascade) setup; exec "$VENV/bin/cascade" "$@" ;;
-  *) echo "usage: ./launch.sh {setup|demo|test|lint|cluster|stop-cluster|submit CONFIG|cascade ARGS}" >&2; exit 2 ;;
+  *) echo "usage: ./launch.sh {setup [dev]|demo|test|lint|cluster|stop-cluster|submit CONFIG|cascade ARGS}" >&2; exit 2 ;;
 esac
