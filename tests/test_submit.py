@@ -225,6 +225,7 @@ def _wait_for_job_server(
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.own_cluster
 def test_submitted_job_succeeds_and_writes_its_report(ray_head, job_file, tmp_path):
     root = tmp_path / "runs"
     job_id = submit_job(
