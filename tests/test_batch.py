@@ -232,8 +232,7 @@ def test_tiny_family_end_to_end_with_a_failing_entry(tmp_path, tiny_checkpoints)
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_tiny_family_runs_concurrently_on_ray(tmp_path, tiny_checkpoints):
-    pytest.importorskip("ray")
+def test_tiny_family_runs_concurrently_on_ray(tmp_path, tiny_checkpoints, shared_ray):
     fam = _tiny_family(tiny_checkpoints, recovery_steps=3, concurrency=2)
     lines: list[str] = []
     summary = run_batch(fam, tmp_path, executor="ray", log=lines.append)

@@ -225,7 +225,9 @@ def test_causal_lm_job_resumes_to_the_same_checkpoint(lm_run, tmp_path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_causal_lm_importance_on_ray_workers_gives_the_same_plans(lm_run, tmp_path) -> None:
+def test_causal_lm_importance_on_ray_workers_gives_the_same_plans(
+    lm_run, tmp_path, shared_ray
+) -> None:
     root, raw, _ = lm_run
     ray_job = yaml.safe_load(yaml.safe_dump(raw)) | {"cluster": {"executor": "ray", "workers": 2}}
     # Plans depend on the stages only: no SIA, choice tasks or plots on the Ray side (time).

@@ -1,7 +1,7 @@
 """Ray Train recovery under DeepSpeed ZeRO-2 and ZeRO-3 (CPU, gloo, 2 workers) against DDP.
 
 The same job (one layer cut, then a `runner: ray_train` LoRA recovery of the tiny GPT-2) runs three times
-on one embedded Ray, once per strategy. DeepSpeed gets the torch AdamW and schedule (no
+on the session's shared Ray (conftest), once per strategy. DeepSpeed gets the torch AdamW and schedule (no
 "optimizer" block), so the three runs compute the same mathematics: only the order in which
 gradients are summed and reduced differs. Measured here: merged weights of ZeRO-2 / ZeRO-3 within
 ~1e-7 of DDP's (largest absolute difference), per-step losses within ~1e-7; the test allows 1e-5.
@@ -9,13 +9,12 @@ The job's events are the same events, stages and versions in the same order.
 
 Cost: each run is a Ray Train fit (worker group start, deepspeed import, gloo group) plus the
 first-use JIT build of DeepSpeed's shared-memory comm op (~30 s idle, once per machine: cached in
-~/.cache/torch_extensions). ~2 min in all here. Marked slow.
+~/.cache/torch_extensions; `./launch.sh setup` leaves it to this first use). ~2 min in all here. Marked slow.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -29,40 +28,29 @@ from runner.job import run_job
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 pytest.importorskip("deepspeed")
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
 STRATEGIES = ("ddp", "deepspeed_zero2", "deepspeed_zero3")
 TOLERANCE = 1e-5  # absolute, on merged weights and on losses (observed ~1e-7)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Every strategy's job output directory, all fitted on one embedded 2-CPU Ray."""
+def runs(tmp_path_factory, module_ray):
+    """Every strategy's job output directory, all fitted on the session's shared Ray."""
     root = tmp_path_factory.mktemp("deepspeed")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=300 * 1024**2,
-        _node_ip_address="127.0.0.1",
-    )
-    try:
-        out = {}
-        for strategy in STRATEGIES:
-            recover = {"kind": "recover", "steps": 4, "batch_size": 8, "lr": 5e-3,
-                       "runner": "ray_train", "strategy": strategy}  # fmt: skip
-            raw = tiny_job(
-                stages=[{"kind": "layers", "criterion": "block_influence", "count": 1}, recover],
-                sia={"enabled": False},
-                output={"progress": False, "plots": False},
-                cluster={"executor": "local", "workers": 2, "cpus_per_worker": 1.0},
-            )
-            out[strategy] = root / strategy
-            run_job(parse_config(raw), out[strategy], log=lambda m: None)
-        yield out
-    finally:
-        ray.shutdown()
+    out = {}
+    for strategy in STRATEGIES:
+        recover = {"kind": "recover", "steps": 4, "batch_size": 8, "lr": 5e-3,
+                   "runner": "ray_train", "strategy": strategy}  # fmt: skip
+        raw = tiny_job(
+            stages=[{"kind": "layers", "criterion": "block_influence", "count": 1}, recover],
+            sia={"enabled": False},
+            output={"progress": False, "plots": False},
+            cluster={"executor": "local", "workers": 2, "cpus_per_worker": 1.0},
+        )
+        out[strategy] = root / strategy
+        run_job(parse_config(raw), out[strategy], log=lambda m: None)
+    return out
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:

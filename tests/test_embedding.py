@@ -188,7 +188,7 @@ def test_embedding_job_distils_and_reports_cosine(tmp_path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_embedding_job_on_ray_matches_local_scores(tmp_path) -> None:
+def test_embedding_job_on_ray_matches_local_scores(tmp_path, shared_ray) -> None:
     """Dense targets travel with the calibration shards and the Ray Train split."""
     path = save_tiny_encoder(tmp_path / "enc")
     local = tmp_path / "local"

@@ -22,7 +22,7 @@ import cluster.ray_executor as ray_executor
 from runner.config import parse_config
 from runner.job import run_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.own_cluster]
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")

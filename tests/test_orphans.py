@@ -15,7 +15,7 @@ import yaml
 
 from cluster.orphans import RECORD, reap_orphans, record_session, session_processes
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster]
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """

@@ -1,8 +1,8 @@
 """RayExecutor equals LocalExecutor, refuses stale versions, waits at barriers, survives a crash
 and says so (events, warnings).
 
-One embedded 2-CPU Ray and two executors (1 and 2 workers, half a CPU each) for the whole module:
-Ray and actor start-up cost ~10-20 s, so the module is marked slow (~45 s on an idle 2-core box).
+The session's shared Ray (conftest `module_ray`) and two executors (1 and 2 workers, half a CPU
+each) for the whole module: actor start-up costs seconds, so the module is marked slow.
 """
 
 from __future__ import annotations
@@ -37,20 +37,6 @@ REQUESTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def embedded_ray():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=300 * 1024**2,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
-    yield
-    ray.shutdown()
-
-
 def calibration(n_batches: int = 5) -> list[dict]:
     """Uneven micro-batch count (5) so the two shards differ in size."""
     batches = []
@@ -62,20 +48,20 @@ def calibration(n_batches: int = 5) -> list[dict]:
 
 
 def ray_executor(workers: int) -> RayExecutor:
-    """Half a CPU per worker so the 1- and 2-worker executors (3 actors) share the 2-CPU Ray."""
+    """Half a CPU per worker: the 1- and 2-worker executors (3 actors) fit side by side."""
     cfg = ClusterConfig(executor="ray", workers=workers, cpus_per_worker=0.5)
     return RayExecutor(cfg, None)
 
 
 @pytest.fixture(scope="module")
-def two_workers(embedded_ray):
+def two_workers(module_ray):
     executor = ray_executor(2)
     yield executor
     executor.close()
 
 
 @pytest.fixture(scope="module")
-def one_worker(embedded_ray):
+def one_worker(module_ray):
     executor = ray_executor(1)
     yield executor
     executor.close()

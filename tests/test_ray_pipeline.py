@@ -1,4 +1,7 @@
-"""The whole cascade on an embedded Ray with 2 workers: same plans as in-process, barriers in order."""
+"""The whole cascade on an embedded Ray with 2 workers: same plans as in-process, barriers in order.
+
+The job starts its own Ray and must shut it down (own_cluster: it runs after the tests sharing the
+session's Ray, with none running in this process)."""
 
 import json
 
@@ -8,7 +11,7 @@ from conftest import tiny_job
 from runner.config import parse_config
 from runner.job import run_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.own_cluster]
 
 
 def test_ray_job_matches_local_job_and_orders_barriers(tmp_path):

@@ -167,29 +167,16 @@ def simulate_two_worker_ddp(model, split, settings):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ray_train_ddp_resumes_after_a_killed_worker_and_matches_simulation(tmp_path):
-    ray = pytest.importorskip("ray")
+def test_ray_train_ddp_resumes_after_a_killed_worker_and_matches_simulation(tmp_path, shared_ray):
     model, split = tiny_gpt2(), make_split(24)
     settings = RecoverySettings(
         steps=9, batch_size=8, lr=5e-3
     )  # 12 rows/worker, 4/batch: 3 steps/epoch
     expected_losses, expected = simulate_two_worker_ddp(copy.deepcopy(model), split, settings)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        fault = {"epoch": 1, "marker": str(tmp_path / "killed")}
-        out, metrics = recover_distributed(
-            model,
-            get_adapter(model),
-            split,
-            settings,
-            CLS,
-            None,
-            cluster_cfg(2),
-            "ddp",
-            fault=fault,
-        )
-    finally:
-        ray.shutdown()
+    fault = {"epoch": 1, "marker": str(tmp_path / "killed")}
+    out, metrics = recover_distributed(
+        model, get_adapter(model), split, settings, CLS, None, cluster_cfg(2), "ddp", fault=fault
+    )
     assert (tmp_path / "killed").exists()  # a worker really died once
     assert metrics["resumed_from_step"] == 3  # and the group restarted from the epoch-1 checkpoint
     assert out is model and not any(n for n, _ in model.named_modules() if "lora" in n)

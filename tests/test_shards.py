@@ -115,19 +115,13 @@ def test_sharded_export_refuses_bad_input(tmp_path):
 
 
 @pytest.mark.ray
-def test_ray_workers_write_the_same_bytes(tmp_path):
-    ray = pytest.importorskip("ray")
-
+def test_ray_workers_write_the_same_bytes(tmp_path, shared_ray):
     class FakeRayExecutor:  # anything that is not a LocalExecutor routes writes to Ray tasks
         workers = 2
 
     model = heterogeneous(tiny_llama(), drop_layer=True)
     local = export_sharded(model, tiny_tokenizer(), tmp_path / "local", 2)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        remote = export_sharded(model, tiny_tokenizer(), tmp_path / "remote", 2, FakeRayExecutor())
-    finally:
-        ray.shutdown()
+    remote = export_sharded(model, tiny_tokenizer(), tmp_path / "remote", 2, FakeRayExecutor())
     manifest = lambda d: json.loads((d / "manifest.json").read_text())  # noqa: E731
     assert manifest(remote) == manifest(local)  # sha256 + size of every file
     assert not list(tmp_path.glob(".*staging*"))  # staging dirs cleaned up

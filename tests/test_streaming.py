@@ -303,10 +303,8 @@ def test_heartbeat_logs_while_a_long_step_runs():
 # ---- Ray workers -------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ray_workers_split_rows_and_make_the_same_plans(tmp_path):
+def test_ray_workers_split_rows_and_make_the_same_plans(tmp_path, shared_ray):
     """1 and 2 Ray actors (5 micro-batches: uneven shards) = the in-process streamed path."""
-    import ray
-
     from cluster.streaming_workers import RayStreamExecutor
 
     model = tiny_llama()
@@ -316,22 +314,11 @@ def test_ray_workers_split_rows_and_make_the_same_plans(tmp_path):
     target = sum(p.numel() for p in model.parameters()) // 2
     common = dict(limits=PlanLimits(target), attn_implementation="eager", log=lambda _: None)
     local = stream_prune(source, tmp_path / "local", stages, batches, **common)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=200 * 1024**2,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
-    try:
-        for workers in (1, 2):
-            executor = RayStreamExecutor(workers, cpus_per_worker=0.5)
-            out = tmp_path / f"ray{workers}"
-            plans = stream_prune(source, out, stages, batches, executor=executor, **common)
-            assert [asdict(p) for p in plans] == [asdict(p) for p in local]
-            manifest = json.loads((out / "manifest.json").read_text())["files"]
-            want = json.loads((tmp_path / "local" / "manifest.json").read_text())["files"]
-            assert manifest == want
-    finally:
-        ray.shutdown()
+    for workers in (1, 2):
+        executor = RayStreamExecutor(workers, cpus_per_worker=0.5)
+        out = tmp_path / f"ray{workers}"
+        plans = stream_prune(source, out, stages, batches, executor=executor, **common)
+        assert [asdict(p) for p in plans] == [asdict(p) for p in local]
+        manifest = json.loads((out / "manifest.json").read_text())["files"]
+        want = json.loads((tmp_path / "local" / "manifest.json").read_text())["files"]
+        assert manifest == want

@@ -228,6 +228,7 @@ def _wait_for_job_server(address: str, temp_dir: Path, timeout_s: float = 60) ->
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.own_cluster
 def test_launch_sh_cluster_then_submit_succeeds_from_a_plain_shell(
     launched_head, job_file, tmp_path
 ):
