@@ -7,8 +7,6 @@ shards) give the same scores and plans.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from tiny_models import padded_batch, tiny_llama
@@ -76,9 +74,7 @@ def test_streamed_two_shards_equal_in_memory(granularity, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_two_ray_workers_equal_in_memory():
-    import ray
-
+def test_two_ray_workers_equal_in_memory(shared_ray):
     from cluster.ray_executor import RayExecutor
     from runner.config import ClusterConfig
 
@@ -86,11 +82,6 @@ def test_two_ray_workers_equal_in_memory():
     adapter = get_adapter(model)
     request = EstimateRequest("channels", "ria", "causal_lm")
     want, _ = estimate_locally(model, adapter, calibration(), request)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
-                 log_to_driver=False, _node_ip_address="127.0.0.1")  # fmt: skip
     executor = RayExecutor(ClusterConfig(executor="ray", workers=2, cpus_per_worker=0.5), None)
     try:
         executor.set_calibration(calibration())
@@ -99,8 +90,6 @@ def test_two_ray_workers_equal_in_memory():
         got = scores_from_statistics(model, adapter, executor.estimate(request, 0), request)
     finally:
         executor.close()
-        if started:
-            ray.shutdown()
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=0)
     assert plan(model, adapter, "channels", got).keep == plan(model, adapter, "channels", want).keep
