@@ -115,6 +115,28 @@ class RayStreamExecutor:
     def advance(self) -> None:
         self._get([a.advance.remote() for a in self._actors], "advance")
 
+    def begin_compensation(self, plans: Sequence[PrunePlan], plan: PrunePlan, settings) -> int:
+        refs = [a.begin_compensation.remote(list(plans), plan, settings) for a in self._actors]
+        counts = self._get(refs, "begin_compensation")
+        if len(set(counts)) != 1:
+            raise RayStreamError(
+                f"streamed compensation: workers disagree on the layers ({counts})"
+            )
+        return counts[0]
+
+    def compensation_step(self, i: int) -> list[Part]:
+        answers = self._get(
+            [a.compensation_step.remote(i) for a in self._actors], f"compensation layer {i}"
+        )
+        return [part for parts in answers for part in parts]
+
+    def compensation_fit(self, totals: Stats):
+        return self._get([self._actors[0].compensation_fit.remote(totals)], "compensation fit")[0]
+
+    def compensation_advance(self, tensors) -> None:
+        refs = [a.compensation_advance.remote(tensors) for a in self._actors]
+        self._get(refs, "compensation advance")
+
     def close(self) -> None:
         for actor in self._actors:
             try:

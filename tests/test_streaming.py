@@ -123,9 +123,12 @@ def test_rows_split_over_two_workers_give_the_same_sums(tmp_path):
 
 # ---- the cascade -------------------------------------------------------------------------------
 def cascade_stages(bias: bool) -> list[PruneStage]:
+    """With `bias`: compensated cuts, sequential lsq for heads and FLAP's bias for channels."""
     return [
         PruneStage(kind="layers", criterion="block_influence", share=0.3),
-        PruneStage(kind="heads", criterion="wanda", share=0.3),
+        PruneStage(
+            kind="heads", criterion="wanda", share=0.3, compensate="lsq" if bias else "none"
+        ),
         PruneStage(
             kind="channels",
             criterion="fluctuation",
