@@ -47,10 +47,6 @@ def _weights(param: nn.Parameter) -> Tensor:
     return param.detach()
 
 
-def _grads(param: nn.Parameter) -> Tensor | None:
-    return param.grad
-
-
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
@@ -202,14 +198,8 @@ class ArchAdapter:
     def attn_unit_weights(self, model: nn.Module, layer_idx: int) -> list[Tensor]:
         return self.attn_unit_tensors(model, layer_idx, _weights)
 
-    def attn_unit_grads(self, model: nn.Module, layer_idx: int) -> list[Tensor]:
-        return self.attn_unit_tensors(model, layer_idx, _grads)
-
     def mlp_unit_weights(self, model: nn.Module, layer_idx: int) -> list[Tensor]:
         return self.mlp_unit_tensors(model, layer_idx, _weights)
-
-    def mlp_unit_grads(self, model: nn.Module, layer_idx: int) -> list[Tensor]:
-        return self.mlp_unit_tensors(model, layer_idx, _grads)
 
     def attn_unit_cost(self, model: nn.Module, layer_idx: int) -> int:
         """Parameters removed with one attention unit (biases included)."""

@@ -63,16 +63,6 @@ def permute_rows(tensor, n_head: int):
     )
 
 
-def unpermute_rows(tensor, n_head: int):
-    """Inverse of permute_rows (what transformers' GGUF loader does)."""
-    rows = tensor.shape[0]
-    return (
-        tensor.reshape(n_head, rows // n_head // 2, 2, *tensor.shape[1:])
-        .transpose(1, 2)
-        .reshape(tensor.shape)
-    )
-
-
 def _check_supported(ckpt: Checkpoint) -> None:
     if _gguf_adapter(ckpt) is None:
         supported = model_types_where(lambda adapter, t: adapter.gguf_architecture(t))
