@@ -28,11 +28,11 @@ def test_ties_go_to_the_lower_index_and_min_keep_holds():
     model = tiny_gpt2(n_layer=5)
     adapter = get_adapter(model)
     scores = torch.tensor([0.9, 0.1, 0.3, 0.1, 0.8], dtype=torch.float64)
-    drop = lambda n, **kw: (
-        plan_layer_removal(  # noqa: E731
-            model, adapter, scores, Budget(units=n), **COMMON, **kw
-        ).drop_layers
-    )
+
+    def drop(n: int, **kw) -> list[int]:
+        plan = plan_layer_removal(model, adapter, scores, Budget(units=n), **COMMON, **kw)
+        return plan.drop_layers
+
     assert drop(2) == [1, 3] and drop(3) == [1, 2, 3] and drop(0) == []
     with pytest.raises(ValueError, match="at least 2 must stay"):
         drop(4, min_keep=2)
