@@ -7,8 +7,8 @@
    $CASCADE_CACHE/llama.cpp/<version>/bin (once: ~3.5 min on an idle 2-core box, 39 min
    measured here with other jobs running).
 2. Takes the built-in SmolLM2-135M-Instruct (runner.smollm2) and cuts two variants with the
-   adapters, units ranked Wanda-style on 512 calibration tokens (no recovery: this checks
-   engines, not accuracy):
+   adapters, layers ranked by the registered `block_influence` criterion and units by `wanda`
+   (stages.estimate) on 512 calibration tokens (no recovery: this checks engines, not accuracy):
    * uniform   - 4 layers dropped (lowest block influence), one KV group (3 query heads) dropped
                  in every layer, FFN 1536 -> 1280 in every layer: exported as `llama`;
    * per_layer - the same 4 layers dropped, one KV group dropped in every EVEN layer only, FFN
@@ -55,6 +55,7 @@ from stages.arch import get_adapter  # noqa: E402
 from stages.atomic import write_json_atomic  # noqa: E402
 from stages.base import param_count  # noqa: E402
 from stages.checkpoint import save_checkpoint  # noqa: E402
+from stages.estimate import EstimateRequest, estimate_locally  # noqa: E402
 
 EVAL_MODULES = (
     "argparse",
@@ -109,65 +110,32 @@ def hf_perplexity(model, tokens: list[int], n_ctx: int, chunks: int) -> float:
     return float(torch.exp(torch.tensor(nll / count)))
 
 
-def block_influence(model, tokens: list[int]) -> list[float]:
-    """1 - cos(layer input, layer output) averaged over tokens (ShortGPT): low = removable."""
-    with torch.no_grad():
-        hidden = model(torch.tensor([tokens]), output_hidden_states=True).hidden_states
-    return [
-        1 - torch.nn.functional.cosine_similarity(hidden[i], hidden[i + 1], dim=-1).mean().item()
-        for i in range(len(hidden) - 1)
-    ]
-
-
-def input_norms(model, tokens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer: L2 norm over tokens of each input feature of o_proj and of down_proj."""
-    adapter = get_adapter(model)
-    sums, hooks = [], []
-    for layer in adapter.layers(model):
-        pair = [None, None]
-        sums.append(pair)
-        for slot, module in enumerate((adapter.attn_out_proj(layer), adapter.mlp_out_proj(layer))):
-
-            def hook(_module, args, pair=pair, slot=slot):
-                sq = args[0].detach().float().pow(2).sum(dim=(0, 1))
-                pair[slot] = sq if pair[slot] is None else pair[slot] + sq
-
-            hooks.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(torch.tensor([tokens]))
-    finally:
-        for handle in hooks:
-            handle.remove()
-    return [(a.sqrt(), b.sqrt()) for a, b in sums]
-
-
-def wanda_scores(weight: torch.Tensor, norms: torch.Tensor, width: int) -> torch.Tensor:
-    """|W| x ||X|| summed over each unit's `width` input columns of an output projection."""
-    per_column = weight.detach().float().abs().mul(norms).sum(dim=0)
-    return per_column.reshape(-1, width).sum(dim=1)
+def registry_scores(model, tokens: list[int], granularity: str, criterion: str):
+    """The registered criterion's scores on one calibration sequence (stages.estimate, as a job
+    computes them): a [layers] tensor for layers, else per-layer [units] tensors."""
+    batch = {"input_ids": torch.tensor([tokens]), "attention_mask": torch.ones(1, len(tokens))}
+    request = EstimateRequest(granularity, criterion, objective="causal_lm")
+    scores, _ = estimate_locally(model, get_adapter(model), [batch], request)
+    return scores
 
 
 def cut(model, drop: list[int], layout: str, calibration: list[int]):
     """Prune a copy: drop layers, then per remaining layer one KV group and FFN channels.
 
-    Units are ranked Wanda-style (weight magnitude x input activation norm on calibration
-    text) on the model after layer removal; no recovery follows.
+    Units are ranked by the registered `wanda` criterion (weight magnitude x input activation RMS
+    on calibration text) on the model after layer removal; no recovery follows.
     """
     model = copy.deepcopy(model)
     adapter = get_adapter(model)
     adapter.remove_layers(model, drop)
-    norms = input_norms(model, calibration)
-    group_width = adapter.unit_width(model, "heads")
-    for i, layer in enumerate(adapter.layers(model)):
+    heads = registry_scores(model, calibration, "heads", "wanda")
+    channels = registry_scores(model, calibration, "channels", "wanda")
+    for i in range(len(adapter.layers(model))):
         if layout == "uniform" or i % 2 == 0:
-            o_proj = adapter.attn_out_proj(layer)
-            scores = wanda_scores(o_proj.weight, norms[i][0], group_width)
-            worst = int(torch.argmin(scores))
-            adapter.prune_attention(model, i, [u for u in range(len(scores)) if u != worst])
+            worst = int(torch.argmin(heads[i]))
+            adapter.prune_attention(model, i, [u for u in range(len(heads[i])) if u != worst])
         width = 1280 if layout == "uniform" else 1536 - 64 * (i % 4)
-        scores = wanda_scores(adapter.mlp_out_proj(layer).weight, norms[i][1], 1)
-        keep = sorted(torch.argsort(scores, descending=True)[:width].tolist())
+        keep = sorted(torch.argsort(channels[i], descending=True)[:width].tolist())
         adapter.prune_mlp(model, i, keep)
     return model.eval()
 
@@ -333,8 +301,8 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
     dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
     calibration = tokenizer(pydoc_text([CALIBRATION_MODULE]))["input_ids"][:512]
-    influence = block_influence(dense, calibration)
-    drop = sorted(torch.argsort(torch.tensor(influence))[:DROP_LAYERS].tolist())
+    influence = registry_scores(dense, calibration, "layers", "block_influence")
+    drop = sorted(torch.argsort(influence)[:DROP_LAYERS].tolist())
     log(f"dropping layers {drop} (lowest block influence)")
 
     result = {

@@ -167,10 +167,6 @@ class RayExecutor:
         """Actor handles in worker order (tests use them for hooks such as pid / delays)."""
         return [slot.actor for slot in self._slots]
 
-    def placement(self) -> list[dict]:
-        """Where each worker runs as last seen: worker, node id, node IP, pid."""
-        return [slot.place() for slot in self._slots]
-
     # ------------------------------------------------------------------ protocol
     def set_calibration(self, batches: list[dict]) -> None:
         batches = list(batches)

@@ -73,9 +73,6 @@ class WorkerCore:
             ip = ray.util.get_node_ip_address()
         return {"pid": os.getpid(), "node": node, "ip": ip}
 
-    def has_calibration(self) -> bool:
-        return self._batches is not None
-
     def set_test_delays(self, load_s: float = 0.0, estimate_s: float = 0.0) -> None:
         """Test hook: sleep before loading / computing (lost on restart, like all state)."""
         self._load_delay_s = float(load_s)

@@ -17,7 +17,7 @@ token, BOS or else EOS); acc_norm divides by len(choice) in characters, as lm-ev
 against lm-eval itself (pinned in the `eval` extra) by tests/test_lm_eval_harness.py.
 
 The supervised form of bearing QA ("note\\nFault: <answer>" documents, train notes only) is the
-corpus builtin:bearing_qa (runner.corpora), or `bearing_qa_training_texts` here.
+corpus builtin:bearing_qa (runner.corpora).
 """
 
 from __future__ import annotations
@@ -162,11 +162,6 @@ def bearing_qa_examples(
         if doc.split == "test" and doc.origin in origins and doc.label is not None
     ]
     return _sample(examples, limit, seed)
-
-
-def bearing_qa_training_texts(data_cfg: Any = None) -> list[str]:
-    """Train notes with their answer ("note\\nFault: <fault>"): supervised bearing-QA recovery."""
-    return [doc.text for doc in bearing_documents(data_cfg, qa=True) if doc.split == "train"]
 
 
 # ----------------------------------------------------------------------------- cloze

@@ -9,15 +9,20 @@ its `deci` architecture for Llama-family models (`cascade export --format gguf`)
 
 from __future__ import annotations
 
-LLAMA_FAMILY = ("llama",)  # the adapter family of Llama, Mistral and Qwen2
+from stages.arch import find_adapter
 
 
-def engine_support(pruning: dict) -> dict[str, str]:
-    """{engine: verdict} for a checkpoint config's "pruning" section."""
+def engine_support(model_type: str, pruning: dict) -> dict[str, str]:
+    """{engine: verdict} for a checkpoint's config.model_type and its "pruning" section.
+
+    Llama-shaped model types (the adapter names a GGUF architecture for them) also map onto
+    DeciLM / Nemotron-NAS, which is how per-layer widths reach vLLM, TensorRT-LLM and llama.cpp.
+    """
     layouts = pruning.get("layout") or []
     uniform = bool(pruning.get("uniform"))
     vanilla = bool(pruning.get("vanilla_loadable"))
-    llama = pruning.get("family") in LLAMA_FAMILY
+    adapter = find_adapter(model_type)
+    llama = adapter is not None and adapter.gguf_architecture(model_type) is not None
     one_query_count = len({x["num_heads"] for x in layouts}) <= 1
     transformers = (
         "yes: AutoModel*.from_pretrained (cascade export --format hf)"

@@ -95,7 +95,7 @@ def build_report(
     }
     if perplexity is not None:
         figures["perplexity"] = perplexity | {"dense": dense.perplexity["perplexity"]}
-    figures["engines"] = engine_support(exported.config.pruning)
+    figures["engines"] = engine_support(exported.config.model_type, exported.config.pruning)
     return Report.model_validate(
         {
             "model": dense.info,

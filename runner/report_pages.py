@@ -173,13 +173,6 @@ def write_family_report(out_dir: str | Path) -> Path:
     return write_html(out_dir / "family.html", blocks)
 
 
-def write_family_html(out_dir: str | Path) -> Path:
-    """OUT/family.html alone, from OUT/family.json (the plots are drawn again, identically)."""
-    out_dir = Path(out_dir)
-    summary = FamilySummary.read(out_dir / "family.json")
-    return write_html(out_dir / "family.html", family_page(summary, out_dir))
-
-
 def family_page(s: FamilySummary, out_dir: Path) -> list[Block]:
     target = ", ".join(f"{k}={v}" for k, v in s.target.items())
     ex, counts = s.execution, s.counts

@@ -323,11 +323,3 @@ def open_source(source: FileSpec, where: str, *, base_dir=None, limit=MAX_DOCUME
             yield lambda: _column_documents(held[0], source, where, limit)
         finally:
             held.clear()  # drop the memory map before its cache folder is removed
-
-
-def read_documents(
-    source: FileSpec, where: str, *, base_dir=None, limit=MAX_DOCUMENT_BYTES
-) -> list[str]:
-    """Every document text of a file source, in order (a convenience for small sources)."""
-    with open_source(source, where, base_dir=base_dir, limit=limit) as documents:
-        return list(documents())

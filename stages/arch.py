@@ -8,6 +8,8 @@ pruning, resizing and cost logic, arch_slicing the module-level tensor surgery.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from transformers import PretrainedConfig
 
 from stages.arch_base import ArchAdapter, LayerLayout, UnsupportedArchitecture, unwrap_model
@@ -25,19 +27,31 @@ from stages.arch_slicing import UnitProjection, UnsupportedModule
 _ADAPTERS: dict[str, type[ArchAdapter]] = {
     model_type: cls
     for cls in (
-        GPT2Adapter,
-        BertAdapter,
         LlamaAdapter,
         Qwen3Adapter,
         Phi3Adapter,
+        GPT2Adapter,
         OPTAdapter,
         GPTNeoXAdapter,
+        BertAdapter,
         RobertaAdapter,
         DistilBertAdapter,
     )
     for model_type in cls.model_types
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ADAPTERS))
+
+
+def find_adapter(model_type: str | None) -> ArchAdapter | None:
+    """The adapter for a config.model_type, or None where none is registered."""
+    cls = _ADAPTERS.get(model_type) if isinstance(model_type, str) else None
+    return cls() if cls is not None else None
+
+
+def model_types_where(capability: Callable[[ArchAdapter, str], object]) -> tuple[str, ...]:
+    """Model types whose adapter has `capability(adapter, model_type)` (for messages that list
+    what is supported), in registration order."""
+    return tuple(t for t, cls in _ADAPTERS.items() if capability(cls(), t))
 
 
 def get_adapter(model_or_config) -> ArchAdapter:
@@ -47,13 +61,13 @@ def get_adapter(model_or_config) -> ArchAdapter:
     else:
         config = getattr(unwrap_model(model_or_config), "config", None)
     model_type = getattr(config, "model_type", None)
-    cls = _ADAPTERS.get(model_type)
-    if cls is None:
+    adapter = find_adapter(model_type)
+    if adapter is None:
         raise UnsupportedArchitecture(
             f"unsupported architecture: model_type={model_type!r}; "
             f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    return cls()
+    return adapter
 
 
 __all__ = [
@@ -72,5 +86,7 @@ __all__ = [
     "UnitProjection",
     "UnsupportedArchitecture",
     "UnsupportedModule",
+    "find_adapter",
     "get_adapter",
+    "model_types_where",
 ]

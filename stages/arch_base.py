@@ -9,7 +9,7 @@ and costs are derived here from those descriptions, so they cannot disagree with
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,10 +47,6 @@ def _weights(param: nn.Parameter) -> Tensor:
     return param.detach()
 
 
-def _grads(param: nn.Parameter) -> Tensor | None:
-    return param.grad
-
-
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
@@ -70,12 +66,23 @@ class ArchAdapter:
     family: ClassVar[str]  # a name for reports and the checkpoint's "pruning" section only
     mlp_kind: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
-    # Capabilities other code branches on (never on `family`):
+    # Capabilities other code branches on (never on `family` or `model_type`; tests/test_layering.py
+    # refuses such a branch outside stages/arch_*.py):
     is_decoder: ClassVar[bool] = True  # causal self-attention with a KV cache at inference
     # weights stored [in, out] (GPT-2 Conv1D): LoRA needs fan_in_fan_out
     conv1d_weights: ClassVar[bool] = False
     # cached K/V are views that keep the fused q|k|v output alive (memory model)
     fused_qkv_cache: ClassVar[bool] = False
+    # the layer-streamed path (stages/streaming.py) runs its layers one at a time; opt in once
+    # tests/test_streaming.py gives the in-memory scores for the family
+    streamable: ClassVar[bool] = False
+    # AutoModel adds a pooler by default (add_pooling_layer) that mean-pooled embeddings never use
+    has_pooler: ClassVar[bool] = False
+    # llama.cpp architecture a uniform layout is written as, per model type (`cascade export
+    # --format gguf`). These model types are Llama-shaped: a per-layer layout is written as `deci`
+    # (DeciLM / Nemotron-NAS), the model vLLM and TensorRT-LLM would take per-layer widths
+    # through. A model type not listed has neither.
+    gguf_architectures: ClassVar[Mapping[str, str]] = {}
 
     # ---- family hooks -------------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -122,6 +129,14 @@ class ArchAdapter:
     def ensure_out_proj_bias(self, model: nn.Module, granularity: str) -> None:
         """Give the output projections a (zero) bias where the family can express one."""
         raise ValueError(f"bias compensation is not supported for the {self.family} family")
+
+    def gguf_architecture(self, model_type: str) -> str | None:
+        """llama.cpp architecture of a uniform layout of `model_type`; None: no GGUF export."""
+        return self.gguf_architectures.get(model_type)
+
+    def uses_sliding_window(self, config: Mapping) -> bool:
+        """Whether transformers attends only within config["sliding_window"] (when it is set)."""
+        return bool(config.get("use_sliding_window", False))
 
     def lora_target_modules(self) -> list[str]:
         raise NotImplementedError
@@ -183,14 +198,8 @@ class ArchAdapter:
     def attn_unit_weights(self, model: nn.Module, layer_idx: int) -> list[Tensor]:
         return self.attn_unit_tensors(model, layer_idx, _weights)
 
-    def attn_unit_grads(self, model: nn.Module, layer_idx: int) -> list[Tensor]:
-        return self.attn_unit_tensors(model, layer_idx, _grads)
-
     def mlp_unit_weights(self, model: nn.Module, layer_idx: int) -> list[Tensor]:
         return self.mlp_unit_tensors(model, layer_idx, _weights)
-
-    def mlp_unit_grads(self, model: nn.Module, layer_idx: int) -> list[Tensor]:
-        return self.mlp_unit_tensors(model, layer_idx, _grads)
 
     def attn_unit_cost(self, model: nn.Module, layer_idx: int) -> int:
         """Parameters removed with one attention unit (biases included)."""

@@ -19,6 +19,7 @@ class BertAdapter(ArchAdapter):
     mlp_kind = "gelu"
     model_types = ("bert",)
     is_decoder = False
+    has_pooler = True  # AutoModel's BertPooler (dropped for mean-pooled embeddings)
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return backbone(model).encoder.layer

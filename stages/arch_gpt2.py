@@ -18,6 +18,7 @@ class GPT2Adapter(ArchAdapter):
     family = "gpt2"
     mlp_kind = "gelu"
     model_types = ("gpt2",)
+    streamable = True
     conv1d_weights = True
     fused_qkv_cache = True
 

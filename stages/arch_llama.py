@@ -6,6 +6,8 @@ num_heads == num_kv_heads * num_key_value_groups and the repeat_kv in the forwar
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -18,6 +20,10 @@ class LlamaAdapter(ArchAdapter):
     family = "llama"
     mlp_kind = "swiglu"
     model_types = ("llama", "mistral", "qwen2")
+    streamable = True
+    # llama.cpp's converter writes Llama and Mistral as `llama`, Qwen2 (q/k/v biases, NEOX rope)
+    # as `qwen2`
+    gguf_architectures = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return backbone(model).layers
@@ -75,6 +81,10 @@ class LlamaAdapter(ArchAdapter):
         config.num_key_value_heads = layout.num_kv_heads
         config.head_dim = head_dim  # explicit: hidden_size // num_heads no longer holds
         config.intermediate_size = layout.intermediate_size
+
+    def uses_sliding_window(self, config: Mapping) -> bool:
+        """Mistral has no switch (a set sliding_window is used); Qwen2 and Qwen3 do."""
+        return bool(config.get("use_sliding_window", config.get("model_type") == "mistral"))
 
     def ensure_out_proj_bias(self, model: nn.Module, granularity: str) -> None:
         """FLAP bias compensation on Llama: switch on attention_bias / mlp_bias with zero biases.

@@ -21,6 +21,7 @@ class GPTNeoXAdapter(ArchAdapter):
     family = "gpt_neox"
     mlp_kind = "gelu"
     model_types = ("gpt_neox",)
+    streamable = True
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return backbone(model).layers

@@ -32,6 +32,7 @@ class OPTAdapter(ArchAdapter):
     family = "opt"
     mlp_kind = "relu"
     model_types = ("opt",)
+    streamable = True
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         base = backbone(model)

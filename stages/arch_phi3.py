@@ -86,6 +86,7 @@ class Phi3Adapter(LlamaAdapter):
     family = "phi3"
     mlp_kind = "swiglu"
     model_types = ("phi3",)
+    gguf_architectures = {}  # fused qkv_proj / gate_up_proj: not written by the GGUF exporter
 
     def _layer_layout(self, layer: nn.Module) -> LayerLayout:
         attn, head_dim = layer.self_attn, self._layer_head_dim(layer)

@@ -17,6 +17,7 @@ from stages.arch_opt import add_zero_biases
 class Qwen3Adapter(LlamaAdapter):
     family = "qwen3"
     model_types = ("qwen3",)
+    gguf_architectures = {}  # q_norm / k_norm: not a Llama-shaped layer (nor DeciLM)
 
     def ensure_out_proj_bias(self, model: nn.Module, granularity: str) -> None:
         """attention_bias gives q/k/v/o zero biases; Qwen3's MLP has no bias switch."""

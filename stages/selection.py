@@ -31,11 +31,6 @@ class Selection:
     keep: list[list[int]]
     remove: list[list[int]]
 
-    @property
-    def n_removed(self) -> int:
-        """Total number of removed units over all layers."""
-        return sum(len(r) for r in self.remove)
-
     def removed_cost(self, unit_costs: Sequence[int]) -> int:
         """Parameters removed when layer l's units each cost unit_costs[l]."""
         return sum(len(r) * int(c) for r, c in zip(self.remove, unit_costs, strict=True))
@@ -256,25 +251,3 @@ def select_by_cost(
     n = int(torch.searchsorted(spent, torch.tensor(params_to_remove))) + 1
     selection = _from_order(sizes, layers, indices, n)
     return _rounded(prepared, selection, costs, params_to_remove, min_keep, round_to)
-
-
-def select_layers(
-    scores: Tensor, n_remove: int, *, min_keep: int = 1, higher_is_important: bool = True
-) -> list[int]:
-    """Indices (sorted) of the n_remove least important layers to drop.
-
-    scores[l] is layer l's importance (e.g. block influence, higher = more important) or, with
-    higher_is_important=False, its redundancy. Ties go to the lower index; at least min_keep
-    layers remain (SelectionError otherwise).
-    """
-    s = torch.as_tensor(scores).detach().to("cpu", torch.float64)
-    if s.dim() != 1 or not torch.isfinite(s).all():
-        raise SelectionError(
-            f"layer scores must be a finite 1-D tensor, got shape {tuple(s.shape)}"
-        )
-    if n_remove < 0 or len(s) - n_remove < min_keep:
-        raise SelectionError(
-            f"cannot remove {n_remove} of {len(s)} layers and keep min_keep={min_keep}"
-        )
-    ranked = torch.argsort(s if higher_is_important else -s, stable=True)
-    return sorted(ranked[:n_remove].tolist())

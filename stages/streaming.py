@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 
+from stages.arch import model_types_where
 from stages.base import PrunePlan, apply_plan, param_count, stage_names
 from stages.compensation import CompensationSettings, Refit
 from stages.criteria import get_criterion
@@ -41,7 +42,6 @@ from stages.stream_worker import (
 )
 from stages.stream_write import write_streamed_checkpoint
 
-STREAMABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "opt", "gpt_neox")
 _KEEP_KEYS = ("dist_sum",)  # small per-layer sums kept after scoring
 HEARTBEAT_S = 30.0
 
@@ -311,11 +311,11 @@ def _check_stages(stages: Sequence[PruneStage], params_target: int | None = None
 
 
 def _check_source(source: LayerSource, stages: Sequence[PruneStage]) -> None:
-    model_type = source.dense.config.model_type
-    if model_type not in STREAMABLE_MODEL_TYPES:
+    if not source.adapter.streamable:
+        streamable = model_types_where(lambda adapter, _: adapter.streamable)
         raise StreamingError(
-            f"{source.checkpoint.directory}: model_type {model_type!r} is not supported by the "
-            f"layer-streamed path (decoders: {', '.join(STREAMABLE_MODEL_TYPES)}); "
+            f"{source.checkpoint.directory}: model_type {source.dense.config.model_type!r} is not "
+            f"supported by the layer-streamed path (decoders: {', '.join(streamable)}); "
             "use the in-memory path"
         )
     for name, stage in zip(stage_names(stages), stages):

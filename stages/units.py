@@ -55,7 +55,7 @@ def plan_unit_removal(
             scores, costs, budget.params, min_keep=min_keep, normalize=normalize,
             uniform=uniform, round_to=round_to,
         )  # fmt: skip
-    removed = sum(len(r) * c for r, c in zip(selection.remove, costs))
+    removed = selection.removed_cost(costs)
     plan = PrunePlan(
         stage=stage,
         granularity=granularity,

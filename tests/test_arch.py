@@ -233,7 +233,7 @@ def test_unit_weights_follow_the_slicing(family):
     assert sum(t.shape[1] for t in before) == adapter.attn_unit_cost(model, 1)
     ids, mask = padded_batch()
     model(input_ids=ids, attention_mask=mask).logits.sum().backward()
-    grads = adapter.mlp_unit_grads(model, 1)
+    grads = adapter.mlp_unit_tensors(model, 1, lambda p: p.grad)
     assert [g.shape for g in grads] == [t.shape for t in mlp_before]
     assert any(g.abs().sum() > 0 for g in grads)
     adapter.prune_attention(model, 1, [1])

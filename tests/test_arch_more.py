@@ -12,22 +12,28 @@ import copy
 import json
 import pickle
 
+import gguf
 import pytest
 import torch
 from tiny_models import (
     padded_batch,
     prune_uniformly,
     prune_units,
+    tiny_bert,
     tiny_distilbert,
     tiny_gpt2,
+    tiny_llama,
+    tiny_mistral,
     tiny_neox,
     tiny_opt,
     tiny_phi3,
+    tiny_qwen2,
     tiny_qwen3,
     tiny_roberta,
     tiny_xlm_roberta,
 )
 from transformers import (
+    AutoModel,
     AutoModelForSequenceClassification,
     GPTNeoXForCausalLM,
     OPTForCausalLM,
@@ -35,7 +41,13 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from stages.arch import SUPPORTED_MODEL_TYPES, LayerLayout, get_adapter
+from stages.arch import (
+    SUPPORTED_MODEL_TYPES,
+    LayerLayout,
+    find_adapter,
+    get_adapter,
+    model_types_where,
+)
 from stages.arch_phi3 import LayerConfigView
 from stages.checkpoint import CheckpointError, load_pruned, save_checkpoint
 from stages.masking import skip_layers, unit_masks
@@ -53,6 +65,10 @@ FAMILIES = {
 CAUSAL = [name for name, spec in FAMILIES.items() if spec[2] is not None]
 DISTINCT = [name for name in FAMILIES if name != "xlm-roberta"]  # XLM-R runs RoBERTa's code
 ENCODERS = [name for name, spec in FAMILIES.items() if spec[2] is None]
+
+
+def grad(param: torch.nn.Parameter) -> torch.Tensor | None:
+    return param.grad
 
 
 def build(family: str, **kwargs):
@@ -118,8 +134,10 @@ def test_unit_weights_follow_the_slicing(family):
     mlp_before = adapter.mlp_unit_weights(model, 1)
     ids, mask = padded_batch(side=FAMILIES[family][1])
     model(input_ids=ids, attention_mask=mask).logits.pow(2).sum().backward()
-    assert [g.shape for g in adapter.attn_unit_grads(model, 1)] == [t.shape for t in attn_before]
-    assert all(g.abs().sum() > 0 for g in adapter.mlp_unit_grads(model, 1))
+    assert [g.shape for g in adapter.attn_unit_tensors(model, 1, grad)] == [
+        t.shape for t in attn_before
+    ]
+    assert all(g.abs().sum() > 0 for g in adapter.mlp_unit_tensors(model, 1, grad))
     adapter.prune_attention(model, 1, [1])
     adapter.prune_mlp(model, 1, [5, 7])
     for old, new in zip(attn_before, adapter.attn_unit_weights(model, 1), strict=True):
@@ -327,3 +345,51 @@ def test_bias_compensation_refused_where_config_cannot_express_it(family, granul
     with pytest.raises(ValueError, match="bias"):
         get_adapter(model).ensure_out_proj_bias(model, granularity)
     assert all(p.dim() != 1 or "norm" in n for n, p in model.named_parameters())  # no biases
+
+
+ALL_BUILDERS = {
+    "gpt2": tiny_gpt2,
+    "bert": tiny_bert,
+    "llama": tiny_llama,
+    "qwen2": tiny_qwen2,
+    "mistral": tiny_mistral,
+    **{family: spec[0] for family, spec in FAMILIES.items()},
+}
+
+
+def test_every_supported_model_type_has_a_tiny_model_here():
+    assert set(ALL_BUILDERS) == set(SUPPORTED_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("model_type", sorted(ALL_BUILDERS))
+def test_capabilities_hold_for_the_model_they_describe(model_type):
+    """What code outside the adapters asks of them (streamable, pooler, GGUF architecture) is
+    true of the model: a streamed family is a decoder, `has_pooler` is what AutoModel builds,
+    a GGUF architecture is one llama.cpp knows, named only for the adapter's own model types."""
+    model = ALL_BUILDERS[model_type]()
+    adapter = get_adapter(model)
+    assert not adapter.streamable or adapter.is_decoder
+    bare = AutoModel.from_config(model.config)
+    assert (getattr(bare, "pooler", None) is not None) == adapter.has_pooler
+    assert set(adapter.gguf_architectures) <= set(adapter.model_types)
+    assert set(adapter.gguf_architectures.values()) <= set(gguf.MODEL_ARCH_NAMES.values())
+    llama_shaped = model_type in ("llama", "mistral", "qwen2")  # the GGUF exporter's tensor names
+    assert (adapter.gguf_architecture(model_type) is not None) == llama_shaped
+
+
+def test_registry_lookups_by_model_type():
+    assert find_adapter("qwen2").family == "llama" and find_adapter("nope") is None
+    assert find_adapter(None) is None
+    streamable = model_types_where(lambda adapter, _: adapter.streamable)
+    assert streamable == ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "opt", "gpt_neox")
+    assert model_types_where(lambda a, t: a.gguf_architecture(t)) == ("llama", "mistral", "qwen2")
+
+
+def test_sliding_window_is_read_as_transformers_reads_it():
+    """Mistral has no switch (a set window is used); Qwen2 / Qwen3 use it only when switched on."""
+    llama = find_adapter("mistral")
+    assert llama.uses_sliding_window({"model_type": "mistral", "sliding_window": 8})
+    assert not llama.uses_sliding_window({"model_type": "qwen2", "sliding_window": 8})
+    assert llama.uses_sliding_window({"model_type": "qwen2", "use_sliding_window": True})
+    assert not find_adapter("qwen3").uses_sliding_window({"model_type": "qwen3"})
+    assert not find_adapter("gpt2").uses_sliding_window({"model_type": "gpt2"})

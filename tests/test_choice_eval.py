@@ -26,7 +26,6 @@ from runner.choice_tasks import (
     ChoiceExample,
     ChoiceTaskSpec,
     bearing_qa_examples,
-    bearing_qa_training_texts,
     build_choice_tasks,
     cloze_examples,
     encode_examples,
@@ -283,7 +282,8 @@ def test_bearing_qa_uses_held_out_notes_only():
     assert examples[0].context.endswith("\nFault:") and {e.label for e in examples} == set(
         range(10)
     )
-    training = bearing_qa_training_texts(TINY)
+    qa_corpus = corpora.builtin_documents("bearing_qa", TINY)  # the supervised form's train split
+    training = [doc.text for doc in qa_corpus if doc.split == "train"]
     assert len(training) == 30 and all("\nFault: " in t for t in training)
     notes = {e.context.removesuffix("\nFault:") for e in examples}
     assert not notes & {t.split("\nFault:")[0] for t in training}

@@ -35,7 +35,6 @@ from transformers import (
 import runner.exporters.gguf as gguf_export
 from runner.cli_export import main as export_main
 from runner.exporters import EXPORT_FORMATS, ExportError, describe_layout, export_checkpoint
-from runner.exporters.gguf import unpermute_rows
 from stages.arch import get_adapter
 from stages.checkpoint import save_checkpoint
 
@@ -75,6 +74,16 @@ def tokenizer() -> PreTrainedTokenizerFast:
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+def unpermute_rows(tensor, n_head: int):
+    """Inverse of gguf.permute_rows, as transformers' GGUF loader undoes it."""
+    rows = tensor.shape[0]
+    return (
+        tensor.reshape(n_head, rows // n_head // 2, 2, *tensor.shape[1:])
+        .transpose(1, 2)
+        .reshape(tensor.shape)
+    )
 
 
 def causal(builder=tiny_llama, cls=LlamaForCausalLM, vocab=None, **overrides):

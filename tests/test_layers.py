@@ -23,6 +23,21 @@ def test_removes_lowest_scores_by_count(model):
     assert plan.drop_layers == [n - 1]
 
 
+def test_ties_go_to_the_lower_index_and_min_keep_holds():
+    """Block influence (higher = more important): the lowest go, ties to the lower index."""
+    model = tiny_gpt2(n_layer=5)
+    adapter = get_adapter(model)
+    scores = torch.tensor([0.9, 0.1, 0.3, 0.1, 0.8], dtype=torch.float64)
+
+    def drop(n: int, **kw) -> list[int]:
+        plan = plan_layer_removal(model, adapter, scores, Budget(units=n), **COMMON, **kw)
+        return plan.drop_layers
+
+    assert drop(2) == [1, 3] and drop(3) == [1, 2, 3] and drop(0) == []
+    with pytest.raises(ValueError, match="at least 2 must stay"):
+        drop(4, min_keep=2)
+
+
 def test_param_budget_takes_the_closest_number_of_layers(model):
     adapter = get_adapter(model)
     cost = adapter.layer_cost(model, 0)

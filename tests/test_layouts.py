@@ -29,20 +29,26 @@ def test_keep_attention_refuses_heads_stages() -> None:
 def test_engine_verdicts_follow_the_layout() -> None:
     layer = {"num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64}
     uniform = engine_support(
-        {"family": "llama", "layout": [layer] * 2, "uniform": True, "vanilla_loadable": True}
+        "llama",
+        {"family": "llama", "layout": [layer] * 2, "uniform": True, "vanilla_loadable": True},
     )
     assert all(v.startswith("yes") for v in uniform.values())
     uneven = [layer, layer | {"intermediate_size": 48}]
     per_layer = engine_support(
-        {"family": "llama", "layout": uneven, "uniform": False, "vanilla_loadable": False}
+        "qwen2", {"family": "llama", "layout": uneven, "uniform": False, "vanilla_loadable": False}
     )
     assert per_layer["transformers"].startswith("load_pruned only")
     assert "deci" in per_layer["llama.cpp"] and per_layer["vllm"].startswith("not yet")
     heads = [layer, layer | {"num_heads": 2, "num_kv_heads": 1}]
     gpt2 = engine_support(
-        {"family": "gpt2", "layout": heads, "uniform": False, "vanilla_loadable": False}
+        "gpt2", {"family": "gpt2", "layout": heads, "uniform": False, "vanilla_loadable": False}
     )
     assert gpt2["vllm"].startswith("no") and gpt2["llama.cpp"].startswith("no")
+    # Qwen3 shares the Llama adapter's code but not its GGUF / DeciLM mapping (q_norm, k_norm)
+    qwen3 = engine_support(
+        "qwen3", {"family": "qwen3", "layout": uneven, "uniform": False, "vanilla_loadable": False}
+    )
+    assert qwen3["llama.cpp"].startswith("no") and not qwen3["vllm"].startswith("not yet")
 
 
 def _job(tmp_path, name: str, target: dict, stages: list[dict] | None = None) -> tuple:

@@ -19,7 +19,7 @@ from runner.report import job_page, write_job_html, write_report
 from runner.report_blocks import render_markdown
 from runner.report_layout import layer_breakdown
 from runner.report_model import Report
-from runner.report_pages import write_compare_report, write_family_html, write_family_report
+from runner.report_pages import write_compare_report, write_family_report
 from runner.tasks import chance_level_warning
 from stages.arch import get_adapter
 from stages.base import param_count
@@ -254,7 +254,7 @@ def test_family_report_lists_failures_and_embeds_plots(tmp_path, with_device):
     assert page.count('src="data:image/png;base64,') == len(expected)
     md = (tmp_path / "family.md").read_text()
     assert "failed: ModelError" in md and "0.8000 (0.9000)" in md
-    assert write_family_html(tmp_path).read_text() == page
+    assert write_family_report(tmp_path).read_text() == page  # the plots are drawn identically
 
 
 def test_chance_level_warning_fires_only_near_guessing():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.selection import Selection, SelectionError, select_by_cost, select_global, select_layers
+from stages.selection import Selection, SelectionError, select_by_cost, select_global
 
 
 def t(*values: float) -> torch.Tensor:
@@ -17,7 +17,7 @@ def test_select_global_removes_lowest_across_layers():
     sel = select_global(scores, 3, normalize="none")
     assert sel.remove == [[1], [0, 2]]
     assert sel.keep == [[0, 2], [1, 3]]
-    assert sel.n_removed == 3
+    assert sum(map(len, sel.remove)) == 3
 
 
 def test_select_global_respects_min_keep():
@@ -46,7 +46,7 @@ def test_uniform_splits_evenly_and_rounds_down():
     scores = [t(1, 2, 3), t(0.1, 0.2, 0.3), t(9, 8, 7)]
     sel = select_global(scores, 4, uniform=True)  # keep 2 each: 3 removed, keep 1: 6 > 4
     assert sel.remove == [[0], [0], [2]]
-    assert sel.n_removed == 3
+    assert sum(map(len, sel.remove)) == 3
     # one kept count for all layers, whatever their sizes: 4 + 2 units, keep 1 each
     assert select_global([t(1, 2, 3, 4), t(2, 1)], 4, uniform=True).keep == [[3], [0]]
     with pytest.raises(SelectionError, match="uniform layout impossible"):
@@ -87,7 +87,7 @@ def test_select_by_cost_stops_at_budget():
     assert select_by_cost(scores, costs, 101, normalize="none").remove == [[0], [1]]
     sel = select_by_cost(scores, costs, 115, normalize="none")
     assert sel.remove == [[0, 2], [1]] and sel.removed_cost(costs) == 120
-    assert select_by_cost(scores, costs, 0, normalize="none").n_removed == 0
+    assert select_by_cost(scores, costs, 0, normalize="none").remove == [[], []]
     # min_keep=0: the fourth unit (1,0) overshoots the budget by 99, less than its cost 100
     assert select_by_cost(scores, costs, 121, normalize="none", min_keep=0).remove == [
         [0, 2],
@@ -106,16 +106,6 @@ def test_select_by_cost_uniform_uses_smallest_equal_count():
     assert [len(k) for k in most.keep] == [1, 1] and most.removed_cost([10, 30]) == 120
     with pytest.raises(SelectionError, match="unit_costs has 1 entries"):
         select_by_cost(scores, [10], 5)
-
-
-def test_select_layers():
-    bi = t(0.9, 0.1, 0.3, 0.1, 0.8)
-    assert select_layers(bi, 2) == [1, 3]
-    assert select_layers(bi, 3) == [1, 2, 3]
-    assert select_layers(bi, 1, higher_is_important=False) == [0]
-    assert select_layers(bi, 0) == []
-    with pytest.raises(SelectionError, match="keep min_keep=2"):
-        select_layers(bi, 4, min_keep=2)
 
 
 def test_selection_is_frozen():

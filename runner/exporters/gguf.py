@@ -33,15 +33,24 @@ import torch
 
 from runner.exporters import Checkpoint, Exporter, ExportError, atomic_file
 from runner.exporters.gguf_vocab import VocabError, add_vocab
+from stages.arch import ArchAdapter, find_adapter, model_types_where
 
-FAMILIES = ("llama", "mistral", "qwen2")
 FILE_TYPE = {"f32": 0, "f16": 1, "bf16": 32}  # gguf.LlamaFileType ALL_F32 / MOSTLY_F16 / _BF16
+# llama.cpp architectures that rotate adjacent pairs (q/k rows permuted); qwen2 rotates halves
+PAIRWISE_ROPE = ("llama", "deci")
+
+
+def _gguf_adapter(ckpt: Checkpoint) -> ArchAdapter | None:
+    """The checkpoint's adapter, where it names a llama.cpp architecture for the model type."""
+    adapter = find_adapter(ckpt.model_type)
+    return adapter if adapter and adapter.gguf_architecture(ckpt.model_type) else None
 
 
 def gguf_architecture(ckpt: Checkpoint) -> str:
+    """`deci` for a per-layer layout, else the adapter's llama.cpp name for the model type."""
     if not ckpt.uniform:
         return "deci"
-    return "qwen2" if ckpt.model_type == "qwen2" else "llama"
+    return _gguf_adapter(ckpt).gguf_architecture(ckpt.model_type)
 
 
 def permute_rows(tensor, n_head: int):
@@ -54,20 +63,11 @@ def permute_rows(tensor, n_head: int):
     )
 
 
-def unpermute_rows(tensor, n_head: int):
-    """Inverse of permute_rows (what transformers' GGUF loader does)."""
-    rows = tensor.shape[0]
-    return (
-        tensor.reshape(n_head, rows // n_head // 2, 2, *tensor.shape[1:])
-        .transpose(1, 2)
-        .reshape(tensor.shape)
-    )
-
-
 def _check_supported(ckpt: Checkpoint) -> None:
-    if ckpt.model_type not in FAMILIES:
+    if _gguf_adapter(ckpt) is None:
+        supported = model_types_where(lambda adapter, t: adapter.gguf_architecture(t))
         raise ExportError(
-            f"{ckpt.path}: gguf export supports Llama-family causal LMs ({', '.join(FAMILIES)}); "
+            f"{ckpt.path}: gguf export supports Llama-family causal LMs ({', '.join(supported)}); "
             f"this checkpoint is {ckpt.model_type!r} - export it with --format hf instead"
         )
     if not ckpt.architecture.endswith("ForCausalLM"):
@@ -195,9 +195,7 @@ class GGUFExporter(Exporter):
     def _tensor_names(ckpt: Checkpoint, arch: str) -> dict[str, str]:
         """HF tensor name -> GGUF name; tied lm_head copies dropped; unknown tensors refused."""
 
-        model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}.get(
-            arch, gguf.MODEL_ARCH.DECI
-        )
+        model_arch = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
         name_map = gguf.get_tensor_name_map(model_arch, len(ckpt.layouts))
         tied = bool(ckpt.config.get("tie_word_embeddings", False))
         names = {}
@@ -238,7 +236,7 @@ class GGUFExporter(Exporter):
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        permute = arch in ("llama", "deci")
+        permute = arch in PAIRWISE_ROPE
         for hf_name, tensor in ckpt.tensors():
             if hf_name not in names:
                 continue
@@ -252,7 +250,7 @@ class GGUFExporter(Exporter):
     def _warn_sliding_window(ckpt: Checkpoint, log: Callable[[str], None]) -> None:
         config = ckpt.config
         window = config.get("sliding_window")
-        used = config.get("use_sliding_window", ckpt.model_type == "mistral")
+        used = _gguf_adapter(ckpt).uses_sliding_window(config)
         context = int(config.get("max_position_embeddings", 0) or 0)
         if used and window and context and int(window) < context:
             log(

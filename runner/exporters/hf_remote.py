@@ -19,6 +19,7 @@ from pathlib import Path
 from runner.exporters import Checkpoint, ExportError
 from runner.exporters import modeling_cascade as modeling
 from runner.exporters.hf import HFExporter, with_dtype, write_folder
+from stages.arch import find_adapter
 
 MODELING_FILE = Path(modeling.__file__)
 MODULE = MODELING_FILE.stem  # auto_map entries are "<module>.<class>" within the folder
@@ -46,7 +47,7 @@ def remote_config(ckpt: Checkpoint) -> dict:
     ]
     # a plain HF folder (no pruning record) gets one, so load_pruned reads this export too
     pruning = dict(ckpt.config.get("pruning") or {"layout": config["per_layer"]})
-    pruning.setdefault("family", "llama")
+    pruning.setdefault("family", find_adapter(ckpt.model_type).family)
     pruning.setdefault("uniform", ckpt.uniform)
     pruning.setdefault("vanilla_loadable", ckpt.vanilla_loadable)
     pruning["transformers_class"] = ckpt.architecture
