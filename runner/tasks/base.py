@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from pydantic import BaseModel
 from torch import nn
 
 from stages.metrics import EvalResult
@@ -32,6 +33,10 @@ class Task(Protocol):
     name: ClassVar[str]
     head: ClassVar[str]  # models.Head: classification | encoder | causal_lm
     objective: ClassVar[Objective]
+    # The task's part of the job file (None: nothing of its own): a pydantic model with one field
+    # per section it adds keys to (`data`, `evaluation`, ...), each a model of those keys (extra
+    # forbidden). runner.config.job_schema merges them into that section for this task's jobs only.
+    options: ClassVar[type[BaseModel] | None]
 
     def config_problems(self, cfg, stage_names: list[str]) -> list[str]:
         """Options of `cfg` (a JobConfig) that mean nothing for this task, as messages."""
@@ -91,16 +96,14 @@ def task_names() -> tuple[str, ...]:
 
 
 def text_only_problems(cfg, task: str) -> list[str]:
-    """Options only a causal_lm job reads, set on a job of another task."""
-    problems = [
+    """The recover loss only a causal_lm job has, set on a job of another task (the task's own
+    options are refused by the job schema: runner.config.job_schema)."""
+    return [
         f"stages.{i}.loss: lm is next-token cross-entropy, for task causal_lm; the {task} "
         "task's own loss is ce"
         for i, s in enumerate(cfg.stages)
         if s.kind == "recover" and s.loss == "lm"
     ]
-    if cfg.data.sources:
-        problems.append(f"data.sources: text sources feed task causal_lm, not {task}")
-    return problems
 
 
 def chance_level_warning(accuracy: float, classes: int, what: str) -> str | None:

@@ -13,17 +13,78 @@ import math
 from typing import ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
-from runner.choice_tasks import build_choice_tasks
+from runner.choice_tasks import ChoiceTaskSpec, build_choice_tasks
 from runner.data import DataConfig
 from runner.tasks.base import TaskData, register_task
-from runner.text_sources import PackedBlocks, build_text_splits
+from runner.text_sources import PackedBlocks, TextSource, build_text_splits
 from stages.choice_eval import evaluate_choice_tasks
 from stages.metrics import EvalResult
 from stages.objectives import get_objective
 from stages.split import EncodedSplit
 
 CHOICE_BATCH = 8
+
+DEFAULT_PROMPTS = (
+    "What is the capital of France?",
+    "Explain in one sentence what a ball bearing does.",
+    "Write a Python function that returns the square of a number.",
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TextData(_Section):
+    """causal_lm's keys of the `data:` section (validation_fraction / test_fraction split the
+    documents of these sources, calibration_size counts calibration blocks)."""
+
+    sources: list[TextSource] = Field(
+        default_factory=list,
+        description="files, folders, globs or builtin:<corpus>, one domain each",
+    )
+
+
+class LanguageEvaluation(_Section):
+    """causal_lm's keys of the `evaluation:` section."""
+
+    choice_tasks: list[ChoiceTaskSpec] = Field(
+        default_factory=list,
+        description="zero-shot multiple choice (bearing_qa, cloze or a JSONL file)",
+    )
+    stage_choice_items: int = Field(
+        50, ge=0, description="items per choice task measured after every stage"
+    )
+    prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROMPTS),
+        description="prompts whose greedy completions the report shows",
+    )
+    max_new_tokens: int = Field(32, ge=1, le=1024)
+    test_blocks: int | None = Field(
+        64, ge=1, description="test blocks per domain for perplexity (None: all)"
+    )
+    validation_blocks: int | None = Field(
+        16, ge=1, description="validation blocks per domain measured after each stage"
+    )
+
+
+class CausalLMOptions(_Section):
+    """causal_lm's part of the job file, by the section each key sits in."""
+
+    data: TextData = Field(default_factory=TextData)
+    evaluation: LanguageEvaluation = Field(default_factory=LanguageEvaluation)
+
+
+def job_choice_tasks(cfg) -> list[ChoiceTaskSpec]:
+    """A job's evaluation.choice_tasks; none for a job of another task (it has no such key)."""
+    return list(getattr(cfg.evaluation, "choice_tasks", []))
+
+
+def job_text_sources(cfg) -> list[TextSource]:
+    """A job's data.sources; none for a job of another task (it has no such key)."""
+    return list(getattr(cfg.data, "sources", []))
 
 
 def encoded(blocks: PackedBlocks) -> EncodedSplit:
@@ -98,6 +159,7 @@ class CausalLMTask:
     name: ClassVar[str] = "causal_lm"
     head: ClassVar[str] = "causal_lm"
     objective = get_objective("causal_lm")
+    options = CausalLMOptions
 
     def config_problems(self, cfg, stage_names: list[str]) -> list[str]:
         problems = []

@@ -40,6 +40,7 @@ class ClassificationTask:
     name: ClassVar[str] = "classification"
     head: ClassVar[str] = "classification"
     objective = get_objective("classification")
+    options = None
 
     def config_problems(self, cfg, stage_names: list[str]) -> list[str]:
         return text_only_problems(cfg, self.name)

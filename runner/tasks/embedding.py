@@ -18,6 +18,7 @@ class EmbeddingTask:
     name: ClassVar[str] = "embedding"
     head: ClassVar[str] = "encoder"
     objective = get_objective("embedding")
+    options = None
 
     def config_problems(self, cfg, stage_names: list[str]) -> list[str]:
         problems = [
@@ -41,6 +42,10 @@ class EmbeddingTask:
         if cfg.evaluation.perplexity_file is not None:
             problems.append(
                 "evaluation.perplexity_file: perplexity needs a causal LM, not an embedding encoder"
+            )
+        if cfg.calibration.streamed:
+            problems.append(
+                "calibration.streamed: the embedding task needs the dense model's outputs"
             )
         return problems
 
