@@ -2,9 +2,10 @@
 
 A task chooses the head the model loads with, builds the data (train / validation / test /
 calibration splits, plus whatever its metrics need), names the objective every stage
-differentiates (stages/objectives), says which metrics a stage record and the final report carry,
+differentiates (stages/objectives), owns its part of the job file (`options`), says which metrics
+a stage record and the final report carry (`figures`: its report.json "final" and page sections),
 and which config options make no sense for it. Adding a task = one new module in runner/tasks
-that calls `register_task`.
+that calls `register_task`; no shared schema changes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, ClassVar, Protocol
 from pydantic import BaseModel
 from torch import nn
 
+from runner.report_model import FinalFigures, StageMetrics
 from stages.metrics import EvalResult
 from stages.objectives import Objective
 from stages.split import EncodedSplit
@@ -37,6 +39,8 @@ class Task(Protocol):
     # per section it adds keys to (`data`, `evaluation`, ...), each a model of those keys (extra
     # forbidden). runner.config.job_schema merges them into that section for this task's jobs only.
     options: ClassVar[type[BaseModel] | None]
+    # Its report.json "final": a subclass of FinalFigures with its figures and its page sections.
+    figures: ClassVar[type[FinalFigures]]
 
     def config_problems(self, cfg, stage_names: list[str]) -> list[str]:
         """Options of `cfg` (a JobConfig) that mean nothing for this task, as messages."""
@@ -56,24 +60,26 @@ class Task(Protocol):
         """One split's metrics (guards compare validation `accuracy` before and after a cut)."""
         ...
 
-    def stage_metrics(self, model: nn.Module, data: TaskData) -> dict:
-        """The fields a stage record shows (validation); always includes "accuracy"."""
+    def stage_metrics(self, model: nn.Module, data: TaskData) -> StageMetrics:
+        """What a stage record shows (validation split): the task's StageMetrics model."""
         ...
 
-    def measure(self, model: nn.Module, data: TaskData) -> dict:
-        """Everything the final report compares, measured once on the dense model and once on
-        the exported checkpoint."""
+    def measure(self, model: nn.Module, data: TaskData) -> Any:
+        """Everything the final report compares (the task's own type, read only by its methods
+        below), measured once on the dense model and once on the exported checkpoint."""
         ...
 
-    def headline(self, measures: dict) -> float:
+    def headline(self, measures: Any) -> float:
         """The one accuracy figure events, summaries and compare tables show."""
         ...
 
-    def final_figures(self, final: dict, dense: dict) -> dict:
-        """report.json["final"] fields of this task from two `measure` results."""
+    def final_figures(self, final: Any, dense: Any | None, shared: dict) -> FinalFigures:
+        """report.json "final" from two `measure` results (dense None: a streamed run never
+        measured the dense model, its side stays empty) and the figures every task reports
+        (`shared`: params, compression, ...): an instance of `figures`."""
         ...
 
-    def dense_warnings(self, dense: dict) -> list[str]: ...
+    def dense_warnings(self, dense: Any) -> list[str]: ...
 
 
 _TASKS: dict[str, Task] = {}
