@@ -127,7 +127,9 @@ class LanguageModelFigures(FinalFigures):
         return ""
 
     @classmethod
-    def compare_section(cls, out_dir: Path, rows: list[CompareRow], methods: list[str]):
+    def compare_section(
+        cls, out_dir: Path, rows: list[CompareRow], methods: list[str]
+    ) -> list[Block]:
         return language_table(out_dir, rows, methods)
 
 

@@ -131,7 +131,9 @@ class FinalFigures(_Part):
         return ""
 
     @classmethod
-    def compare_section(cls, out_dir: Path, rows: list[CompareRow], methods: list[str]):
+    def compare_section(
+        cls, out_dir: Path, rows: list[CompareRow], methods: list[str]
+    ) -> list[Block]:
         """Blocks after one model's comparison table, for this task's rows ([] for none)."""
         return []
 
