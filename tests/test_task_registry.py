@@ -127,6 +127,7 @@ def test_a_registered_task_brings_its_own_job_file_keys(toy) -> None:
     assert not hasattr(parse_config(other).evaluation, "toy_margin")
 
 
+@pytest.mark.slow
 def test_a_registered_task_reports_its_own_figures_and_sections(toy, tmp_path) -> None:
     (report,) = run_job(parse_config(toy_job()), tmp_path, log=lambda m: None).values()
     saved = json.loads((tmp_path / "report.json").read_text())
