@@ -36,7 +36,7 @@ import yaml
 from runner.choice_tasks import BUILTIN_TASKS, ChoiceTaskSpec, choice_examples
 from runner.config import ConfigError, JobConfig, load_config
 from runner.lm_eval_tasks import TASK_PREFIX, write_task
-from runner.tasks.causal_lm import bearing_data, text_splits
+from runner.tasks.causal_lm import bearing_data, job_choice_tasks, job_text_sources, text_splits
 from runner.text_files import TextDataError
 from stages.checkpoint import CheckpointError, load_pruned, load_tokenizer
 
@@ -113,7 +113,7 @@ def resolve_tasks(
     tokens: list[str], cfg: JobConfig | None, limit: int | None
 ) -> tuple[list[ChoiceTaskSpec], list[Path]]:
     """(choice task specs to write as task files, lm-eval YAML files given as they are)."""
-    job_specs = {spec.task_name(): spec for spec in (cfg.evaluation.choice_tasks if cfg else [])}
+    job_specs = {spec.task_name(): spec for spec in (job_choice_tasks(cfg) if cfg else [])}
     specs, files = [], []
     for token in tokens:
         if token.endswith((".yaml", ".yml")):
@@ -132,7 +132,7 @@ def resolve_tasks(
             )
     if limit is not None:
         specs = [spec.model_copy(update={"limit": limit}) for spec in specs]
-    if any(spec.kind == "cloze" for spec in specs) and (cfg is None or not cfg.data.sources):
+    if any(spec.kind == "cloze" for spec in specs) and (cfg is None or not job_text_sources(cfg)):
         raise EvalError(
             "--tasks cloze: its items come from the job's held-out test documents; pass --job "
             "with the job file that made the checkpoint (a causal_lm job with data.sources)"
@@ -191,7 +191,7 @@ def evaluate(args) -> dict:
     cfg = job_config(checkpoint, args.job)
     tokens = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if not tokens:
-        tokens = [spec.task_name() for spec in (cfg.evaluation.choice_tasks if cfg else [])]
+        tokens = [spec.task_name() for spec in (job_choice_tasks(cfg) if cfg else [])]
     if not tokens:
         raise EvalError("--tasks: no tasks given and no job with choice tasks; name some")
     for option, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):

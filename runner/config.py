@@ -13,16 +13,16 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from runner.choice_tasks import ChoiceTaskSpec
 from runner.config_files import ConfigError, read_yaml_mapping
 from runner.data import MAX_SEED, DataConfig
 from runner.paths import dir_name_for_ref, shown
 from runner.tasks import get_task, task_names
-from runner.text_sources import TextSource
 from stages.base import stage_names
 from stages.prune_stage import PruneStage, is_prune_stage, streaming_problems
 from stages.stage_plan import PlanLimits
@@ -244,44 +244,13 @@ class GuardConfig(Strict):
 
 
 class DataSection(DataConfig):
-    """The YAML `data:` section: the bearing data (runner/data.py DataConfig) and, for causal_lm
-    jobs, local text sources (runner/text_sources.py): validation_fraction / test_fraction split
-    their documents, calibration_size counts calibration blocks."""
-
-    sources: list[TextSource] = Field(
-        default_factory=list,
-        description="causal_lm: files, folders, globs or builtin:<corpus>, one domain each",
-    )
-
-
-DEFAULT_PROMPTS = (
-    "What is the capital of France?",
-    "Explain in one sentence what a ball bearing does.",
-    "Write a Python function that returns the square of a number.",
-)
+    """The YAML `data:` section: the bearing data (runner/data.py DataConfig); a task adds its own
+    keys (Task.options: causal_lm's `sources`) for jobs of that task."""
 
 
 class EvaluationConfig(Strict):
-    """Extra measurements of the dense model and of the exported checkpoint."""
-
-    choice_tasks: list[ChoiceTaskSpec] = Field(
-        default_factory=list,
-        description="causal_lm: zero-shot multiple choice (bearing_qa, cloze or a JSONL file)",
-    )
-    stage_choice_items: int = Field(
-        50, ge=0, description="causal_lm: items per choice task measured after every stage"
-    )
-    prompts: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_PROMPTS),
-        description="causal_lm: prompts whose greedy completions the report shows",
-    )
-    max_new_tokens: int = Field(32, ge=1, le=1024)
-    test_blocks: int | None = Field(
-        64, ge=1, description="causal_lm: test blocks per domain for perplexity (None: all)"
-    )
-    validation_blocks: int | None = Field(
-        16, ge=1, description="causal_lm: validation blocks per domain measured after each stage"
-    )
+    """Extra measurements of the dense model and of the exported checkpoint; a task adds its own
+    keys (Task.options: causal_lm's choice tasks, prompts, blocks) for jobs of that task."""
 
     perplexity_file: str | None = Field(
         None, description="local UTF-8 text file: perplexity of a causal LM's backbone + LM head"
@@ -305,8 +274,8 @@ class JobConfig(Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     task: str = Field(
         "classification",
-        description="what the model is for (runner/tasks): classification (bearing faults), "
-        "embedding (a bare encoder distilled from its dense embeddings)",
+        description="what the model is for: the name of a task in runner/tasks; its options "
+        "(Task.options) join the sections they extend",
     )
     models: list[ModelConfig] = Field(min_length=1)
     data: DataSection = Field(default_factory=DataSection)
@@ -359,14 +328,108 @@ class JobConfig(Strict):
             raise ValueError("; ".join(problems))
         return self
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _task_schema(cls, value: Any, handler) -> JobConfig:
+        """A job is validated by its task's schema (job_schema); defined last, so it runs first.
+        Another task's keys are taken out first (see _foreign_keys) and, unless they sit at that
+        task's default, refused beside every other problem."""
+        if cls is not JobConfig or not isinstance(value, dict):
+            return handler(value)
+        task = value.get("task", "classification")
+        task = task if isinstance(task, str) and task in task_names() else None
+        value, foreign = _foreign_keys(value, task)
+        schema = job_schema(task) if task is not None else cls
+        errors: list = []
+        try:
+            cfg = handler(value) if schema is cls else schema.model_validate(value)
+        except ValidationError as exc:
+            if not foreign:
+                raise
+            errors = [
+                {"type": PydanticCustomError(e["type"], e["msg"]), "loc": e["loc"], "input": None}
+                for e in exc.errors(include_url=False)
+            ]
+        if foreign:
+            raise ValidationError.from_exception_data(cls.__name__, errors + foreign)
+        return cfg
+
+
+# ----------------------------------------------------------------------------- task options
+_SCHEMAS: dict[tuple[str, type], type[JobConfig]] = {}
+
+
+def job_schema(task: str) -> type[JobConfig]:
+    """JobConfig for jobs of `task`: each section its options (Task.options) extend gets their keys
+    beside its own, so `cfg.evaluation.test_blocks` reads as it always did, error paths stay the
+    YAML's, and a job of another task has no such key. Built once per task."""
+    options = get_task(task).options
+    if options is None:
+        return JobConfig
+    key = (task, options)
+    if key not in _SCHEMAS:
+        fields = {}
+        for section, info in options.model_fields.items():
+            shared = JobConfig.model_fields[section].annotation
+            merged = type(  # the shared keys first, then the task's (their order in job.yaml)
+                shared.__name__,
+                (info.annotation, shared),
+                {
+                    "__doc__": shared.__doc__,
+                    "__module__": shared.__module__,
+                    "model_config": shared.model_config,
+                },
+            )
+            fields[section] = (merged, Field(default_factory=merged))
+        _SCHEMAS[key] = create_model(f"JobConfig_{task}", __base__=JobConfig, **fields)
+    return _SCHEMAS[key]
+
+
+def _task_keys() -> dict[tuple[str, str], tuple[str, Any]]:
+    """(section, key) -> (owning task, its default as JSON) for every registered task's options."""
+    owned: dict[tuple[str, str], tuple[str, Any]] = {}
+    for name in task_names():
+        options = get_task(name).options
+        if options is None:
+            continue
+        for section, values in options().model_dump(mode="json").items():
+            for key, default in values.items():
+                owned.setdefault((section, key), (name, default))
+    return owned
+
+
+def _foreign_keys(raw: dict, task: str | None) -> tuple[dict, list]:
+    """`raw` without the keys other tasks own, and the errors of those not at their defaults.
+
+    Every job.yaml written before tasks owned their options carries the others' defaults (a
+    classification job's `data.sources: []`, `evaluation.prompts`): it must still read as the job
+    it was, so those go silently. Any other value names its task (an error beside the rest)."""
+    mine = get_task(task).options if task is not None else None
+    mine_keys = set()
+    if mine is not None:
+        for section, info in mine.model_fields.items():
+            mine_keys |= {(section, key) for key in info.annotation.model_fields}
+    raw, errors = dict(raw), []
+    for (section, key), (owner, default) in _task_keys().items():
+        values = raw.get(section)
+        if (section, key) in mine_keys or not isinstance(values, dict) or key not in values:
+            continue
+        raw[section] = {k: v for k, v in values.items() if k != key}
+        if values[key] != default:
+            message = (
+                f"an option of task {owner}, not of this job's task {task or raw.get('task')}; "
+                f"set task: {owner} or remove it"
+            )
+            error = PydanticCustomError("foreign_option", message)
+            errors.append({"type": error, "loc": (section, key), "input": values[key]})
+    return raw, errors
+
 
 def _streamed_problems(cfg: JobConfig, names: list[str]) -> list[str]:
     """What the layer-streamed path cannot do (it never holds the whole model)."""
     problems = [text for _, text in streaming_problems(cfg.stages, names)]
     if cfg.guards.max_accuracy_drop is not None:
         problems.append("guards.max_accuracy_drop: streamed stages are not evaluated one by one")
-    if cfg.task == "embedding":
-        problems.append("calibration.streamed: the embedding task needs the dense model's outputs")
     return problems
 
 

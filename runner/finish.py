@@ -82,27 +82,30 @@ def _export(ctx: RunContext, state: RunState) -> None:
 
 
 def build_report(
-    ctx: RunContext, state: RunState, sia: dict, final: dict, exported, validation, perplexity
+    ctx: RunContext, state: RunState, sia: dict, final, exported, validation, perplexity
 ) -> Report:
+    """The Report of this run: the task's figures (a streamed run never measured the dense
+    model: ctx.dense.measures is None and the task leaves its dense side empty) on the shared
+    ones."""
     dense, params = ctx.dense, param_count(exported)
-    figures = {
+    shared = {
         "params": params,
         "dense_params": dense.params,
         "compression_ratio": dense.params / params,
-        **_task_figures(ctx, final),
         "dense_finetune": dense.finetune,
         "checkpoint": str(ctx.out / "checkpoint"),
     }
     if perplexity is not None:
-        figures["perplexity"] = perplexity | {"dense": dense.perplexity["perplexity"]}
-    figures["engines"] = engine_support(exported.config.model_type, exported.config.pruning)
+        shared["perplexity"] = perplexity | {"dense": dense.perplexity["perplexity"]}
+    shared["engines"] = engine_support(exported.config.model_type, exported.config.pruning)
     return Report.model_validate(
         {
+            "task": ctx.task.name,
             "model": dense.info,
             "sia": sia,
             "warnings": dense.warnings + _target_warnings(ctx, params) + ctx.executor.warnings,
             "stages": state.records,
-            "final": figures,
+            "final": ctx.task.final_figures(final, dense.measures, shared),
             "validation": validation,
             "timing": {
                 "total_seconds": 0.0,
@@ -116,24 +119,6 @@ def build_report(
             },
         }
     )
-
-
-def _task_figures(ctx: RunContext, final: dict) -> dict:
-    """The task's figures; a streamed run never measured the dense model: its side stays empty."""
-    if ctx.dense.measures is not None:
-        return ctx.task.final_figures(final, ctx.dense.measures)
-    return _without_dense(ctx.task.final_figures(final, final))
-
-
-def _without_dense(value):
-    if isinstance(value, list):
-        return [_without_dense(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    return {
-        k: None if k == "dense" or k.startswith("dense_") else _without_dense(v)
-        for k, v in value.items()
-    }
 
 
 def _target_warnings(ctx: RunContext, params: int) -> list[str]:

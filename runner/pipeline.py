@@ -86,7 +86,7 @@ def _record(ctx: RunContext, state: RunState, idx, stage, name, before, seconds)
         "version": state.version,
         "params_before": before["params"],
         "params_after": param_count(state.model),
-        **{k: v for k, v in metrics.items() if v is not None},
+        **metrics.model_dump(exclude_none=True),
         "seconds": round(seconds, 3),
         "criterion": getattr(stage, "criterion", None),
         "layer_origin": list(state.layer_origin),

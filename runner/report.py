@@ -25,10 +25,15 @@ from runner.report_blocks import (
     write_html,
     write_markdown,
 )
-from runner.report_figures import confusion_figure, stages_figure
+from runner.report_figures import stages_figure
 from runner.report_layout import layer_breakdown, layout_figure
-from runner.report_lm import deployment_section, language_model_section
-from runner.report_model import DenseFinetune, DeviceFit, Perplexity, Report
+from runner.report_model import (
+    DenseFinetune,
+    DeviceFit,
+    Perplexity,
+    Report,
+    every_task_figures,
+)
 from stages.atomic import write_json_atomic
 
 
@@ -41,7 +46,8 @@ def write_report(out: str | Path, report: Report, *, plots: bool = True) -> None
     if plots:
         write_job_figures(out, report, breakdown)
     else:
-        for name in _PICTURES:
+        task_pictures = [name for f in every_task_figures() for name in f.picture_files]
+        for name in dict.fromkeys([*_PICTURES, *task_pictures]):
             (out / "plots" / name).unlink(missing_ok=True)
     write_markdown(out / "report.md", job_page(report, breakdown, figures=plots))
 
@@ -58,17 +64,18 @@ def write_job_html(out: str | Path, report: Report | None = None) -> Path:
 
 def job_page(report: Report, breakdown: dict | None, *, figures: bool = True) -> list[Block]:
     """Every section of the job page, in reading order. `breakdown`: job_breakdown(job dir);
-    with `figures`, the pictures of plots/ (write_job_figures) are shown."""
+    with `figures`, the pictures of plots/ (write_job_figures) are shown. The task's figures
+    (report.final) add its own sections."""
     return [
         *summary_section(report),
         *warnings_section(report),
         *finetune_section(report),
-        *task_figures_section(report),
-        *language_model_section(report),
+        *report.final.sections(report),
+        *perplexity_section(report),
         *sia_section(report),
         *stages_section(report, figures),
         *layers_section(breakdown, figures),
-        *confusion_section(report, figures),
+        *report.final.picture_sections(figures),
         *device_section(report),
         *deployment_section(report),
         *timing_section(report),
@@ -76,7 +83,7 @@ def job_page(report: Report, breakdown: dict | None, *, figures: bool = True) ->
 
 
 # ----------------------------------------------------------------------------- pictures
-_PICTURES = ("stages.png", "layout.png", "confusion.png")
+_PICTURES = ("stages.png", "layout.png")  # + each task's own (FinalFigures.picture_files)
 
 
 def job_breakdown(job_dir: Path) -> dict | None:
@@ -88,13 +95,11 @@ def job_breakdown(job_dir: Path) -> dict | None:
 
 
 def _drawers(report: Report, breakdown: dict | None) -> dict[str, Callable[[], bytes]]:
-    """The pictures this report has, by file name under plots/."""
+    """The pictures this report has, by file name under plots/ (the task's may replace one)."""
     drawers = {"stages.png": lambda: stages_figure(report)}
     if breakdown:
         drawers["layout.png"] = lambda: layout_figure(report, breakdown)
-    if report.final.confusion:
-        drawers["confusion.png"] = lambda: confusion_figure(report.final.confusion)
-    return drawers
+    return drawers | report.final.pictures(report)
 
 
 def write_job_figures(
@@ -119,23 +124,13 @@ def summary_section(report: Report) -> list[Block]:
             ").",
         ),
         Paragraph(
-            "Next-token test accuracy " if f.lm_perplexity is not None else "Test accuracy ",
+            f"{f.headline} ",
             Em(fmt_num(f.accuracy)),
-            f" (dense {fmt_num(f.dense_accuracy)}){_optional_figures(report)}. "
-            "Final figures are measured on the exported checkpoint reloaded from disk.",
+            f" (dense {fmt_num(f.dense_accuracy)})"
+            + "".join(f", {p}" for p in f.summary_figures())
+            + ". Final figures are measured on the exported checkpoint reloaded from disk.",
         ),
     ]
-
-
-def _optional_figures(report: Report) -> str:
-    """Macro-F1 and held-out accuracy, for the tasks that measure them."""
-    f, parts = report.final, []
-    if f.macro_f1 is not None:
-        parts.append(f"macro-F1 {fmt_num(f.macro_f1)}")
-    if f.heldout_accuracy is not None:
-        dense = fmt_num(f.dense_heldout_accuracy)
-        parts.append(f"held-out load accuracy {fmt_num(f.heldout_accuracy)} (dense {dense})")
-    return "".join(f", {p}" for p in parts)
 
 
 def warnings_section(report: Report) -> list[Block]:
@@ -156,30 +151,20 @@ def finetune_section(report: Report) -> list[Block]:
     return [Paragraph(finetune_sentence(DenseFinetune.model_validate(tune)))] if tune else []
 
 
-def task_figures_section(report: Report) -> list[Block]:
-    """Figures only some tasks produce: embedding agreement, perplexity through an LM head."""
-    f, blocks = report.final, []
-    if f.cosine is not None:
-        blocks.append(
-            Paragraph(
-                "Embedding model: mean cosine similarity to the dense embeddings ",
-                Em(fmt_num(f.cosine)),
-                f" on test sentences, {fmt_num(f.heldout_cosine)} on held-out-load sentences "
-                "(never distilled on). Accuracy above is leave-one-out 1-NN fault classification "
-                "with the embeddings.",
-            )
+def perplexity_section(report: Report) -> list[Block]:
+    """evaluation.perplexity_file: perplexity through the source checkpoint's LM head."""
+    f = report.final
+    if not f.perplexity:
+        return []
+    p = Perplexity.model_validate(f.perplexity)
+    windows = f", windows of {p.window}" if p.window else ""
+    return [
+        Paragraph(
+            f"Perplexity on {p.file} ({p.tokens:,} tokens{windows}): ",
+            Em(f"{p.perplexity:.2f}"),
+            f" (dense {fmt_num(p.dense, 2)}), through the source checkpoint's LM head.",
         )
-    if f.perplexity:
-        p = Perplexity.model_validate(f.perplexity)
-        windows = f", windows of {p.window}" if p.window else ""
-        blocks.append(
-            Paragraph(
-                f"Perplexity on {p.file} ({p.tokens:,} tokens{windows}): ",
-                Em(f"{p.perplexity:.2f}"),
-                f" (dense {fmt_num(p.dense, 2)}), through the source checkpoint's LM head.",
-            )
-        )
-    return blocks
+    ]
 
 
 def sia_section(report: Report) -> list[Block]:
@@ -195,32 +180,26 @@ def sia_section(report: Report) -> list[Block]:
 
 
 def stages_section(report: Report, figures: bool) -> list[Block]:
-    """The stage table (dense row first) and, with figures, accuracy and size per stage."""
+    """The stage table (dense row first; the task's columns after accuracy) and, with figures,
+    the task's figure per stage (accuracy and size, or perplexity)."""
     f, stages = report.final, report.stages
-    cosine = any(r.cosine is not None for r in stages)
-    ppl = any(r.perplexity is not None for r in stages)
+    columns = f.stage_columns(stages)
     headers = ("#", "stage", "kind", "criterion", "version", "params before", "params after")
-    headers += ("accuracy",) + (("cosine",) if cosine else ()) + (("perplexity",) if ppl else ())
-    headers += ("seconds",)
+    headers += ("accuracy", *(header for header, _, _ in columns), "seconds")
     dense_params = fmt_params(f.dense_params)
     dense = ("-", "dense", "-", "-", "0", dense_params, dense_params, fmt_num(f.dense_accuracy))
-    dense += (fmt_num(f.dense_cosine),) if cosine else ()
-    dense += (fmt_num(f.dense_lm_perplexity, 2),) if ppl else ()
-    rows = [dense + ("-",)]
-    for r in stages:
+    rows = [(*dense, *(cell for _, cell, _ in columns), "-")]
+    for i, r in enumerate(stages):
         row = (str(r.index), r.name, r.kind, r.criterion or "-", str(r.version))
         row += (fmt_params(r.params_before), fmt_params(r.params_after), fmt_num(r.accuracy))
-        row += (fmt_num(r.cosine),) if cosine else ()
-        row += (fmt_num(r.perplexity, 2),) if ppl else ()
-        rows.append(row + (f"{r.seconds:.1f}",))
+        rows.append((*row, *(cells[i] for _, _, cells in columns), f"{r.seconds:.1f}"))
     blocks: list[Block] = [
         Heading("Stages"),
         Paragraph("Stage rows: validation split; the dense row: test split."),
         Table(headers, tuple(rows)),
     ]
     if figures:
-        what = "perplexity" if f.lm_perplexity is not None else "accuracy"
-        blocks.append(Image(f"{what} per stage", "plots/stages.png"))
+        blocks.append(Image(f.stages_caption, "plots/stages.png"))
     return blocks
 
 
@@ -247,12 +226,6 @@ def layers_section(bd: dict | None, figures: bool) -> list[Block]:
     return blocks
 
 
-def confusion_section(report: Report, figures: bool) -> list[Block]:
-    if not (figures and report.final.confusion):
-        return []
-    return [Heading("Confusion matrix"), Image("confusion matrix", "plots/confusion.png")]
-
-
 def device_section(report: Report) -> list[Block]:
     if not report.validation:
         return []
@@ -272,6 +245,15 @@ def device_section(report: Report) -> list[Block]:
         dense_ms, pruned_ms = fmt_num(lat.get("dense"), 2), fmt_num(lat.get("pruned"), 2)
         blocks.append(Paragraph(f"Latency: dense {dense_ms} ms, pruned {pruned_ms} ms."))
     return blocks
+
+
+def deployment_section(report: Report) -> list[Block]:
+    """Which engines load the exported checkpoint (runner/engines.py)."""
+    engines = report.final.engines
+    if not engines:
+        return []
+    rows = tuple((engine, verdict) for engine, verdict in engines.items())
+    return [Heading("Deployment"), Table(("engine", "loads the export?"), rows)]
 
 
 def timing_section(report: Report) -> list[Block]:

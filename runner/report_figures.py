@@ -23,6 +23,7 @@ from matplotlib.ticker import (
 
 from runner.data import CLASS_NAMES
 from runner.report_blocks import fmt_params
+from runner.report_lm import LanguageModelFigures, LanguageStageMetrics
 from runner.report_model import CompareResult, FamilyRow, Report
 
 
@@ -35,9 +36,7 @@ def png_bytes(fig: Figure, dpi: int = 90) -> bytes:
 
 # ----------------------------------------------------------------------------- one job
 def stages_figure(report: Report) -> bytes:
-    """A causal LM: perplexity per stage; any other task: accuracy and parameters per stage."""
-    if report.final.lm_perplexity is not None:
-        return png_bytes(perplexity_stages_plot(report))
+    """Accuracy and parameters per stage (a task may draw its own: FinalFigures.pictures)."""
     f, stages = report.final, report.stages
     names = ["dense"] + [r.name for r in stages] + ["final (export)"]
     acc = [f.dense_accuracy] + [r.accuracy for r in stages] + [f.accuracy]
@@ -69,7 +68,9 @@ def _perplexity_panels(report: Report) -> list[tuple[str, list[float | None], fl
     per domain, plus all domains together when there are several. Everything on the validation
     blocks the stage rows measure; a report without per-domain stage figures (written before
     they existed) gets one panel and the dense TEST perplexity as its reference, labelled so."""
-    f, stages = report.final, report.stages
+    f = report.final
+    assert isinstance(f, LanguageModelFigures), "perplexity per stage: a causal_lm report"
+    stages = [r.metrics(LanguageStageMetrics) for r in report.stages]
     ref = f.validation_perplexity_by_domain or {}
     if not ref or not any(r.perplexity_by_domain for r in stages):
         values = [r.perplexity for r in stages] + [f.lm_perplexity]

@@ -1,17 +1,23 @@
 """report.json as one typed model: built once at the end of a run, read by every renderer.
 
-The JSON keys are the contract other tools read (docs/ARCHITECTURE.md). Task-specific figures are
-optional fields that only the tasks producing them set; `to_json` writes the fields that were set,
-so a classification report carries no empty embedding or language-model fields.
+The JSON keys are the contract other tools read (docs/ARCHITECTURE.md). What every task reports
+lives here; a task's own figures are its subclass of `FinalFigures` (`Task.figures`, picked by
+report.json's `task`), its stage metrics ride along a `StageRecord` (typed by its `StageMetrics`),
+and its compare / family row figures ride along a row; the pages ask the figures for the task's
+sections. `to_json` writes the fields that were set.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationInfo, WrapValidator
+
+if TYPE_CHECKING:
+    from runner.report_blocks import Block
 
 
 class _Part(BaseModel):
@@ -38,8 +44,19 @@ class SiaResult(BaseModel):
     policy: str | None = None
 
 
+class StageMetrics(BaseModel):
+    """What a task measures after every stage (Task.stage_metrics; validation split). A task adds
+    its own fields; they ride along the stage record (metrics.json, report.json "stages")."""
+
+    model_config = ConfigDict(extra="ignore")  # read back from a whole stage record
+    accuracy: float | None = None  # None: a streamed prune stage, measured only after the last one
+
+
+M = TypeVar("M", bound=StageMetrics)
+
+
 class StageRecord(BaseModel):
-    """One finished stage; the task's validation metrics ride along (accuracy, cosine, ...)."""
+    """One finished stage; the task's validation metrics ride along (`metrics` reads them)."""
 
     model_config = ConfigDict(extra="allow")
     index: int
@@ -49,74 +66,109 @@ class StageRecord(BaseModel):
     params_before: int
     params_after: int
     accuracy: float | None  # None: a streamed prune stage, measured only after the last one
-    macro_f1: float | None = None
-    cosine: float | None = None
-    perplexity: float | None = None  # causal_lm: validation perplexity
-    perplexity_by_domain: dict[str, float] | None = None  # causal_lm: the same, per domain
-    choice_acc_norm: dict[str, float] | None = None  # causal_lm: a sample of each choice task
     seconds: float
     criterion: str | None = None
     layer_origin: list[int] = []
 
-
-class DomainPerplexity(_Part):
-    """Test perplexity of one text domain (data.sources entry), pruned vs dense."""
-
-    pruned: float
-    dense: float | None
-    tokens: int
+    def metrics(self, model: type[M]) -> M:
+        """This stage's metrics as the task's `StageMetrics` model reads them."""
+        return model.model_validate(self.model_dump())
 
 
-class ChoiceAccuracy(_Part):
-    """Zero-shot multiple choice as lm-evaluation-harness scores it (acc, length-normalised)."""
-
-    acc: float
-    acc_norm: float
-    dense_acc: float | None
-    dense_acc_norm: float | None
-    n: int
-
-
-class Generation(_Part):
-    """Greedy completion of one fixed prompt by the dense and by the pruned model."""
-
-    prompt: str
-    dense: str | None
-    pruned: str
+StageColumn = tuple[str, str, list[str]]  # header, the dense row's cell, one cell per stage
 
 
 class FinalFigures(_Part):
-    """Measured on the exported checkpoint reloaded from disk, next to the dense model."""
+    """report.json "final": measured on the exported checkpoint reloaded from disk, next to the
+    dense model. These are every task's; a task subclasses it with its own figures and overrides
+    the hooks below to show them (the defaults show nothing more)."""
 
     params: int
     dense_params: int
     compression_ratio: float
-    accuracy: float
-    macro_f1: float | None = None
-    heldout_accuracy: float | None = None
+    accuracy: float  # the task's headline figure (Task.headline)
     dense_accuracy: float | None  # None: a streamed run never holds the dense model whole
-    dense_macro_f1: float | None = None
-    dense_heldout_accuracy: float | None = None
-    confusion: list[list[int]] | None = None
     dense_finetune: dict[str, Any] | None = None
-    # embedding task
-    cosine: float | None = None
-    heldout_cosine: float | None = None
-    dense_cosine: float | None = None
-    metric_note: str | None = None
-    # evaluation.perplexity_file
-    perplexity: dict[str, Any] | None = None
-    # causal_lm task (accuracy = next-token top-1 accuracy on the test blocks)
-    lm_perplexity: float | None = None
-    dense_lm_perplexity: float | None = None
-    perplexity_by_domain: dict[str, DomainPerplexity] | None = None
-    # the validation blocks the stage rows measure: the per-stage figure's dense line and end
-    validation_perplexity_by_domain: dict[str, DomainPerplexity] | None = None
-    choice_accuracy: dict[str, ChoiceAccuracy] | None = None
-    generations: list[Generation] | None = None
-    # which serving engines load the export (runner/engines.py)
-    engines: dict[str, str] | None = None
+    perplexity: dict[str, Any] | None = None  # evaluation.perplexity_file
+    engines: dict[str, str] | None = None  # which serving engines load the export
     checkpoint: str | None = None
+
+    headline: ClassVar[str] = "Test accuracy"  # what the job page calls `accuracy`
+    stages_caption: ClassVar[str] = "accuracy per stage"  # the picture plots/stages.png shows
+    picture_files: ClassVar[tuple[str, ...]] = ()  # plots/ files only this task draws
+
+    def summary_figures(self) -> list[str]:
+        """More figures for the summary sentence, after the headline ("macro-F1 0.9")."""
+        return []
+
+    def sections(self, report: Report) -> list[Block]:
+        """The task's own part of the job page (after the fine-tune paragraph)."""
+        return []
+
+    def stage_columns(self, stages: list[StageRecord]) -> list[StageColumn]:
+        """Extra columns of the stage table."""
+        return []
+
+    def pictures(self, report: Report) -> dict[str, Callable[[], bytes]]:
+        """The task's pictures by file name under plots/ ("stages.png" replaces the shared one)."""
+        return {}
+
+    def picture_sections(self, figures: bool) -> list[Block]:
+        """The task's pictures on the job page (after the layer breakdown)."""
+        return []
+
+    def compare_figures(self) -> dict:
+        """The task's figures a `cascade compare` row carries (JSON, as in report.json)."""
+        return {}
+
+    def family_figures(self) -> dict:
+        """The task's figures a `cascade batch` row carries (JSON, as in report.json)."""
+        return {}
+
+    @classmethod
+    def compare_note(cls, rows: list[CompareRow]) -> str:
+        """What the comparison's opening sentence adds for this task's rows ("" for none)."""
+        return ""
+
+    @classmethod
+    def compare_section(
+        cls, out_dir: Path, rows: list[CompareRow], methods: list[str]
+    ) -> list[Block]:
+        """Blocks after one model's comparison table, for this task's rows ([] for none)."""
+        return []
+
+
+def task_figures(task: str) -> type[FinalFigures]:
+    """The figures model of a task (Task.figures)."""
+    from runner.tasks import get_task  # lazy: registration cycle by design (tasks subclass these)
+
+    return get_task(task).figures
+
+
+def every_task_figures() -> list[type[FinalFigures]]:
+    """Every registered task's figures model (pages that show rows of any task ask them all)."""
+    from runner.tasks import get_task, task_names  # lazy: registration cycle by design
+
+    return list(dict.fromkeys(get_task(name).figures for name in task_names()))
+
+
+def _legacy_task(final: dict) -> str:
+    """The task of a report written before report.json named it, told by the figures only that
+    task wrote then (frozen: every report since names its task)."""
+    if "lm_perplexity" in final:
+        return "causal_lm"
+    return "embedding" if "cosine" in final else "classification"
+
+
+def _task_final(value: Any, handler, info: ValidationInfo) -> FinalFigures:
+    if isinstance(value, FinalFigures) or not isinstance(value, dict):
+        return handler(value)
+    task = info.data.get("task") or _legacy_task(value)
+    try:
+        figures = task_figures(task)
+    except ValueError as exc:
+        raise ValueError(f"task {task!r} of this report: {exc}") from None
+    return figures.model_validate(value)
 
 
 class Timing(_Part):
@@ -132,11 +184,12 @@ class JobInfo(_Part):
 
 
 class Report(_Part):
+    task: str | None = None  # runner/tasks name; None: written before reports named it
     model: ModelInfo
     sia: SiaResult
     warnings: list[str] = []
     stages: list[StageRecord]
-    final: FinalFigures
+    final: Annotated[SerializeAsAny[FinalFigures], WrapValidator(_task_final)]
     validation: dict[str, Any] | None = None
     timing: Timing
     job: JobInfo | None = None
@@ -191,8 +244,9 @@ class DeviceFit(_View):
 
 # ----------------------------------------------------------------------------- compare / family rows
 class _Row(BaseModel):
-    """A line of compare.json / family.json. Field order is the JSON key order; `to_json` writes
-    only the fields that were set, so a failed row carries its error and no empty figures."""
+    """A line of compare.json / family.json. Field order is the JSON key order (a task's own
+    figures follow); `to_json` writes only the fields that were set, so a failed row carries its
+    error and no empty figures."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -201,8 +255,10 @@ class _Row(BaseModel):
 
 
 class CompareRow(_Row):
-    """One method at one ratio of `cascade compare`: the run's headline figures, or its error."""
+    """One method at one ratio of `cascade compare`: the run's headline figures, or its error;
+    the task's own figures (FinalFigures.compare_figures) ride along after these."""
 
+    model_config = ConfigDict(extra="allow")
     model: str
     ref: str | None = None
     method: str
@@ -214,18 +270,16 @@ class CompareRow(_Row):
     mlp: str | None = None
     achieved_ratio: float | None = None
     accuracy: float | None = None
-    macro_f1: float | None = None
-    heldout_accuracy: float | None = None
     params: int | None = None
     dense_accuracy: float | None = None
     seconds: float | None = None
     sia_score: float | None = None
     sia_satisfied: bool | None = None
-    # causal_lm task
-    lm_perplexity: float | None = None
-    dense_lm_perplexity: float | None = None
-    perplexity_by_domain: dict[str, DomainPerplexity] | None = None
-    choice_accuracy: dict[str, ChoiceAccuracy] | None = None
+
+    @property
+    def figures(self) -> dict:
+        """The task's own figures of this row (as JSON)."""
+        return dict(self.model_extra or {})
 
     def with_report(self, report: Report) -> CompareRow:
         f = report.final
@@ -237,27 +291,14 @@ class CompareRow(_Row):
                 "mlp": report.model.mlp,
                 "achieved_ratio": f.compression_ratio,
                 "accuracy": f.accuracy,
-                "macro_f1": f.macro_f1,
-                "heldout_accuracy": f.heldout_accuracy,
                 "params": f.params,
                 "dense_accuracy": f.dense_accuracy,
                 "seconds": report.timing.total_seconds,
                 "sia_score": report.sia.score,
                 "sia_satisfied": report.sia.satisfied,
             }
-            | _language_figures(f)
+            | f.compare_figures()
         )
-
-
-def _language_figures(f: FinalFigures) -> dict:
-    """A causal LM's perplexities and choice accuracies (absent, not null, for other tasks)."""
-    figures = {
-        "lm_perplexity": f.lm_perplexity,
-        "dense_lm_perplexity": f.dense_lm_perplexity,
-        "perplexity_by_domain": f.perplexity_by_domain,
-        "choice_accuracy": f.choice_accuracy,
-    }
-    return {k: v for k, v in figures.items() if v is not None}
 
 
 class CompareResult(_Part):
@@ -281,8 +322,10 @@ Number = int | float  # copied through as written (a byte budget may be either)
 
 
 class FamilyRow(_Row):
-    """One model of `cascade batch`: status, error, headline figures, SIA and device fit."""
+    """One model of `cascade batch`: status, error, headline figures, SIA and device fit; the
+    task's own figures (FinalFigures.family_figures) ride along after these."""
 
+    model_config = ConfigDict(extra="allow")
     model: str
     ref: str
     dir: str
@@ -296,8 +339,6 @@ class FamilyRow(_Row):
     compression_ratio: float | None = None
     accuracy: float | None = None
     dense_accuracy: float | None = None
-    macro_f1: float | None = None
-    heldout_accuracy: float | None = None
     sia_score: float | None = None
     sia_threshold: float | None = None
     sia_satisfied: bool | None = None
@@ -321,11 +362,10 @@ class FamilyRow(_Row):
         row |= dict(architecture=rep.model.architecture, attention=rep.model.attention)
         row |= dict(mlp=rep.model.mlp, dense_params=f.dense_params, params=f.params)
         row |= dict(compression_ratio=f.compression_ratio, accuracy=f.accuracy)
-        row |= dict(dense_accuracy=f.dense_accuracy, macro_f1=f.macro_f1)
-        row |= dict(heldout_accuracy=f.heldout_accuracy, sia_score=sia.score)
+        row |= dict(dense_accuracy=f.dense_accuracy, sia_score=sia.score)
         row |= dict(sia_threshold=sia.threshold, sia_satisfied=sia.satisfied)
         row |= {k: val.get(k) for k in ("device", "budget_bytes", "peak_bytes", "fits")}
-        return cls.model_validate(row | {"seconds": rep.timing.total_seconds})
+        return cls.model_validate(row | {"seconds": rep.timing.total_seconds} | f.family_figures())
 
 
 class Execution(_Part):

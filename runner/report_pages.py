@@ -25,7 +25,13 @@ from runner.report_blocks import (
     write_markdown,
 )
 from runner.report_figures import compare_figure, family_figures
-from runner.report_model import CompareResult, CompareRow, FamilyRow, FamilySummary
+from runner.report_model import (
+    CompareResult,
+    CompareRow,
+    FamilyRow,
+    FamilySummary,
+    every_task_figures,
+)
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -39,17 +45,16 @@ def write_compare_report(out_dir: str | Path, result: CompareResult | None = Non
 
 
 def compare_page(result: CompareResult, out_dir: Path) -> list[Block]:
+    """The comparison tables; every task's figures add what their rows carry (FinalFigures
+    compare_note / compare_section)."""
+    tasks = every_task_figures()
     blocks: list[Block] = [
         Heading(f"Comparison: {result.name}", 1),
         Paragraph(
             f"Every method gets the same model, data split, calibration set and "
             f"{result.recovery_steps} recovery steps in total (methods without training use "
             "none). Cells: test accuracy / macro-F1 (achieved compression, params, seconds)"
-            + (
-                "; for a causal LM the accuracy is next-token top-1 accuracy."
-                if any(r.lm_perplexity is not None for r in result.rows)
-                else "."
-            )
+            + ("".join(f.compare_note(result.rows) for f in tasks) or ".")
         ),
     ]
     headers = ("method", *(f"{x:g}x" for x in result.ratios))
@@ -60,7 +65,8 @@ def compare_page(result: CompareResult, out_dir: Path) -> list[Block]:
             for method in result.methods
         )
         blocks += [Heading(_model_title(model, rows)), Table(headers, table)]
-        blocks += _language_table(out_dir, rows, result)
+        for f in tasks:
+            blocks += f.compare_section(out_dir, rows, result.methods)
     blocks.append(Image("accuracy vs compression", "compare.png", compare_figure(result)))
     return blocks
 
@@ -88,59 +94,9 @@ def _compare_cell(out_dir: Path, rows: list[CompareRow], method: str, ratio: flo
     extra = [f"{r.achieved_ratio:.1f}x"]
     extra += [fmt_params(r.params)] if r.params is not None else []
     extra += [f"{r.seconds:.0f}s"] if r.seconds is not None else []
-    label = f"{fmt_num(r.accuracy)} / {fmt_num(r.macro_f1, 3)} ({', '.join(extra)})"
+    macro_f1 = r.figures.get("macro_f1")  # the tasks that measure it; "-" for the others
+    label = f"{fmt_num(r.accuracy)} / {fmt_num(macro_f1, 3)} ({', '.join(extra)})"
     return page_link(out_dir, r.dir, label)
-
-
-def _language_table(out_dir: Path, rows: list[CompareRow], result: CompareResult) -> list[Block]:
-    """Causal LM runs: test and per-domain perplexity, each choice task's acc / acc_norm."""
-    done = [r for r in rows if r.error is None and r.lm_perplexity is not None]
-    if not done:
-        return []
-    domains = list(dict.fromkeys(d for r in done for d in r.perplexity_by_domain or {}))
-    tasks = list(dict.fromkeys(t for r in done for t in r.choice_accuracy or {}))
-    headers = (
-        "method", "target", "achieved", "params", "test ppl",
-        *(f"ppl {d}" for d in domains), *(f"{t} acc / acc_norm" for t in tasks), "seconds",
-    )  # fmt: skip
-    first = done[0]
-    dense = (
-        "dense", "", "1.0x", "", fmt_num(first.dense_lm_perplexity, 2),
-        *(_domain_cell(first, d, dense=True) for d in domains),
-        *(_choice_cell(first, t, dense=True) for t in tasks), "",
-    )  # fmt: skip
-    order = {m: i for i, m in enumerate(result.methods)}
-    table = [dense] + [
-        (
-            page_link(out_dir, r.dir, r.method),
-            f"{r.ratio:g}x",
-            f"{r.achieved_ratio:.2f}x",
-            fmt_params(r.params),
-            fmt_num(r.lm_perplexity, 2),
-            *(_domain_cell(r, d) for d in domains),
-            *(_choice_cell(r, t) for t in tasks),
-            f"{r.seconds:.0f}",
-        )  # fmt: skip
-        for r in sorted(done, key=lambda r: (r.ratio, order.get(r.method, 0)))
-    ]
-    note = (
-        "Language modelling: perplexity on held-out test blocks (lower is better), per text "
-        "domain, and zero-shot multiple-choice accuracy (acc / length-normalised acc_norm)."
-    )
-    return [Paragraph(note), Table(headers, tuple(table))]
-
-
-def _domain_cell(row: CompareRow, domain: str, dense: bool = False) -> str:
-    p = (row.perplexity_by_domain or {}).get(domain)
-    return "-" if p is None else fmt_num(p.dense if dense else p.pruned, 2)
-
-
-def _choice_cell(row: CompareRow, task: str, dense: bool = False) -> str:
-    c = (row.choice_accuracy or {}).get(task)
-    if c is None:
-        return "-"
-    acc, norm = (c.dense_acc, c.dense_acc_norm) if dense else (c.acc, c.acc_norm)
-    return f"{fmt_num(acc, 3)} / {fmt_num(norm, 3)}"
 
 
 # ----------------------------------------------------------------------------- family

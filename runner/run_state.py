@@ -32,7 +32,7 @@ class DenseFacts:
 
     params: int
     info: dict  # runner.models.describe_model
-    measures: dict  # what the task's final report compares (Task.measure on the dense model)
+    measures: Any  # what the task's final report compares (Task.measure on the dense model)
     finetune: dict | None  # the task head's fine-tune record, if one ran
     warnings: list[str]
     perplexity: dict | None

@@ -81,7 +81,7 @@ def stream_prune_stages(ctx: RunContext, state: RunState, source: Path) -> int:
     )  # fmt: skip
     state.model = load_pruned(model_dir)
     state.adapter = get_adapter(state.model)
-    metrics = ctx.task.stage_metrics(state.model, ctx.data)  # the streamed result, once
+    metrics = ctx.task.stage_metrics(state.model, ctx.data).model_dump(exclude_unset=True)
     for (i, stage), plan in zip(prune, plans):
         state.version += 1
         if plan.granularity == "layers":

@@ -108,7 +108,10 @@ def test_text_options_are_refused_for_other_tasks() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(raw)
     assert "stages.1.loss: lm is next-token" in str(err.value)
-    assert "data.sources: text sources feed task causal_lm" in str(err.value)
+    assert (
+        "data.sources: an option of task causal_lm, not of this job's task classification"
+        in str(err.value)
+    )
 
 
 # ----------------------------------------------------------------------------- end to end

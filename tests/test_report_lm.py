@@ -26,7 +26,9 @@ def lm_report(*, per_domain: bool = True) -> Report:
         stage["perplexity"] = 20.0 + i
         if per_domain:
             stage["perplexity_by_domain"] = {d: ppl * (1.5 + i) for d, (ppl, _) in DOMAINS.items()}
-    raw["final"] |= {"lm_perplexity": 25.0, "dense_lm_perplexity": 15.0, "confusion": None}
+    for key in ("macro_f1", "heldout_accuracy", "dense_heldout_accuracy", "confusion"):
+        del raw["final"][key]  # a classifier's figures: a causal LM reports none of them
+    raw["final"] |= {"lm_perplexity": 25.0, "dense_lm_perplexity": 15.0}
     if per_domain:
         raw["final"]["validation_perplexity_by_domain"] = {
             d: {"pruned": 2 * ppl, "dense": ppl, "tokens": n} for d, (ppl, n) in DOMAINS.items()

@@ -2,9 +2,10 @@
 
 A task chooses the head the model loads with, builds the data (train / validation / test /
 calibration splits, plus whatever its metrics need), names the objective every stage
-differentiates (stages/objectives), says which metrics a stage record and the final report carry,
+differentiates (stages/objectives), owns its part of the job file (`options`), says which metrics
+a stage record and the final report carry (`figures`: its report.json "final" and page sections),
 and which config options make no sense for it. Adding a task = one new module in runner/tasks
-that calls `register_task`.
+that calls `register_task`; no shared schema changes.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from pydantic import BaseModel
 from torch import nn
 
+from runner.report_model import FinalFigures, StageMetrics
 from stages.metrics import EvalResult
 from stages.objectives import Objective
 from stages.split import EncodedSplit
@@ -32,6 +35,12 @@ class Task(Protocol):
     name: ClassVar[str]
     head: ClassVar[str]  # models.Head: classification | encoder | causal_lm
     objective: ClassVar[Objective]
+    # The task's part of the job file (None: nothing of its own): a pydantic model with one field
+    # per section it adds keys to (`data`, `evaluation`, ...), each a model of those keys (extra
+    # forbidden). runner.config.job_schema merges them into that section for this task's jobs only.
+    options: ClassVar[type[BaseModel] | None]
+    # Its report.json "final": a subclass of FinalFigures with its figures and its page sections.
+    figures: ClassVar[type[FinalFigures]]
 
     def config_problems(self, cfg, stage_names: list[str]) -> list[str]:
         """Options of `cfg` (a JobConfig) that mean nothing for this task, as messages."""
@@ -51,24 +60,26 @@ class Task(Protocol):
         """One split's metrics (guards compare validation `accuracy` before and after a cut)."""
         ...
 
-    def stage_metrics(self, model: nn.Module, data: TaskData) -> dict:
-        """The fields a stage record shows (validation); always includes "accuracy"."""
+    def stage_metrics(self, model: nn.Module, data: TaskData) -> StageMetrics:
+        """What a stage record shows (validation split): the task's StageMetrics model."""
         ...
 
-    def measure(self, model: nn.Module, data: TaskData) -> dict:
-        """Everything the final report compares, measured once on the dense model and once on
-        the exported checkpoint."""
+    def measure(self, model: nn.Module, data: TaskData) -> Any:
+        """Everything the final report compares (the task's own type, read only by its methods
+        below), measured once on the dense model and once on the exported checkpoint."""
         ...
 
-    def headline(self, measures: dict) -> float:
+    def headline(self, measures: Any) -> float:
         """The one accuracy figure events, summaries and compare tables show."""
         ...
 
-    def final_figures(self, final: dict, dense: dict) -> dict:
-        """report.json["final"] fields of this task from two `measure` results."""
+    def final_figures(self, final: Any, dense: Any | None, shared: dict) -> FinalFigures:
+        """report.json "final" from two `measure` results (dense None: a streamed run never
+        measured the dense model, its side stays empty) and the figures every task reports
+        (`shared`: params, compression, ...): an instance of `figures`."""
         ...
 
-    def dense_warnings(self, dense: dict) -> list[str]: ...
+    def dense_warnings(self, dense: Any) -> list[str]: ...
 
 
 _TASKS: dict[str, Task] = {}
@@ -91,16 +102,14 @@ def task_names() -> tuple[str, ...]:
 
 
 def text_only_problems(cfg, task: str) -> list[str]:
-    """Options only a causal_lm job reads, set on a job of another task."""
-    problems = [
+    """The recover loss only a causal_lm job has, set on a job of another task (the task's own
+    options are refused by the job schema: runner.config.job_schema)."""
+    return [
         f"stages.{i}.loss: lm is next-token cross-entropy, for task causal_lm; the {task} "
         "task's own loss is ce"
         for i, s in enumerate(cfg.stages)
         if s.kind == "recover" and s.loss == "lm"
     ]
-    if cfg.data.sources:
-        problems.append(f"data.sources: text sources feed task causal_lm, not {task}")
-    return problems
 
 
 def chance_level_warning(accuracy: float, classes: int, what: str) -> str | None:

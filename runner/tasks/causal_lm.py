@@ -10,20 +10,83 @@ completions of fixed prompts (`evaluation.prompts`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
-from runner.choice_tasks import build_choice_tasks
+from runner.choice_tasks import ChoiceTaskSpec, build_choice_tasks
 from runner.data import DataConfig
+from runner.report_lm import LanguageModelFigures, LanguageStageMetrics
 from runner.tasks.base import TaskData, register_task
-from runner.text_sources import PackedBlocks, build_text_splits
+from runner.text_sources import PackedBlocks, TextSource, build_text_splits
 from stages.choice_eval import evaluate_choice_tasks
 from stages.metrics import EvalResult
 from stages.objectives import get_objective
 from stages.split import EncodedSplit
 
 CHOICE_BATCH = 8
+
+DEFAULT_PROMPTS = (
+    "What is the capital of France?",
+    "Explain in one sentence what a ball bearing does.",
+    "Write a Python function that returns the square of a number.",
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TextData(_Section):
+    """causal_lm's keys of the `data:` section (validation_fraction / test_fraction split the
+    documents of these sources, calibration_size counts calibration blocks)."""
+
+    sources: list[TextSource] = Field(
+        default_factory=list,
+        description="files, folders, globs or builtin:<corpus>, one domain each",
+    )
+
+
+class LanguageEvaluation(_Section):
+    """causal_lm's keys of the `evaluation:` section."""
+
+    choice_tasks: list[ChoiceTaskSpec] = Field(
+        default_factory=list,
+        description="zero-shot multiple choice (bearing_qa, cloze or a JSONL file)",
+    )
+    stage_choice_items: int = Field(
+        50, ge=0, description="items per choice task measured after every stage"
+    )
+    prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROMPTS),
+        description="prompts whose greedy completions the report shows",
+    )
+    max_new_tokens: int = Field(32, ge=1, le=1024)
+    test_blocks: int | None = Field(
+        64, ge=1, description="test blocks per domain for perplexity (None: all)"
+    )
+    validation_blocks: int | None = Field(
+        16, ge=1, description="validation blocks per domain measured after each stage"
+    )
+
+
+class CausalLMOptions(_Section):
+    """causal_lm's part of the job file, by the section each key sits in."""
+
+    data: TextData = Field(default_factory=TextData)
+    evaluation: LanguageEvaluation = Field(default_factory=LanguageEvaluation)
+
+
+def job_choice_tasks(cfg) -> list[ChoiceTaskSpec]:
+    """A job's evaluation.choice_tasks; none for a job of another task (it has no such key)."""
+    return list(getattr(cfg.evaluation, "choice_tasks", []))
+
+
+def job_text_sources(cfg) -> list[TextSource]:
+    """A job's data.sources; none for a job of another task (it has no such key)."""
+    return list(getattr(cfg.data, "sources", []))
 
 
 def encoded(blocks: PackedBlocks) -> EncodedSplit:
@@ -93,11 +156,25 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
         model.train(was_training)
 
 
+@dataclass
+class LanguageMeasures:
+    """What the final report compares (Task.measure), dense and exported."""
+
+    test: EvalResult
+    prompts: list[str]
+    by_domain: dict[str, EvalResult]
+    validation_by_domain: dict[str, EvalResult]
+    choices: dict[str, dict]
+    generations: list[str]
+
+
 @register_task
 class CausalLMTask:
     name: ClassVar[str] = "causal_lm"
     head: ClassVar[str] = "causal_lm"
     objective = get_objective("causal_lm")
+    options = CausalLMOptions
+    figures = LanguageModelFigures
 
     def config_problems(self, cfg, stage_names: list[str]) -> list[str]:
         problems = []
@@ -160,79 +237,84 @@ class CausalLMTask:
     def evaluate(self, model, data: TaskData, split: str):
         return self.objective.evaluate(model, data.splits[split])
 
-    def stage_metrics(self, model, data: TaskData) -> dict:
+    def stage_metrics(self, model, data: TaskData) -> LanguageStageMetrics:
         parts = self._by_domain(model, data.extras["validation_by_domain"])
         val = pooled(parts.values())  # the validation split is the domains' blocks together
-        metrics = {
-            "accuracy": val.accuracy,
-            "perplexity": val.perplexity,
-            "perplexity_by_domain": {d: r.perplexity for d, r in parts.items()},
-        }
+        metrics = LanguageStageMetrics(
+            accuracy=val.accuracy,
+            perplexity=val.perplexity,
+            perplexity_by_domain={d: r.perplexity for d, r in parts.items()},
+        )
         if data.extras["stage_choices"]:
             scores = _choices(model, data.extras["stage_choices"], data)
-            metrics["choice_acc_norm"] = {k: v["acc_norm"] for k, v in scores.items()}
+            metrics.choice_acc_norm = {k: v["acc_norm"] for k, v in scores.items()}
         return metrics
 
-    def measure(self, model, data: TaskData) -> dict:
+    def measure(self, model, data: TaskData) -> LanguageMeasures:
         extras = data.extras
-        return {
-            "test": self.evaluate(model, data, "test"),
-            "prompts": extras["prompts"],
-            "by_domain": self._by_domain(model, extras["by_domain"]),
+        return LanguageMeasures(
+            test=self.evaluate(model, data, "test"),
+            prompts=extras["prompts"],
+            by_domain=self._by_domain(model, extras["by_domain"]),
             # the reference the per-stage figure draws the stages' validation perplexity against
-            "validation_by_domain": self._by_domain(model, extras["validation_by_domain"]),
-            "choices": _choices(model, extras["choices"], data),
-            "generations": greedy_completions(
+            validation_by_domain=self._by_domain(model, extras["validation_by_domain"]),
+            choices=_choices(model, extras["choices"], data),
+            generations=greedy_completions(
                 model, extras["tokenizer"], extras["prompts"], extras["max_new_tokens"]
             ),
-        }
+        )
 
     def _by_domain(self, model, splits: dict) -> dict:
         return {d: self.objective.evaluate(model, split) for d, split in splits.items()}
 
-    def headline(self, measures: dict) -> float:
-        return measures["test"].accuracy
+    def headline(self, measures: LanguageMeasures) -> float:
+        return measures.test.accuracy
 
-    def final_figures(self, final: dict, dense: dict) -> dict:
-        test, dense_test = final["test"], dense["test"]
-        return {
-            "accuracy": test.accuracy,
-            "dense_accuracy": dense_test.accuracy,
-            "lm_perplexity": test.perplexity,
-            "dense_lm_perplexity": dense_test.perplexity,
-            "perplexity_by_domain": {
+    def final_figures(self, final, dense, shared: dict) -> LanguageModelFigures:
+        def domains(pruned: dict, reference: dict | None) -> dict:
+            return {
                 d: {
                     "pruned": result.perplexity,
-                    "dense": dense["by_domain"][d].perplexity,
+                    "dense": reference[d].perplexity if reference else None,
                     "tokens": result.tokens,
                 }
-                for d, result in final["by_domain"].items()
-            },
-            "validation_perplexity_by_domain": {
-                d: {
-                    "pruned": result.perplexity,
-                    "dense": dense["validation_by_domain"][d].perplexity,
-                    "tokens": result.tokens,
-                }
-                for d, result in final["validation_by_domain"].items()
-            },
-            "choice_accuracy": {
+                for d, result in pruned.items()
+            }
+
+        def dense_choice(name: str, key: str) -> float | None:
+            return dense.choices[name][key] if dense else None
+
+        return LanguageModelFigures(
+            **shared,
+            accuracy=final.test.accuracy,
+            dense_accuracy=dense.test.accuracy if dense else None,
+            lm_perplexity=final.test.perplexity,
+            dense_lm_perplexity=dense.test.perplexity if dense else None,
+            perplexity_by_domain=domains(final.by_domain, dense and dense.by_domain),
+            validation_perplexity_by_domain=domains(
+                final.validation_by_domain, dense and dense.validation_by_domain
+            ),
+            choice_accuracy={
                 name: {
                     "acc": score["acc"],
                     "acc_norm": score["acc_norm"],
-                    "dense_acc": dense["choices"][name]["acc"],
-                    "dense_acc_norm": dense["choices"][name]["acc_norm"],
+                    "dense_acc": dense_choice(name, "acc"),
+                    "dense_acc_norm": dense_choice(name, "acc_norm"),
                     "n": score["n"],
                 }
-                for name, score in final["choices"].items()
+                for name, score in final.choices.items()
             },
-            "generations": [
+            generations=[
                 {"prompt": p, "dense": d, "pruned": g}
-                for p, d, g in zip(final["prompts"], dense["generations"], final["generations"])
+                for p, d, g in zip(
+                    final.prompts,
+                    dense.generations if dense else [None] * len(final.generations),
+                    final.generations,
+                )
             ],
-        }
+        )
 
-    def dense_warnings(self, dense: dict) -> list[str]:
+    def dense_warnings(self, dense: LanguageMeasures) -> list[str]:
         return []
 
 

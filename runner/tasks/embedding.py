@@ -4,9 +4,48 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from runner.report_blocks import Block, Em, Paragraph, fmt_num
+from runner.report_model import Report, StageColumn, StageRecord
 from runner.tasks.base import TaskData, chance_level_warning, register_task, text_only_problems
-from runner.tasks.classification import bearing_figures, bearing_splits
+from runner.tasks.classification import (
+    BearingFigures,
+    BearingMeasures,
+    BearingStageMetrics,
+    bearing_figures,
+    bearing_splits,
+)
 from stages.objectives import get_objective
+
+
+class EmbeddingStageMetrics(BearingStageMetrics):
+    cosine: float | None = None
+
+
+class EmbeddingFigures(BearingFigures):
+    """The bearing figures (accuracy: leave-one-out 1-NN fault classification with the
+    embeddings) and the mean cosine similarity to the dense embeddings."""
+
+    cosine: float
+    heldout_cosine: float | None = None
+    dense_cosine: float | None = None
+    metric_note: str | None = None
+
+    def sections(self, report: Report) -> list[Block]:
+        return [
+            Paragraph(
+                "Embedding model: mean cosine similarity to the dense embeddings ",
+                Em(fmt_num(self.cosine)),
+                f" on test sentences, {fmt_num(self.heldout_cosine)} on held-out-load sentences "
+                "(never distilled on). Accuracy above is leave-one-out 1-NN fault classification "
+                "with the embeddings.",
+            )
+        ]
+
+    def stage_columns(self, stages: list[StageRecord]) -> list[StageColumn]:
+        metrics = [r.metrics(EmbeddingStageMetrics) for r in stages]
+        if not any(m.cosine is not None for m in metrics):
+            return []
+        return [("cosine", fmt_num(self.dense_cosine), [fmt_num(m.cosine) for m in metrics])]
 
 
 @register_task
@@ -18,6 +57,8 @@ class EmbeddingTask:
     name: ClassVar[str] = "embedding"
     head: ClassVar[str] = "encoder"
     objective = get_objective("embedding")
+    options = None
+    figures = EmbeddingFigures
 
     def config_problems(self, cfg, stage_names: list[str]) -> list[str]:
         problems = [
@@ -42,6 +83,10 @@ class EmbeddingTask:
             problems.append(
                 "evaluation.perplexity_file: perplexity needs a causal LM, not an embedding encoder"
             )
+        if cfg.calibration.streamed:
+            problems.append(
+                "calibration.streamed: the embedding task needs the dense model's outputs"
+            )
         return problems
 
     def load_kwargs(self, cfg) -> dict:
@@ -57,26 +102,30 @@ class EmbeddingTask:
     def evaluate(self, model, data: TaskData, split: str):
         return self.objective.evaluate(model, data.splits[split])
 
-    def stage_metrics(self, model, data: TaskData) -> dict:
+    def stage_metrics(self, model, data: TaskData) -> EmbeddingStageMetrics:
         result = self.evaluate(model, data, "validation")
-        return {"accuracy": result.accuracy, "macro_f1": result.macro_f1, "cosine": result.cosine}
+        return EmbeddingStageMetrics(
+            accuracy=result.accuracy, macro_f1=result.macro_f1, cosine=result.cosine
+        )
 
-    def measure(self, model, data: TaskData) -> dict:
-        return {s: self.evaluate(model, data, s) for s in ("test", "heldout")}
+    def measure(self, model, data: TaskData) -> BearingMeasures:
+        return BearingMeasures(*(self.evaluate(model, data, s) for s in ("test", "heldout")))
 
-    def headline(self, measures: dict) -> float:
-        return measures["test"].accuracy
+    def headline(self, measures: BearingMeasures) -> float:
+        return measures.test.accuracy
 
-    def final_figures(self, final: dict, dense: dict) -> dict:
-        return bearing_figures(final, dense) | {
-            "cosine": final["test"].cosine,
-            "heldout_cosine": final["heldout"].cosine,
-            "dense_cosine": dense["test"].cosine,
-            "metric_note": "accuracy = leave-one-out 1-NN fault classification with the embeddings",
-        }
+    def final_figures(self, final, dense, shared: dict) -> EmbeddingFigures:
+        return EmbeddingFigures(
+            **shared,
+            **bearing_figures(final, dense),
+            cosine=final.test.cosine,
+            heldout_cosine=final.heldout.cosine,
+            dense_cosine=dense.test.cosine if dense else None,
+            metric_note="accuracy = leave-one-out 1-NN fault classification with the embeddings",
+        )
 
-    def dense_warnings(self, dense: dict) -> list[str]:
-        test = dense["test"]
+    def dense_warnings(self, dense: BearingMeasures) -> list[str]:
+        test = dense.test
         warning = chance_level_warning(test.accuracy, len(test.confusion), "1-NN")
         return [warning] if warning else []
 
