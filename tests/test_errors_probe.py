@@ -256,10 +256,14 @@ def test_streamed_job_on_a_damaged_folder_is_one_line(
 
 # ---- 8: small ones ------------------------------------------------------------------------------
 def test_a_fifo_as_a_data_source_says_what_it_is(tmp_path, capsys):
+    from test_causal_lm import lm_workspace  # lazy: a tiny causal LM folder, not SmolLM2's
+
     fifo = tmp_path / "pipe.txt"
     os.mkfifo(fifo)
+    model = str(lm_workspace(tmp_path / "lm") / "model")
+    capsys.readouterr()  # the workspace's own save progress is not the job's output
     job = write_job(
-        tmp_path / "j.yaml", task="causal_lm", models=["smollm2-135m"],
+        tmp_path / "j.yaml", task="causal_lm", models=[model],
         data={"sources": [{"path": str(fifo)}]},
     )  # fmt: skip
     code, err, _ = run_cli(["run", str(job), "-o", str(tmp_path / "out")], capsys)
