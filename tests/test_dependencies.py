@@ -78,9 +78,11 @@ def imported_modules() -> dict[str, set[str]]:
 
 
 def local_modules() -> set[str]:
-    """Top-level names the source tree itself provides (its packages and sibling modules)."""
+    """Top-level names the source tree itself provides: its packages, and the sibling modules of
+    tests/ and benchmarks/ (imported by bare name there). A package's own modules (e.g.
+    stages/lm_eval.py) are not top-level names and must not hide a third-party one (lm_eval)."""
     names = set(SOURCE_DIRS)
-    for folder in SOURCE_DIRS:
+    for folder in ("tests", "benchmarks"):
         names |= {path.stem for path in (ROOT / folder).glob("*.py")}
     return names
 
