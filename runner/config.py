@@ -211,7 +211,15 @@ class RecoverStageConfig(Strict):
     )
     teacher: Literal["pre_stage", "dense"] = "pre_stage"
     kd_temperature: float = Field(2.0, gt=0.0)
-    kd_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    kd_alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="kd loss = alpha x KL x T^2 + (1 - alpha) x the task loss"
+    )
+    kd_top_k: int | None = Field(
+        32,
+        ge=1,
+        description="causal_lm: teacher logits cached per token (+ one bucket for the rest of the "
+        "vocabulary); null = the whole vocabulary (4 B x vocabulary per token)",
+    )
     runner: Literal["local", "ray_train"] = "local"
     strategy: Literal["ddp", "deepspeed_zero2", "deepspeed_zero3"] = "ddp"
 

@@ -12,6 +12,7 @@ from runner.config import PruneStageConfig, RecoverStageConfig, stage_names
 from runner.errors import JobError
 from runner.models import count_params
 from runner.progress import count_bar
+from runner.recovery import teacher_spec
 from runner.run_state import RunContext, RunState
 from runner.workers import sync_workers
 from stages.base import PrunePlan, apply_plan
@@ -28,8 +29,9 @@ def prune(
     """Run one prune stage in `steps` parts (SIA shrink policy); returns (plans, params before)."""
     before = state.snapshot()
     if _next_recover_needs_pre_stage_teacher(ctx, idx):
+        spec = teacher_spec([_next_recover(ctx, idx)])
         state.teachers["pre_stage"] = ctx.task.objective.make_teacher(
-            state.model, ctx.data.splits["recovery"]
+            state.model, ctx.data.splits["recovery"], spec
         )
     budget = _budget(ctx, state, idx, stage)
     plans = []
@@ -218,11 +220,13 @@ def _plan(ctx: RunContext, state: RunState, stage, name, scores, stats, budget) 
     )
 
 
+def _next_recover(ctx: RunContext, idx: int) -> RecoverStageConfig | None:
+    return next((s for s in ctx.cfg.stages[idx + 1 :] if isinstance(s, RecoverStageConfig)), None)
+
+
 def _next_recover_needs_pre_stage_teacher(ctx: RunContext, idx: int) -> bool:
-    for later in ctx.cfg.stages[idx + 1 :]:
-        if isinstance(later, RecoverStageConfig):
-            return later.loss == "kd" and later.teacher == "pre_stage"
-    return False
+    later = _next_recover(ctx, idx)
+    return later is not None and later.loss == "kd" and later.teacher == "pre_stage"
 
 
 def _split_budget(budget: Budget, steps: int, step: int) -> Budget:

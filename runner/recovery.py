@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from runner.config import RecoverStageConfig
+from runner.config import RecoverStageConfig, StageConfig
 from runner.progress import step_bar
 from runner.run_state import RunContext, RunState
 from runner.workers import sync_workers
 from stages.guards import check_finite
+from stages.objectives import TeacherSpec
 from stages.recover import RecoverySettings, recover
 
 
@@ -59,6 +60,28 @@ def _teacher(ctx: RunContext, state: RunState, stage: RecoverStageConfig):
     teacher = state.teachers.get(stage.teacher)
     if teacher is None:  # resumed past the stage that cached it: the model as it is now stands in
         teacher = state.teachers.setdefault(
-            "dense", ctx.task.objective.make_teacher(state.model, ctx.data.splits["recovery"])
+            "dense",
+            ctx.task.objective.make_teacher(
+                state.model, ctx.data.splits["recovery"], teacher_spec(ctx.cfg.stages)
+            ),
         )
     return teacher
+
+
+def teacher_spec(stages: list[StageConfig], teacher: str | None = None) -> TeacherSpec:
+    """What one cached teacher must hold for the kd recover stages among `stages` that read it
+    (`teacher` None: all of them): the largest top k, every temperature."""
+    readers = [
+        s
+        for s in stages
+        if isinstance(s, RecoverStageConfig)
+        and s.loss == "kd"
+        and (teacher is None or s.teacher == teacher)
+    ]
+    if not readers:
+        return TeacherSpec()
+    sizes = [s.kd_top_k for s in readers]
+    return TeacherSpec(
+        top_k=None if None in sizes else max(sizes),
+        temperatures=tuple(sorted({float(s.kd_temperature) for s in readers})),
+    )

@@ -15,6 +15,7 @@ from runner.lm_head import PerplexityProbe
 from runner.models import count_params, describe_model, load_model, source_dir
 from runner.preflight import preflight
 from runner.progress import still_working
+from runner.recovery import teacher_spec
 from runner.run_state import DenseFacts, RunContext, RunState
 from runner.stage_store import StageStore
 from runner.tasks import Task, TaskData, get_task
@@ -53,7 +54,8 @@ def start_run(
         model=model, adapter=adapter, layer_origin=list(range(len(adapter.layers(model))))
     )
     if _needs_dense_teacher(cfg):
-        state.teachers["dense"] = task.objective.make_teacher(model, data.splits["recovery"])
+        spec = teacher_spec(cfg.stages, "dense")
+        state.teachers["dense"] = task.objective.make_teacher(model, data.splits["recovery"], spec)
     return ctx, state
 
 

@@ -62,7 +62,8 @@ class EncodedSplit:
     def batches(
         self, batch_size: int, *, shuffle: bool = False, seed: int = 0
     ) -> Iterator[dict[str, Tensor]]:
-        """Yield batches; columns that are padding in every row of a batch are trimmed."""
+        """Yield batches; columns that are padding in every row of a batch are trimmed ("offset"
+        is the first column kept, so per-position caches line up with left-trimmed batches)."""
         if batch_size < 1:
             raise SplitError(f"EncodedSplit.batches: batch_size must be >= 1, got {batch_size}")
         n = len(self)
@@ -80,6 +81,7 @@ class EncodedSplit:
                 "attention_mask": mask[:, lo:hi],
                 "labels": self.labels[rows],
                 "index": rows,  # row positions in this split (cached teacher logits use them)
+                "offset": torch.tensor(lo),  # first kept column (cached per-position outputs)
             }
             if self.targets is not None:
                 batch["targets"] = self.targets[rows]
