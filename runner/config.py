@@ -227,6 +227,29 @@ class RecoverStageConfig(Strict):
 StageConfig = Annotated[PruneStageConfig | RecoverStageConfig, Field(discriminator="kind")]
 
 
+class RecoveryConfig(Strict):
+    """The job's recovery as a whole: its budget in tokens, how the recover stages share it, and
+    the text they read (docs/RECOVERY.md).
+
+    tokens: training token positions of all recover stages together; a stage's steps are its
+    share / (its batch_size x the block length). Shares (`schedule`): steps = in proportion to
+    each stage's `steps`; equal; final_heavy = `final_share` to the last stage, the rest equally;
+    proportional = in proportion to the parameters removed since the previous recovery (the
+    remainder of the budget goes to the last stage). Without tokens, each stage runs its steps.
+    data: corpus = blocks of the train split; self = the same blocks' first `prompt_tokens`
+    tokens continued by the dense model itself (self-data distillation).
+    """
+
+    tokens: int | None = Field(None, ge=1, description="recovery tokens of the whole job")
+    schedule: Literal["steps", "equal", "final_heavy", "proportional"] = "steps"
+    final_share: float = Field(0.5, gt=0.0, le=1.0, description="final_heavy: last stage's share")
+    data: Literal["corpus", "self"] = "corpus"
+    prompt_tokens: int = Field(16, ge=1, description="self: tokens of each block kept as prompt")
+    sample_temperature: float = Field(
+        1.0, ge=0.0, description="self: sampling temperature of the continuations (0 = greedy)"
+    )
+
+
 class SIAConfig(Strict):
     enabled: bool = True
     pairs: int = Field(12, ge=2)
@@ -339,6 +362,7 @@ class JobConfig(Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     target: TargetConfig = Field(default_factory=TargetConfig)
     stages: list[StageConfig] = Field(min_length=1)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     sia: SIAConfig = Field(default_factory=SIAConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     guards: GuardConfig = Field(default_factory=GuardConfig)
@@ -378,12 +402,41 @@ class JobConfig(Strict):
                 for i, s in enumerate(self.stages)
                 if s.kind == "heads"
             ]
+        problems += _recovery_problems(self)
         problems += get_task(self.task).config_problems(self, names)
         if self.calibration.streamed:
             problems += _streamed_problems(self, names)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _recovery_problems(cfg: JobConfig) -> list[str]:
+    """What the job-level recovery section asks that the rest of the job cannot give."""
+    recovery, problems = cfg.recovery, []
+    recovers = [s for s in cfg.stages if isinstance(s, RecoverStageConfig)]
+    if recovery.tokens is not None and not recovers:
+        problems.append("recovery.tokens: the job has no recover stage to spend them")
+    if recovery.tokens is None and recovery.schedule != "steps":
+        problems.append(
+            f"recovery.schedule: {recovery.schedule} splits recovery.tokens; set recovery.tokens "
+            "or use schedule: steps"
+        )
+    target = cfg.target
+    if recovery.schedule == "proportional" and (
+        target.ratio is None and target.device is None and target.budget_bytes is None
+    ):
+        problems.append(
+            "recovery.schedule: proportional needs the parameters the job will remove; set "
+            "target.ratio (or target.device / budget_bytes)"
+        )
+    if recovery.data == "self" and cfg.task != "causal_lm":
+        problems.append(f"recovery.data: self generates text; task {cfg.task} reads no text")
+    if recovery.data == "self" and cfg.calibration.streamed:
+        problems.append(
+            "recovery.data: self needs the whole dense model, which streamed never loads"
+        )
+    return problems
 
 
 def _streamed_problems(cfg: JobConfig, names: list[str]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from runner.config import RecoverStageConfig, StageConfig
 from runner.progress import step_bar
+from runner.recovery_budget import planned_steps
 from runner.run_state import RunContext, RunState
 from runner.workers import sync_workers
 from stages.guards import check_finite
@@ -14,17 +15,20 @@ from stages.recover import RecoverySettings, recover
 def recover_stage(ctx: RunContext, state: RunState, idx: int, stage: RecoverStageConfig, name: str):
     """Train, merge, check, bump the version, sync workers; returns (params before, metrics)."""
     before = state.snapshot()
+    train = ctx.data.splits["recovery"]
+    steps = stage_steps(ctx, state, before["params"])
+    stage = stage.model_copy(update={"steps": steps})
     teacher = _teacher(ctx, state, stage)
     settings = RecoverySettings.from_stage(stage, seed=ctx.cfg.seed + idx)
     ctx.events.emit(
         "recover_start",
         stage=name,
         version=state.version,
-        steps=stage.steps,
+        steps=steps,
+        tokens=steps * stage.batch_size * train.input_ids.shape[1],
         method=stage.method,
         runner=stage.runner,
     )
-    train = ctx.data.splits["recovery"]
     objective = ctx.task.objective
     if stage.runner == "ray_train":
         # lazy: Ray Train (and Ray) load only for jobs that ask for them (start-up cost)
@@ -52,6 +56,14 @@ def recover_stage(ctx: RunContext, state: RunState, idx: int, stage: RecoverStag
     sync_workers(ctx, state, name)
     kept = {k: v for k, v in metrics.items() if k != "losses"}
     return before, kept | {"losses": metrics["losses"][::10]}
+
+
+def stage_steps(ctx: RunContext, state: RunState, params_now: int) -> int:
+    """This recover stage's steps: its own, or its share of `recovery.tokens` (recovery_budget)."""
+    seen = [r["params_before"] for r in state.records if r["kind"] == "recover"] + [params_now]
+    block = ctx.data.splits["recovery"].input_ids.shape[1]
+    plan = planned_steps(ctx.cfg, block, seen, ctx.dense.params, ctx.params_target)
+    return plan[-1]
 
 
 def _teacher(ctx: RunContext, state: RunState, stage: RecoverStageConfig):

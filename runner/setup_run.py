@@ -16,6 +16,7 @@ from runner.models import count_params, describe_model, load_model, source_dir
 from runner.preflight import preflight
 from runner.progress import still_working
 from runner.recovery import teacher_spec
+from runner.recovery_budget import max_rows
 from runner.run_state import DenseFacts, RunContext, RunState
 from runner.stage_store import StageStore
 from runner.tasks import Task, TaskData, get_task
@@ -81,10 +82,7 @@ def add_recovery_split(cfg: JobConfig, data: TaskData) -> None:
     whole corpus would cost more than the training itself.
     """
     train = data.splits["train"]
-    reach = max(
-        (s.steps * s.batch_size for s in cfg.stages if isinstance(s, RecoverStageConfig)),
-        default=0,
-    )
+    reach = max_rows(cfg, train.input_ids.shape[1])
     if reach >= len(train) or reach == 0:
         data.splits["recovery"] = train
         return
