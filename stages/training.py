@@ -27,7 +27,6 @@ from stages.split import EncodedSplit
 
 LossFn = Callable[[nn.Module, dict], Tensor]
 STATE_FILE = "trainer_state.pt"
-HOST_KEYS = ("index", "offset")  # batch keys that address cached teachers: they stay on the CPU
 
 
 class TrainingError(ValueError):
@@ -244,7 +243,7 @@ def run_steps(
         torch.manual_seed(settings.seed + epoch)
         while step < settings.steps:
             for batch in epoch_batches(split, rows, batch_size, settings.seed + epoch):
-                batch = {k: v if k in HOST_KEYS else v.to(device) for k, v in batch.items()}
+                batch = {k: v if k == "index" else v.to(device) for k, v in batch.items()}
                 loss = loss_fn(stepper.model, batch)
                 value = average(loss.detach())
                 if not math.isfinite(value):

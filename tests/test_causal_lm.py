@@ -59,8 +59,8 @@ def test_topk_teacher_stores_k_logits_and_a_tail_per_temperature() -> None:
     split = EncodedSplit(ids, torch.ones_like(ids), torch.zeros(3, dtype=torch.long))
     teacher = LM.make_teacher(model, split, TeacherSpec(top_k=5, temperatures=(1.0, 2.0)))
     assert isinstance(teacher, CachedTopK) and len(teacher) == 3
-    # fp32 value + int32 index per entry, one fp32 tail per temperature, the int64 token ids
-    assert teacher.nbytes == 3 * 8 * (5 * (4 + 4) + 2 * 4 + 8)
+    # fp32 value + int32 index per entry, one fp32 tail per temperature, int64 id + bool mask
+    assert teacher.nbytes == 3 * 8 * (5 * (4 + 4) + 2 * 4 + 8 + 1)
     batch = next(split.batches(3))
     with torch.no_grad():
         outputs = LM.outputs(model, batch)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from stages.metrics import EvalResult
 from stages.objectives.base import TeacherSpec, model_device, register_objective
-from stages.split import EncodedSplit, SplitError
+from stages.split import EncodedSplit, SplitError, kept_columns
 
 
 class TeacherError(ValueError):
@@ -68,21 +68,24 @@ class TopKRows(NamedTuple):
 class CachedTopK:
     """A teacher's top-k next-token logits and tails per training row and position.
 
-    It keeps the token ids it was computed on and refuses a batch whose ids differ at the rows and
-    columns looked up (a shuffled, sharded, subset or left-trimmed batch that does not line up
-    fails loudly instead of distilling the wrong positions). Picklable: Ray Train workers
+    A batch's columns are found by the rule that trimmed them (`kept_columns` of the rows' padding
+    masks). It keeps the token ids it was computed on and refuses a batch whose ids differ at the
+    rows and columns looked up (a shuffled, sharded, subset or left-trimmed batch that does not
+    line up fails loudly instead of distilling the wrong positions). Picklable: Ray Train workers
     receive it with their split.
     """
 
-    def __init__(self, values: Tensor, indices: Tensor, tails: dict[float, Tensor], ids: Tensor):
-        self.values, self.indices, self.tails, self.input_ids = values, indices, tails, ids
+    def __init__(self, values: Tensor, indices: Tensor, tails: dict[float, Tensor], split):
+        self.values, self.indices, self.tails = values, indices, tails
+        self.input_ids, self.attention_mask = split.input_ids, split.attention_mask.bool()
 
     def __call__(self, batch: dict) -> TopKRows:
         rows, width = batch["index"].cpu(), batch["input_ids"].shape[1]
-        start = int(batch.get("offset", 0))
+        known = rows.numel() and int(rows.max()) < len(self)
+        start = kept_columns(self.attention_mask[rows])[0] if known else 0
         columns = slice(start, start + width)
         if rows.numel() and (
-            int(rows.max()) >= len(self)
+            not known
             or start + width > self.input_ids.shape[1]
             or not torch.equal(self.input_ids[rows, columns], batch["input_ids"].cpu())
         ):
@@ -100,7 +103,8 @@ class CachedTopK:
     @property
     def nbytes(self) -> int:
         tails = sum(t.nbytes for t in self.tails.values())
-        return self.values.nbytes + self.indices.nbytes + tails + self.input_ids.nbytes
+        ids = self.input_ids.nbytes + self.attention_mask.nbytes
+        return self.values.nbytes + self.indices.nbytes + tails + ids
 
 
 def _log_softmax_parts(scaled: Tensor, indices: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -198,7 +202,7 @@ class CausalLMObjective:
                 )
         if not cache:
             raise SplitError("make_teacher: split is empty")
-        return CachedTopK(cache["values"], cache["indices"], cache["tails"], split.input_ids)
+        return CachedTopK(cache["values"], cache["indices"], cache["tails"], split)
 
     def evaluate(self, model: nn.Module, split: EncodedSplit, *, batch_size: int = 8) -> EvalResult:
         """Mean next-token NLL per token, its perplexity and next-token top-1 accuracy."""
@@ -235,6 +239,7 @@ def _row_logits(model: nn.Module, split: EncodedSplit, batch_size: int):
         with torch.no_grad():
             for batch in split.batches(batch_size):
                 inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-                yield batch["index"], int(batch["offset"]), inputs, model(**inputs).logits
+                start = kept_columns(split.attention_mask[batch["index"]])[0]
+                yield batch["index"], start, inputs, model(**inputs).logits
     finally:
         model.train(was_training)
