@@ -432,6 +432,12 @@ def _recovery_problems(cfg: JobConfig) -> list[str]:
         )
     if recovery.data == "self" and cfg.task != "causal_lm":
         problems.append(f"recovery.data: self generates text; task {cfg.task} reads no text")
+    problems += [
+        f"recovery.prompt_tokens: {recovery.prompt_tokens} leaves no tokens to generate in "
+        f"models.{i}'s {m.max_length}-token blocks"
+        for i, m in enumerate(cfg.models)
+        if recovery.data == "self" and recovery.prompt_tokens >= m.max_length
+    ]
     if recovery.data == "self" and cfg.calibration.streamed:
         problems.append(
             "recovery.data: self needs the whole dense model, which streamed never loads"

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from runner.config import RecoverStageConfig, StageConfig
-from runner.progress import step_bar
+from runner.config import JobConfig, RecoverStageConfig, StageConfig
+from runner.progress import step_bar, still_working
 from runner.recovery_budget import planned_steps
 from runner.run_state import RunContext, RunState
 from runner.workers import sync_workers
 from stages.guards import check_finite
 from stages.objectives import TeacherSpec
 from stages.recover import RecoverySettings, recover
+from stages.self_data import self_generated
 
 
 def recover_stage(ctx: RunContext, state: RunState, idx: int, stage: RecoverStageConfig, name: str):
@@ -97,3 +98,16 @@ def teacher_spec(stages: list[StageConfig], teacher: str | None = None) -> Teach
         top_k=None if None in sizes else max(sizes),
         temperatures=tuple(sorted({float(s.kd_temperature) for s in readers})),
     )
+
+
+def use_self_data(cfg: JobConfig, model, data, tokenizer, log) -> None:
+    """recovery.data: self: the recovery blocks rewritten by the dense model (stages.self_data)."""
+    if cfg.recovery.data != "self":
+        return
+    pad = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    split = data.splits["recovery"]
+    with still_working(f"writing {len(split)} recovery blocks with the dense model", log):
+        data.splits["recovery"] = self_generated(
+            model, split, prompt_tokens=cfg.recovery.prompt_tokens,
+            temperature=cfg.recovery.sample_temperature, seed=cfg.seed, pad_id=pad,
+        )  # fmt: skip

@@ -15,7 +15,7 @@ from runner.lm_head import PerplexityProbe
 from runner.models import count_params, describe_model, load_model, source_dir
 from runner.preflight import preflight
 from runner.progress import still_working
-from runner.recovery import teacher_spec
+from runner.recovery import teacher_spec, use_self_data
 from runner.recovery_budget import max_rows
 from runner.run_state import DenseFacts, RunContext, RunState
 from runner.stage_store import StageStore
@@ -33,6 +33,7 @@ def start_run(
     adapter = get_adapter(model)
     data = task.build_data(cfg, model_cfg, model, tokenizer)
     add_recovery_split(cfg, data)
+    use_self_data(cfg, model, data, tokenizer, log)
     calibration = setup_calibration(cfg, data)
     executor = _setup_executor(cfg, adapter, calibration)
     try:
