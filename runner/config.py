@@ -220,6 +220,17 @@ class RecoverStageConfig(Strict):
         description="causal_lm: teacher logits cached per token (+ one bucket for the rest of the "
         "vocabulary); null = the whole vocabulary (4 B x vocabulary per token)",
     )
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32",
+        description="bf16: autocast the forward and loss in bf16; auto: bf16 where this machine "
+        "has native bf16 and a measured bf16 matmul beats fp32 (docs/PERFORMANCE.md)",
+    )
+    loss_chunk: int = Field(
+        0,
+        ge=0,
+        description="causal_lm: > 0 runs the LM head and the loss this many tokens at a time "
+        "(no full-vocabulary logits for the whole batch); 0: all at once",
+    )
     runner: Literal["local", "ray_train"] = "local"
     strategy: Literal["ddp", "deepspeed_zero2", "deepspeed_zero3"] = "ddp"
 

@@ -20,7 +20,7 @@ from runner.demo_models import build_tokenizer
 from runner.job import run_job
 from stages.checkpoint import load_pruned
 from stages.objectives import TeacherSpec, get_objective
-from stages.objectives.causal_lm import CachedTopK
+from stages.objectives.lm_teacher import CachedTopK
 from stages.split import EncodedSplit
 
 LM = get_objective("causal_lm")

@@ -12,7 +12,7 @@ from cluster.train_loop import shard_indices
 from runner.config import RecoverStageConfig
 from runner.recovery import teacher_spec
 from stages.objectives import TeacherSpec, get_objective
-from stages.objectives.causal_lm import TeacherError, TopKRows, topk_kl
+from stages.objectives.lm_teacher import TeacherError, TopKRows, topk_kl
 from stages.split import EncodedSplit
 from stages.training import TrainSettings, run_steps, training_loss
 
