@@ -9,11 +9,11 @@ k + 1 outcomes: the k teacher tokens, and one bucket holding the rest of the voc
 teacher's tail mass against the student's mass outside those k tokens). It is zero, with a zero
 gradient, when the student is the teacher, at every temperature and every k.
 
-Why the tail bucket: renormalising the teacher over its top k instead (what this module did
-first) asks the student to move ALL its mass into those k tokens. For SmolLM2 on its own
-documentation the top 32 tokens hold 81% of the mass at T = 1 but only 17.6% at T = 2, so the
-teacher distilled into itself had a KD loss of 7.67 and a gradient pushing it away from itself;
-recovery by that loss lost to plain CE at every ratio (docs/RESULTS.md, "Distillation").
+Why the tail bucket: renormalising the teacher over its top k instead (what causal_lm.py did
+first) asks the student to move ALL its mass into those k tokens. For SmolLM2 on 128 tokens of
+this project's README the top 32 tokens hold 81% of the mass at T = 1 but only 17% at T = 2, so
+the teacher distilled into itself had a KD loss of 7.67 and a gradient pushing it away from
+itself; recovery by that loss lost to plain CE at every ratio (docs/RESULTS.md, "Distillation").
 
 Running the teacher on the fly instead would hold a second model copy (4 B x parameters: 540 MB
 for 135M in fp32) and cost one teacher forward per step; the cache costs one pass over the
