@@ -192,6 +192,10 @@ class PruneStageConfig(Strict):
         return self
 
 
+KD_TEMPERATURE = {"causal_lm": 1.0}  # measured: docs/RESULTS.md "Distillation"
+KD_TEMPERATURE_OTHERS = 2.0
+
+
 class RecoverStageConfig(Strict):
     """Short recovery after a prune stage: LoRA (merged back), full fine-tune, or mask tuning."""
 
@@ -210,12 +214,17 @@ class RecoverStageConfig(Strict):
         "kd: distillation from `teacher`",
     )
     teacher: Literal["pre_stage", "dense"] = "pre_stage"
-    kd_temperature: float = Field(2.0, gt=0.0)
+    kd_temperature: float | None = Field(
+        None,
+        gt=0.0,
+        description="None: the task's default, 1.0 for causal_lm (chosen on validation "
+        "documents, docs/RESULTS.md 'Distillation'), 2.0 for the others",
+    )
     kd_alpha: float = Field(
         0.5, ge=0.0, le=1.0, description="kd loss = alpha x KL x T^2 + (1 - alpha) x the task loss"
     )
     kd_top_k: int | None = Field(
-        32,
+        128,
         ge=1,
         description="causal_lm: teacher logits cached per token (+ one bucket for the rest of the "
         "vocabulary); null = the whole vocabulary (4 B x vocabulary per token)",
@@ -379,6 +388,15 @@ class JobConfig(Strict):
     guards: GuardConfig = Field(default_factory=GuardConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _kd_temperature_of_the_task(self) -> JobConfig:
+        """A recover stage without kd_temperature gets its task's (the dumped job.yaml shows it)."""
+        default = KD_TEMPERATURE.get(self.task, KD_TEMPERATURE_OTHERS)
+        for stage in self.stages:
+            if isinstance(stage, RecoverStageConfig) and stage.kd_temperature is None:
+                stage.kd_temperature = default
+        return self
 
     @field_validator("task")
     @classmethod

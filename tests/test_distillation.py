@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_job
+from test_causal_lm import lm_job
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cluster.train_loop import shard_indices
-from runner.config import RecoverStageConfig
+from runner.config import RecoverStageConfig, parse_config
 from runner.recovery import teacher_spec
 from stages.objectives import TeacherSpec, get_objective
 from stages.objectives.lm_teacher import TeacherError, TopKRows, topk_kl
@@ -163,3 +165,12 @@ def test_teacher_spec_covers_every_stage_that_reads_the_teacher():
     assert teacher_spec(stages, "dense") == TeacherSpec(top_k=128, temperatures=(1.0, 2.0))
     assert teacher_spec(stages, "pre_stage") == TeacherSpec(top_k=None, temperatures=(3.0,))
     assert teacher_spec(stages) == TeacherSpec(top_k=None, temperatures=(1.0, 2.0, 3.0))
+
+
+def test_kd_temperature_defaults_to_the_tasks_and_an_explicit_one_wins(tmp_path):
+    lm = lm_job(tmp_path)
+    lm["stages"][3]["kd_temperature"] = 3.0
+    temps = [s.kd_temperature for s in parse_config(lm).stages if s.kind == "recover"]
+    assert temps == [1.0, 3.0, 1.0]
+    bearing = parse_config(tiny_job()).stages
+    assert {s.kd_temperature for s in bearing if s.kind == "recover"} == {2.0}

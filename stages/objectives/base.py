@@ -25,8 +25,8 @@ class TeacherSpec:
     output (classification) ignore both.
     """
 
-    top_k: int | None = 32
-    temperatures: tuple[float, ...] = (2.0,)
+    top_k: int | None = 128
+    temperatures: tuple[float, ...] = (1.0, 2.0)
 
 
 class Objective(Protocol):
