@@ -286,9 +286,12 @@ def cmd_smollm2(args) -> dict:
     cfg.output.progress = False
     out = Path(args.output) / args.name
     t0 = time.perf_counter()
-    with flush_denormals():
-        (report,) = run_job(cfg, out, force=True, log=print).values()
-    wall = time.perf_counter() - t0
+    if args.reuse and (out / "report.json").is_file():  # measured earlier: evaluate only
+        report = json.loads((out / "report.json").read_text())
+    else:
+        with flush_denormals():
+            (report,) = run_job(cfg, out, force=True, log=print).values()
+    wall = report["timing"]["total_seconds"] if args.reuse else time.perf_counter() - t0
     task = get_task("causal_lm")
     model = load_pruned(out / "checkpoint")
     dense, tokenizer = setup_model(cfg, cfg.models[0], task)
@@ -329,6 +332,7 @@ def main() -> None:
     p.add_argument("--config", default=str(ROOT / "configs" / "smollm2.yaml"))
     p.add_argument("--set", action="append", default=[])
     p.add_argument("-o", "--output", default="/tmp/distillation")
+    p.add_argument("--reuse", action="store_true", help="a finished job in the output: measure it")
     p.set_defaults(func=cmd_smollm2)
     p.add_argument_group()
     parser.add_argument("--json", help="also write the result here")

@@ -159,7 +159,7 @@ def lm_job(root: Path, data: dict | None = None) -> dict:
             {"kind": "heads", "criterion": "taylor", "share": 0.5},
             {"kind": "recover", "steps": 3, "batch_size": 4, "loss": "kd", "teacher": "dense"},
             {"kind": "channels", "criterion": "wanda", "share": 0.5},
-            {"kind": "recover", "steps": 3, "batch_size": 4, "loss": "kd"},
+            {"kind": "recover", "steps": 3, "batch_size": 4, "loss": "kd", "teacher": "pre_stage"},
         ],
         "sia": {"enabled": True, "pairs": 2, "batches": 1, "rows": 2, "max_tokens": 16},
         "evaluation": {

@@ -11,7 +11,7 @@ from test_causal_lm import lm_job
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cluster.train_loop import shard_indices
-from runner.config import RecoverStageConfig, parse_config
+from runner.config import ConfigError, RecoverStageConfig, parse_config
 from runner.recovery import teacher_spec
 from stages.objectives import TeacherSpec, get_objective
 from stages.objectives.lm_teacher import TeacherError, TopKRows, topk_kl
@@ -167,10 +167,29 @@ def test_teacher_spec_covers_every_stage_that_reads_the_teacher():
     assert teacher_spec(stages) == TeacherSpec(top_k=None, temperatures=(1.0, 2.0, 3.0))
 
 
-def test_kd_temperature_defaults_to_the_tasks_and_an_explicit_one_wins(tmp_path):
+def test_recover_stages_take_their_tasks_defaults_and_explicit_settings_win(tmp_path):
     lm = lm_job(tmp_path)
+    lm["stages"][1] = {"kind": "recover", "steps": 3, "batch_size": 4}
     lm["stages"][3]["kd_temperature"] = 3.0
-    temps = [s.kd_temperature for s in parse_config(lm).stages if s.kind == "recover"]
-    assert temps == [1.0, 3.0, 1.0]
-    bearing = parse_config(tiny_job()).stages
-    assert {s.kd_temperature for s in bearing if s.kind == "recover"} == {2.0}
+    recovers = [s for s in parse_config(lm).stages if s.kind == "recover"]
+    assert [(s.loss, s.teacher, s.kd_temperature) for s in recovers] == [
+        ("kd", "dense", 1.0),  # a causal LM distils the dense model by default
+        ("kd", "dense", 3.0),
+        ("kd", "pre_stage", 1.0),  # lm_job names this one's teacher
+    ]
+    bearing = [s for s in parse_config(tiny_job()).stages if s.kind == "recover"]
+    assert {(s.loss, s.teacher, s.kd_temperature) for s in bearing} == {("ce", "pre_stage", 2.0)}
+
+
+def test_a_streamed_causal_lm_job_recovers_by_ce_and_refuses_kd(tmp_path):
+    lm = lm_job(tmp_path)
+    lm["calibration"]["streamed"] = True
+    lm["stages"] = [
+        {"kind": "layers", "criterion": "block_influence", "count": 1},
+        {"kind": "channels", "criterion": "wanda", "share": 1.0},
+        {"kind": "recover", "steps": 3, "batch_size": 4},
+    ]
+    assert parse_config(lm).stages[2].loss == "ce"  # no dense model held: nothing to distil
+    lm["stages"][2]["loss"] = "kd"
+    with pytest.raises(ConfigError, match="stages.2.loss: kd needs a teacher cached"):
+        parse_config(lm)
