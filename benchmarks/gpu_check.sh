@@ -13,6 +13,9 @@
 #                                     which the probe turns into set_per_process_memory_fraction and
 #                                     must end out of memory (exit 3, "oom": true)
 #   inference                         benchmarks/inference.py --on cuda: dense vs pruned latency/peak
+#   recovery_speed                    benchmarks/recovery_speed.py step on cuda: a LoRA step of a
+#                                     SmolLM2-shaped model, fp32 / bf16 x whole / chunked LM head,
+#                                     tokens/s and GFLOP/s against the measured matmul peak
 # and $OUT/summary.json: every step's exit status and seconds, the key figures, the targets
 # (cascade of 6.25e9 <= 15 min, peak <= 45 GiB, calibration MFU >= 40%; reported, not tuned for).
 #
@@ -53,6 +56,8 @@ if [ "$MODE" = smoke ]; then
     SCALE_EXTRA=(--smoke --dtype float32 --vocab 1000 --cal-samples 8 --seq-len 64 --cal-batch 4
         --recover-steps 1 --recover-batch 2)
     INFERENCE_EXTRA=(--repeats 1 --seq-len 32)
+    RECOVERY_EXTRA=(--model tiny-shape --rounds 1 --matmul 256)
+    RECOVERY_RESERVE=60
     TOTAL=${GPU_CHECK_TOTAL_S:-300}
     SCALE_CAP=90
 else
@@ -61,6 +66,8 @@ else
     SMALL_PARAMS=1e8
     SCALE_EXTRA=()
     INFERENCE_EXTRA=()
+    RECOVERY_EXTRA=(--model smollm2-shape --rounds 5 --batch 8 --length 512 --matmul 8192)
+    RECOVERY_RESERVE=90
     TOTAL=${GPU_CHECK_TOTAL_S:-480}
     SCALE_CAP=200
 fi
@@ -161,8 +168,14 @@ else
 fi
 
 # 3. dense vs pruned inference latency and peak memory, measured on the device
-run_step inference 150 0 \
+run_step inference 150 "$RECOVERY_RESERVE" \
     "$PY" benchmarks/inference.py --on "$DEV" ${INFERENCE_EXTRA[@]+"${INFERENCE_EXTRA[@]}"} --json "$OUT/inference.json"
+
+# 4. tokens/s of a LoRA recovery step (fp32 / bf16 autocast, LM head + loss whole or chunked) on a
+#    random model of SmolLM2-135M's shape, against the device's measured fp32 / bf16 matmul peak
+run_step recovery_speed "$RECOVERY_RESERVE" 0 \
+    "$PY" benchmarks/recovery_speed.py --json "$OUT/recovery_speed.json" step --device "$DEV" \
+    "${RECOVERY_EXTRA[@]}"
 
 # summary.json: steps, key figures, targets (no torch import: seconds)
 "$PY" - "$OUT" "$MODE" "$START" <<'EOF' 2>&1 | tee -a "$OUT/progress.log"
@@ -283,6 +296,19 @@ figures["inference"] = r and [
     for row in r["rows"]
 ]
 
+r = load("recovery_speed.json")
+figures["recovery_speed"] = r and {
+    "device": r["device"],
+    "model": r["model"],
+    "tokens_per_step": r["tokens_per_step"],
+    "step_gflop": r["step_gflop"],
+    "peak_gflops": r["peak_gflops"],
+    "variants": {
+        name: {k: v[k] for k in ("tokens_per_s", "gflop_per_s", "of_own_peak")}
+        for name, v in r["variants"].items()
+    },
+}
+
 summary = {
     "mode": mode,
     "note": "smoke: CPU, tiny models; figures check the plumbing only" if mode == "smoke" else None,
@@ -322,5 +348,12 @@ for row in figures["inference"] or []:
         f"  inference {row['model']} on {row['measured_on']}: latency ms {row['latency_ms']}, "
         f"peak bytes {row['peak_bytes']}"
     )
+f = figures["recovery_speed"]
+if f:
+    print(f"  recovery step on {f['device']} ({f['model']}, {f['tokens_per_step']} tokens, "
+          f"{f['step_gflop']} GFLOP; matmul peak {f['peak_gflops']} GFLOP/s):")
+    for name, v in f["variants"].items():
+        print(f"    {name:<11} {v['tokens_per_s']:>9} tokens/s  {v['gflop_per_s']:>8} GFLOP/s  "
+              f"{v['of_own_peak']:.1%} of its dtype's peak")
 EOF
 echo "gpu_check done in $(($(date +%s) - START)) s" | tee -a "$OUT/progress.log"

@@ -6,7 +6,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
@@ -30,12 +30,25 @@ from runner.report_model import CompareResult, CompareRow, Report
 from runner.report_pages import write_compare_report
 from stages.atomic import write_json_atomic
 
+DEFAULT_RECOVERY_STEPS = 300
+
 
 class CompareConfig(Strict):
     name: SafeName = "compare"
     methods: list[str] = Field(min_length=1)
     ratios: list[float] = Field(min_length=1)
-    recovery_steps: int = Field(300, ge=0, description="total recovery steps given to every method")
+    recovery_steps: int | None = Field(
+        None, ge=0, description="total recovery steps given to every method (default 300)"
+    )
+    recovery_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="total recovery tokens given to every method instead of steps: each recover "
+        "stage's steps = its share / (batch_size x block length)",
+    )
+    recovery_schedule: Literal["steps", "equal", "final_heavy", "proportional"] = Field(
+        "steps", description="how recovery_tokens are split over a method's recover stages"
+    )
     recovery: dict[str, Any] = Field(
         default_factory=dict,
         description="settings of every recover stage its method preset leaves unset "
@@ -74,6 +87,7 @@ def load_compare_config(
             load_method(m)
         except ConfigError as exc:
             problems.append((f"methods.{i}", exc.problems[0][1]))
+    problems += _budget_problems(cfg)
     problems += _model_problems(cfg.job.get("models") or [])
     problems += _recovery_problems(cfg.recovery)
     if problems:
@@ -81,10 +95,32 @@ def load_compare_config(
     return cfg
 
 
+def _budget_problems(cfg: CompareConfig) -> list[tuple[str, str]]:
+    if cfg.recovery_tokens is not None and cfg.recovery_steps is not None:
+        return [("recovery_tokens", "give recovery_tokens or recovery_steps, not both")]
+    if cfg.recovery_tokens is None and cfg.recovery_schedule != "steps":
+        return [("recovery_schedule", "splits recovery_tokens; set recovery_tokens too")]
+    return []
+
+
+def recovery_budget(cfg: CompareConfig) -> dict:
+    """compose()'s budget arguments: the same tokens (or steps) for every method."""
+    if cfg.recovery_tokens is not None:
+        return {"recovery_tokens": cfg.recovery_tokens, "recovery_schedule": cfg.recovery_schedule}
+    steps = cfg.recovery_steps if cfg.recovery_steps is not None else DEFAULT_RECOVERY_STEPS
+    return {"recovery_steps": steps}
+
+
 def _recovery_problems(recovery: dict) -> list[tuple[str, str]]:
     """Keys of `recovery` that a recover stage does not have, or values it refuses."""
     if "kind" in recovery or "steps" in recovery:
-        return [("recovery", "kind and steps are set by the compare (recovery_steps); remove them")]
+        return [
+            (
+                "recovery",
+                "kind and steps are set by the compare (recovery_steps / recovery_tokens); "
+                "remove them",
+            )
+        ]
     try:
         RecoverStageConfig.model_validate({"kind": "recover", **recovery})
     except ValidationError as exc:
@@ -131,7 +167,7 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, log=print) -> dict:
         name=cfg.name,
         methods=cfg.methods,
         ratios=cfg.ratios,
-        recovery_steps=cfg.recovery_steps,
+        **{k: v for k, v in recovery_budget(cfg).items() if k != "recovery_schedule"},
         rows=rows,
     )
     write_json_atomic(out / "compare.json", result.to_json())
@@ -152,9 +188,7 @@ def _run_one(cfg: CompareConfig, out: Path, model, preset, ratio: float, log) ->
     )
     label = f"[compare] {name} {preset.name} {ratio:g}x"
     base = dict(cfg.job, models=[model], name=cfg.name)
-    job = compose(
-        base, preset, ratio=ratio, recovery_steps=cfg.recovery_steps, recovery=cfg.recovery
-    )
+    job = compose(base, preset, ratio=ratio, recovery=cfg.recovery, **recovery_budget(cfg))
     report_path, job_path = run_dir / "report.json", run_dir / "job.yaml"
     if report_path.is_file() and job_path.is_file():
         if not same_job(job_path.read_text(), job):

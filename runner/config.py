@@ -174,6 +174,14 @@ class TargetConfig(Strict):
         return self
 
 
+# What a recover stage that leaves loss / teacher / kd_temperature unset gets, by task. Causal
+# LMs distil the dense model's next-token distribution at T = 1: on SmolLM2 at 1.25x, at equal
+# tokens, it recovered held-out validation perplexity far better than CE (docs/RESULTS.md
+# "Distillation"); streamed jobs never hold the dense model, so they keep CE.
+RECOVERY_DEFAULTS = {"causal_lm": {"loss": "kd", "teacher": "dense", "kd_temperature": 1.0}}
+RECOVERY_DEFAULTS_OTHERS = {"loss": "ce", "teacher": "pre_stage", "kd_temperature": 2.0}
+
+
 class RecoverStageConfig(Strict):
     """Short recovery after a prune stage: LoRA (merged back), full fine-tune, or mask tuning."""
 
@@ -186,19 +194,65 @@ class RecoverStageConfig(Strict):
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0.0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    loss: Literal["ce", "lm", "kd"] = Field(
-        "ce",
+    loss: Literal["ce", "lm", "kd"] | None = Field(
+        None,
         description="ce: the task's own loss (next-token CE for causal_lm, also called lm); "
-        "kd: distillation from `teacher`",
+        "kd: distillation from `teacher`; None: the task's default (RECOVERY_DEFAULTS)",
     )
-    teacher: Literal["pre_stage", "dense"] = "pre_stage"
-    kd_temperature: float = Field(2.0, gt=0.0)
-    kd_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    teacher: Literal["pre_stage", "dense"] | None = Field(
+        None, description="None: the task's default (RECOVERY_DEFAULTS)"
+    )
+    kd_temperature: float | None = Field(
+        None, gt=0.0, description="None: the task's default (RECOVERY_DEFAULTS)"
+    )
+    kd_alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="kd loss = alpha x KL x T^2 + (1 - alpha) x the task loss"
+    )
+    kd_top_k: int | None = Field(
+        128,
+        ge=1,
+        description="causal_lm: teacher logits cached per token (+ one bucket for the rest of the "
+        "vocabulary); null = the whole vocabulary (4 B x vocabulary per token)",
+    )
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32",
+        description="bf16: autocast the forward and loss in bf16; auto: bf16 where this machine "
+        "has native bf16 and a measured bf16 matmul beats fp32 (docs/PERFORMANCE.md)",
+    )
+    loss_chunk: int = Field(
+        0,
+        ge=0,
+        description="causal_lm: > 0 runs the LM head and the loss this many tokens at a time "
+        "(no full-vocabulary logits for the whole batch); 0: all at once",
+    )
     runner: Literal["local", "ray_train"] = "local"
     strategy: Literal["ddp", "deepspeed_zero2", "deepspeed_zero3"] = "ddp"
 
 
 StageConfig = Annotated[PruneStage | RecoverStageConfig, Field(discriminator="kind")]
+
+
+class RecoveryConfig(Strict):
+    """The job's recovery as a whole: its budget in tokens, how the recover stages share it, and
+    the text they read (docs/RECOVERY.md).
+
+    tokens: training token positions of all recover stages together; a stage's steps are its
+    share / (its batch_size x the block length). Shares (`schedule`): steps = in proportion to
+    each stage's `steps`; equal; final_heavy = `final_share` to the last stage, the rest equally;
+    proportional = in proportion to the parameters removed since the previous recovery (the
+    remainder of the budget goes to the last stage). Without tokens, each stage runs its steps.
+    data: corpus = blocks of the train split; self = the same blocks' first `prompt_tokens`
+    tokens continued by the dense model itself (self-data distillation).
+    """
+
+    tokens: int | None = Field(None, ge=1, description="recovery tokens of the whole job")
+    schedule: Literal["steps", "equal", "final_heavy", "proportional"] = "steps"
+    final_share: float = Field(0.5, gt=0.0, le=1.0, description="final_heavy: last stage's share")
+    data: Literal["corpus", "self"] = "corpus"
+    prompt_tokens: int = Field(16, ge=1, description="self: tokens of each block kept as prompt")
+    sample_temperature: float = Field(
+        1.0, ge=0.0, description="self: sampling temperature of the continuations (0 = greedy)"
+    )
 
 
 class SIAConfig(Strict):
@@ -282,11 +336,26 @@ class JobConfig(Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     target: TargetConfig = Field(default_factory=TargetConfig)
     stages: list[StageConfig] = Field(min_length=1)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     sia: SIAConfig = Field(default_factory=SIAConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     guards: GuardConfig = Field(default_factory=GuardConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _recovery_defaults_of_the_task(self) -> JobConfig:
+        """Recover-stage settings left unset get their task's (the dumped job.yaml shows them)."""
+        defaults = dict(RECOVERY_DEFAULTS.get(self.task, RECOVERY_DEFAULTS_OTHERS))
+        if self.calibration.streamed:
+            defaults["loss"] = "ce"
+        for stage in self.stages:
+            if not isinstance(stage, RecoverStageConfig):
+                continue
+            for key, value in defaults.items():
+                if getattr(stage, key) is None:
+                    setattr(stage, key, value)
+        return self
 
     @field_validator("task")
     @classmethod
@@ -321,6 +390,7 @@ class JobConfig(Strict):
                 for i, s in enumerate(self.stages)
                 if s.kind == "heads"
             ]
+        problems += _recovery_problems(self)
         problems += get_task(self.task).config_problems(self, names)
         if self.calibration.streamed:
             problems += _streamed_problems(self, names)
@@ -425,9 +495,49 @@ def _foreign_keys(raw: dict, task: str | None) -> tuple[dict, list]:
     return raw, errors
 
 
+def _recovery_problems(cfg: JobConfig) -> list[str]:
+    """What the job-level recovery section asks that the rest of the job cannot give."""
+    recovery, problems = cfg.recovery, []
+    recovers = [s for s in cfg.stages if isinstance(s, RecoverStageConfig)]
+    if recovery.tokens is not None and not recovers:
+        problems.append("recovery.tokens: the job has no recover stage to spend them")
+    if recovery.tokens is None and recovery.schedule != "steps":
+        problems.append(
+            f"recovery.schedule: {recovery.schedule} splits recovery.tokens; set recovery.tokens "
+            "or use schedule: steps"
+        )
+    target = cfg.target
+    if recovery.schedule == "proportional" and (
+        target.ratio is None and target.device is None and target.budget_bytes is None
+    ):
+        problems.append(
+            "recovery.schedule: proportional needs the parameters the job will remove; set "
+            "target.ratio (or target.device / budget_bytes)"
+        )
+    if recovery.data == "self" and cfg.task != "causal_lm":
+        problems.append(f"recovery.data: self generates text; task {cfg.task} reads no text")
+    problems += [
+        f"recovery.prompt_tokens: {recovery.prompt_tokens} leaves no tokens to generate in "
+        f"models.{i}'s {m.max_length}-token blocks"
+        for i, m in enumerate(cfg.models)
+        if recovery.data == "self" and recovery.prompt_tokens >= m.max_length
+    ]
+    if recovery.data == "self" and cfg.calibration.streamed:
+        problems.append(
+            "recovery.data: self needs the whole dense model, which streamed never loads"
+        )
+    return problems
+
+
 def _streamed_problems(cfg: JobConfig, names: list[str]) -> list[str]:
     """What the layer-streamed path cannot do (it never holds the whole model)."""
     problems = [text for _, text in streaming_problems(cfg.stages, names)]
+    problems += [
+        f"stages.{i}.loss: kd needs a teacher cached from the model before the cut, which "
+        "calibration.streamed never holds; use loss: ce"
+        for i, s in enumerate(cfg.stages)
+        if s.kind == "recover" and s.loss == "kd"
+    ]
     if cfg.guards.max_accuracy_drop is not None:
         problems.append("guards.max_accuracy_drop: streamed stages are not evaluated one by one")
     return problems

@@ -1,7 +1,8 @@
 """Method presets (configs/methods/*.yaml): the stage list of a method, merged into a base job.
 
 Used by `cascade compare` so every method runs with the same model, data, calibration set and
-the same total number of recovery steps (each preset's recover steps are rescaled to the total).
+the same recovery budget: a total of steps (each preset's recover steps are rescaled to it) or of
+tokens (the job's `recovery.tokens`, split over the recover stages by `recovery.schedule`).
 """
 
 from __future__ import annotations
@@ -59,9 +60,15 @@ def compose(
     ratio: float | None = None,
     recovery_steps: int | None = None,
     recovery: dict | None = None,
+    recovery_tokens: int | None = None,
+    recovery_schedule: str | None = None,
 ) -> JobConfig:
     """A full job: base job's models/data/... with the preset's stages, target ratio and step
-    budget; `recovery` fills every recover stage's settings that the preset leaves unset."""
+    or token budget; `recovery` fills every recover stage's settings that the preset leaves unset.
+
+    recovery_tokens (with recovery_schedule) becomes the job's `recovery.tokens`: every method
+    trains on the same number of tokens whatever its batch size or block length. A preset that
+    trains nothing gets no token budget."""
     raw = copy.deepcopy(base_raw)
     raw["name"] = f"{raw.get('name', 'job')}-{preset.name}" + (f"-{ratio:g}x" if ratio else "")
     raw["stages"] = copy.deepcopy(preset.stages)
@@ -70,6 +77,15 @@ def compose(
         raw.setdefault("target", {})["ratio"] = ratio
     if recovery_steps is not None:
         _rescale_steps(raw["stages"], recovery_steps)
+    budget = dict(raw.get("recovery") or {})
+    if recovery_tokens is not None:
+        budget["tokens"] = recovery_tokens
+    if recovery_schedule is not None:
+        budget["schedule"] = recovery_schedule
+    if not any(s.get("kind") == "recover" for s in raw["stages"]):
+        budget = {k: v for k, v in budget.items() if k not in ("tokens", "schedule")}
+    if budget:
+        raw["recovery"] = budget
     for stage in raw["stages"]:
         if stage.get("kind") == "recover":
             stage.update({k: v for k, v in (recovery or {}).items() if k not in stage})

@@ -11,6 +11,7 @@ import copy
 from runner.config import RecoverStageConfig, stage_names
 from runner.errors import JobError
 from runner.progress import count_bar
+from runner.recovery import teacher_spec
 from runner.run_state import RunContext, RunState
 from runner.workers import sync_workers
 from stages.base import PrunePlan, apply_plan, param_count
@@ -26,8 +27,9 @@ def prune(ctx: RunContext, state: RunState, idx: int, stage: PruneStage, name: s
     """Run one prune stage in `steps` parts (SIA shrink policy); returns (plans, params before)."""
     before = state.snapshot()
     if next_recover_needs_pre_stage_teacher(ctx.cfg.stages, idx):
+        spec = teacher_spec([next_recover(ctx.cfg.stages, idx)])
         state.teachers["pre_stage"] = ctx.task.objective.make_teacher(
-            state.model, ctx.data.splits["recovery"]
+            state.model, ctx.data.splits["recovery"], spec
         )
     budget = stage_budget_for(
         state.model, state.adapter, ctx.cfg.stages, idx, ctx.limits.params_target
@@ -179,12 +181,15 @@ def _plan(ctx: RunContext, state: RunState, idx: int, scores, budget) -> PrunePl
     )  # fmt: skip
 
 
+def next_recover(stages: list, idx: int) -> RecoverStageConfig | None:
+    """The first recover stage after stage `idx`, if any."""
+    return next((s for s in stages[idx + 1 :] if isinstance(s, RecoverStageConfig)), None)
+
+
 def next_recover_needs_pre_stage_teacher(stages: list, idx: int) -> bool:
     """Does the first recover stage after prune stage `idx` distil from the model before it?"""
-    for later in stages[idx + 1 :]:
-        if isinstance(later, RecoverStageConfig):
-            return later.loss == "kd" and later.teacher == "pre_stage"
-    return False
+    later = next_recover(stages, idx)
+    return later is not None and later.loss == "kd" and later.teacher == "pre_stage"
 
 
 def _split_budget(budget: Budget, steps: int, step: int) -> Budget:

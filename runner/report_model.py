@@ -307,7 +307,8 @@ class CompareResult(_Part):
     name: str
     methods: list[str]
     ratios: list[float]
-    recovery_steps: int
+    recovery_steps: int | None = None
+    recovery_tokens: int | None = None
     rows: list[CompareRow]
 
     def to_json(self) -> dict:

@@ -44,6 +44,12 @@ def write_compare_report(out_dir: str | Path, result: CompareResult | None = Non
     return write_html(out_dir / "compare.html", blocks)
 
 
+def _budget(result: CompareResult) -> str:
+    if result.recovery_tokens is not None:
+        return f"{result.recovery_tokens:,} recovery tokens"
+    return f"{result.recovery_steps} recovery steps"
+
+
 def compare_page(result: CompareResult, out_dir: Path) -> list[Block]:
     """The comparison tables; every task's figures add what their rows carry (FinalFigures
     compare_note / compare_section)."""
@@ -52,7 +58,7 @@ def compare_page(result: CompareResult, out_dir: Path) -> list[Block]:
         Heading(f"Comparison: {result.name}", 1),
         Paragraph(
             f"Every method gets the same model, data split, calibration set and "
-            f"{result.recovery_steps} recovery steps in total (methods without training use "
+            f"{_budget(result)} in total (methods without training use "
             "none). Cells: test accuracy / macro-F1 (achieved compression, params, seconds)"
             + ("".join(f.compare_note(result.rows) for f in tasks) or ".")
         ),

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from runner.config import JobConfig, ModelConfig, result_settings
 from runner.errors import JobError
-from runner.prune import next_recover_needs_pre_stage_teacher
+from runner.prune import next_recover, next_recover_needs_pre_stage_teacher
+from runner.recovery import teacher_spec
 from runner.run_state import RunContext, RunState
 from stages.checkpoint import load_pruned
 from stages.prune_stage import PruneStage
@@ -156,8 +157,20 @@ def restore_teachers(ctx: RunContext, state: RunState, first: int, dense_model) 
                 f"distils from the model that entered stage {q}, which was not kept; rerun "
                 "with --force"
             )
-        state.teachers[key] = ctx.task.objective.make_teacher(model, ctx.data.splits["recovery"])
+        spec = _teacher_spec(ctx.cfg.stages, key, q)
+        state.teachers[key] = ctx.task.objective.make_teacher(
+            model, ctx.data.splits["recovery"], spec
+        )
         ctx.log(f"resume: {key} teacher rebuilt from the model that entered stage {q}")
+
+
+def _teacher_spec(stages: list, key: str, q: int):
+    """What the clean run cached for teacher `key` made from the model entering stage q: set-up's
+    dense teacher, a prune stage's pre_stage one for its next recover, or the stand-in
+    (runner.recovery._teacher) every kd stage may read."""
+    if key == "pre_stage":
+        return teacher_spec([next_recover(stages, q)])
+    return teacher_spec(stages, "dense") if q == 0 else teacher_spec(stages)
 
 
 def _attn(state: RunState):

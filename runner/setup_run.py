@@ -16,6 +16,8 @@ from runner.lm_head import PerplexityProbe
 from runner.models import describe_model, load_model, source_dir
 from runner.preflight import preflight
 from runner.progress import still_working
+from runner.recovery import teacher_spec, use_self_data
+from runner.recovery_budget import max_rows
 from runner.run_state import DenseFacts, RunContext, RunState
 from runner.stage_store import StageStore
 from runner.tasks import Task, TaskData, get_task
@@ -33,6 +35,7 @@ def start_run(
     adapter = get_adapter(model)
     data = task.build_data(cfg, model_cfg, model, tokenizer)
     add_recovery_split(cfg, data)
+    use_self_data(cfg, model, data, tokenizer, log)
     calibration = setup_calibration(cfg, data)
     executor = _setup_executor(cfg, adapter, calibration)
     try:
@@ -55,7 +58,8 @@ def start_run(
         model=model, adapter=adapter, layer_origin=list(range(len(adapter.layers(model))))
     )
     if _needs_dense_teacher(cfg):
-        state.teachers["dense"] = task.objective.make_teacher(model, data.splits["recovery"])
+        spec = teacher_spec(cfg.stages, "dense")
+        state.teachers["dense"] = task.objective.make_teacher(model, data.splits["recovery"], spec)
     return ctx, state
 
 
@@ -81,10 +85,7 @@ def add_recovery_split(cfg: JobConfig, data: TaskData) -> None:
     whole corpus would cost more than the training itself.
     """
     train = data.splits["train"]
-    reach = max(
-        (s.steps * s.batch_size for s in cfg.stages if isinstance(s, RecoverStageConfig)),
-        default=0,
-    )
+    reach = max_rows(cfg, train.input_ids.shape[1])
     if reach >= len(train) or reach == 0:
         data.splits["recovery"] = train
         return

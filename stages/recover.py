@@ -17,7 +17,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from stages.masking import unit_masks
-from stages.objectives import Objective, Teacher
+from stages.objectives import Objective, Teacher, model_device
+from stages.precision import autocast_dtype
 from stages.split import EncodedSplit
 from stages.training import TrainSettings, train_steps, training_loss
 
@@ -34,6 +35,8 @@ class RecoverySettings:
     loss: str = "ce"
     kd_temperature: float = 2.0
     kd_alpha: float = 0.5
+    precision: str = "fp32"
+    loss_chunk: int = 0
     seed: int = 0
 
     @classmethod
@@ -53,6 +56,8 @@ class RecoverySettings:
             loss=self.loss,
             kd_temperature=self.kd_temperature,
             kd_alpha=self.kd_alpha,
+            precision=self.precision,
+            loss_chunk=self.loss_chunk,
         )
 
 
@@ -86,7 +91,9 @@ def recover(
     else:
         raise ValueError(f"unknown recovery method {settings.method!r}")
     model.eval()
+    dtype = autocast_dtype(settings.precision, model_device(model))
     return model, {
+        "precision": "bf16" if dtype is not None else "fp32",
         "losses": losses,
         "seconds": time.perf_counter() - start,
         "trainable_params": trainable,

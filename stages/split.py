@@ -62,7 +62,8 @@ class EncodedSplit:
     def batches(
         self, batch_size: int, *, shuffle: bool = False, seed: int = 0
     ) -> Iterator[dict[str, Tensor]]:
-        """Yield batches; columns that are padding in every row of a batch are trimmed."""
+        """Yield batches; columns that are padding in every row of a batch are trimmed
+        (`kept_columns`: caches of per-position outputs find a batch's columns with it)."""
         if batch_size < 1:
             raise SplitError(f"EncodedSplit.batches: batch_size must be >= 1, got {batch_size}")
         n = len(self)
@@ -73,8 +74,7 @@ class EncodedSplit:
         for start in range(0, n, batch_size):
             rows = order[start : start + batch_size]
             mask = self.attention_mask[rows]
-            used = mask.any(dim=0).nonzero()
-            lo, hi = (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, mask.shape[1])
+            lo, hi = kept_columns(mask)
             batch = {
                 "input_ids": self.input_ids[rows, lo:hi],
                 "attention_mask": mask[:, lo:hi],
@@ -84,6 +84,12 @@ class EncodedSplit:
             if self.targets is not None:
                 batch["targets"] = self.targets[rows]
             yield batch
+
+
+def kept_columns(mask: Tensor) -> tuple[int, int]:
+    """[lo, hi): the columns of a batch's attention mask that are not padding in every row."""
+    used = mask.any(dim=0).nonzero()
+    return (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, mask.shape[1])
 
 
 def encode_split(dataset: Any, tokenizer: Any, max_length: int = 96) -> EncodedSplit:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from stages.objectives import Objective, Teacher, model_device
+from stages.precision import autocast_dtype
 from stages.split import EncodedSplit
 
 LossFn = Callable[[nn.Module, dict], Tensor]
@@ -48,6 +49,8 @@ class TrainSettings:
     kd_temperature: float = 2.0
     kd_alpha: float = 0.5  # kd loss = alpha*KL(teacher||student)*T^2 + (1-alpha)*CE
     schedule: Literal["cosine", "linear"] = "cosine"
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"  # bf16 autocast (stages/precision.py)
+    loss_chunk: int = 0  # > 0: tokens per LM-head chunk where the objective can (lm_chunks.py)
 
     def validate(self) -> None:
         """Raise TrainingError naming the first bad field."""
@@ -61,6 +64,8 @@ class TrainSettings:
             (self.kd_temperature > 0, "kd_temperature must be > 0"),
             (0 <= self.kd_alpha <= 1, "kd_alpha must be in [0, 1]"),
             (self.schedule in ("cosine", "linear"), f"unknown schedule {self.schedule!r}"),
+            (self.precision in ("fp32", "bf16", "auto"), f"unknown precision {self.precision!r}"),
+            (self.loss_chunk >= 0, f"loss_chunk must be >= 0, got {self.loss_chunk}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -84,21 +89,36 @@ def training_loss(objective: Objective, settings: TrainSettings, teacher: Teache
     if settings.loss == "kd" and teacher is None:
         raise TrainingError("training: loss='kd' needs a teacher")
 
+    chunked = getattr(objective, "chunked_loss", None) if settings.loss_chunk else None
+    kd = {"temperature": settings.kd_temperature, "alpha": settings.kd_alpha}
+
     def loss(model: nn.Module, batch: dict) -> Tensor:
+        target = None
+        if settings.loss == "kd":
+            with torch.no_grad():
+                target = teacher(batch)
+        if chunked is not None:
+            value = chunked(model, batch, target, chunk=settings.loss_chunk, **kd)
+            if value is not None:
+                return value
         outputs = objective.outputs(model, batch)
-        if settings.loss == "ce":
+        if target is None:
             return objective.loss(outputs, batch)
-        with torch.no_grad():
-            target = teacher(batch)
-        return objective.kd_loss(
-            outputs,
-            target,
-            batch,
-            temperature=settings.kd_temperature,
-            alpha=settings.kd_alpha,
-        )
+        return objective.kd_loss(outputs, target, batch, **kd)
 
     return loss
+
+
+@contextmanager
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast of the forward and loss when `precision` asks for it (and, for `auto`,
+    this machine computes bf16 faster: stages.precision); plain fp32 otherwise."""
+    dtype = autocast_dtype(precision, device)
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device.type, dtype=dtype):
+        yield
 
 
 # ---- steppers ------------------------------------------------------------------------------------
@@ -244,7 +264,8 @@ def run_steps(
         while step < settings.steps:
             for batch in epoch_batches(split, rows, batch_size, settings.seed + epoch):
                 batch = {k: v if k == "index" else v.to(device) for k, v in batch.items()}
-                loss = loss_fn(stepper.model, batch)
+                with autocast(settings.precision, device):
+                    loss = loss_fn(stepper.model, batch)
                 value = average(loss.detach())
                 if not math.isfinite(value):
                     raise TrainingError(f"training loss is {value} at step {step}")

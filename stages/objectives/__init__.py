@@ -9,8 +9,9 @@ differentiates or measures, so the cascade never branches on the task:
 * `importance_loss(model, batch)`: the loss SUMMED over the batch's rows, which Taylor scores,
   `loss_delta`, the SIA check and guards use (sums of fixed micro-batches add up exactly across
   Ray workers);
-* `kd_loss(outputs, teacher, batch, temperature, alpha)` with `make_teacher(model, split)`: the
-  dense or pre-stage model's outputs as a picklable lookup, so no second model copy is held;
+* `kd_loss(outputs, teacher, batch, temperature, alpha)` with `make_teacher(model, split, spec)`:
+  the dense or pre-stage model's outputs as a picklable lookup, so no second model copy is held
+  (`TeacherSpec`: how much of a large output to keep, and the temperatures it is read at);
 * `evaluate(model, split)`: the metrics of one split (`EvalResult`).
 
 Objectives are stateless and registered by name, so a Ray worker rebuilds one from its name.
@@ -23,6 +24,7 @@ from stages.objectives.base import (
     CachedOutputs,
     Objective,
     Teacher,
+    TeacherSpec,
     get_objective,
     model_device,
     objective_names,
@@ -34,6 +36,7 @@ __all__ = [
     "CachedOutputs",
     "Objective",
     "Teacher",
+    "TeacherSpec",
     "get_objective",
     "model_device",
     "objective_names",

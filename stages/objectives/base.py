@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 import torch
@@ -12,6 +13,20 @@ from stages.metrics import EvalResult
 from stages.split import EncodedSplit
 
 Teacher = Callable[[dict], Tensor]
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What a cached teacher must hold for the distillation losses that will read it.
+
+    top_k: next-token logits kept per position (None: the whole vocabulary); temperatures: the
+    KD temperatures the teacher is read at (a truncated teacher stores its tail's mass per
+    temperature, so its distribution sums to one at each). Objectives that cache their whole
+    output (classification) ignore both.
+    """
+
+    top_k: int | None = 128
+    temperatures: tuple[float, ...] = (1.0, 2.0)
 
 
 class Objective(Protocol):
@@ -27,7 +42,9 @@ class Objective(Protocol):
         self, outputs: Tensor, teacher: Tensor, batch: dict, *, temperature: float, alpha: float
     ) -> Tensor: ...
 
-    def make_teacher(self, model: nn.Module, split: EncodedSplit) -> Teacher: ...
+    def make_teacher(
+        self, model: nn.Module, split: EncodedSplit, spec: TeacherSpec | None = None
+    ) -> Teacher: ...
 
     def evaluate(self, model: nn.Module, split: EncodedSplit) -> EvalResult: ...
 

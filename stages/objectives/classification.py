@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stages.metrics import EvalResult, confusion_matrix, macro_f1
-from stages.objectives.base import CachedOutputs, predict, register_objective
+from stages.objectives.base import CachedOutputs, TeacherSpec, predict, register_objective
 from stages.split import EncodedSplit, SplitError
 
 
@@ -55,7 +55,10 @@ class ClassificationObjective:
             )
         return kd_loss(outputs, teacher, batch["labels"], temperature=temperature, alpha=alpha)
 
-    def make_teacher(self, model: nn.Module, split: EncodedSplit) -> CachedOutputs:
+    def make_teacher(
+        self, model: nn.Module, split: EncodedSplit, spec: TeacherSpec | None = None
+    ) -> CachedOutputs:
+        """The class logits of every row, whole (a few per row: nothing to truncate)."""
         return CachedOutputs(predict(model, split, self.outputs))
 
     def evaluate(

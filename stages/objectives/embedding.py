@@ -106,7 +106,7 @@ class EmbeddingObjective:
             "embedding recovery always distils the dense embeddings; loss kd is not defined here"
         )
 
-    def make_teacher(self, model: nn.Module, split: EncodedSplit):
+    def make_teacher(self, model: nn.Module, split: EncodedSplit, spec=None):
         raise ValueError("the embedding task's teacher is the dense embeddings its splits carry")
 
     def dense_targets(self, model: nn.Module, split: EncodedSplit) -> EncodedSplit:
