@@ -6,7 +6,7 @@
 `big` writes a random Llama-style checkpoint (GQA, SwiGLU) in bf16 tensor by tensor (never the
 whole model in memory; reused if already there), then prunes it in a FRESH process by layers
 (block influence) -> heads (wanda) -> channels (fluctuation + FLAP bias compensation) to half
-its parameters with `stages.streaming.stream_prune`, computing in float32 (bf16 matmuls are
+its parameters with `cluster.stream_prune.stream_prune`, computing in float32 (bf16 matmuls are
 ~6x slower on this CPU), and reports wall time and that process's peak RSS (VmHWM of
 /proc/self/status: anonymous memory AND the file pages mapped while a tensor is copied).
 `parity` stores a float32 model, runs the same cascade streamed and in memory
@@ -30,14 +30,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cluster.compensate_model import prune_in_memory  # noqa: E402
+from cluster.stream_prune import stream_prune  # noqa: E402
 from stages.arch import get_adapter  # noqa: E402
 from stages.base import param_count  # noqa: E402
 from stages.checkpoint import build_on_meta, load_pruned, verify_manifest  # noqa: E402
-from stages.compensate_model import prune_in_memory  # noqa: E402
 from stages.lazy_weights import ShardWriter  # noqa: E402
 from stages.prune_stage import PruneStage  # noqa: E402
 from stages.stage_plan import PlanLimits  # noqa: E402
-from stages.streaming import stream_prune  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 VOCAB = 32000

@@ -1,9 +1,12 @@
-"""Where importance estimation runs. LocalExecutor: in-process (tests, GPU box without Ray).
+"""Where the work runs. LocalExecutor: in-process (tests, GPU box without Ray).
 
 The job talks to an executor only through this small protocol, so the Ray version
-(`cluster.ray_executor.RayExecutor`) is a drop-in replacement. Calibration data is split into
-fixed micro-batches once; a worker gets whole micro-batches, so every per-batch statistic adds up
-to the single-process value whatever the number of workers.
+(`cluster.ray_executor.RayExecutor`) is a drop-in replacement. It serves two kinds of request:
+importance on a model version every worker holds (`load_version`, `barrier`, `estimate`), and
+layer passes over a checkpoint, one decoder layer at a time (`layer_passes`: the layer-streamed
+path and compensation, `cluster/layer_passes.py`). Calibration data is split into fixed
+micro-batches once; a worker gets whole micro-batches, so every per-batch statistic adds up to
+the single-process value whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from cluster.layer_passes import LayerPasses, LocalLayerPasses
 from stages.estimate import EstimateRequest, Stats, collect_for, reduce_statistics
+from stages.stream_worker import StreamSpec
 
 Progress = Callable[[int], None]  # called with the number of units done so far
 
@@ -56,6 +61,11 @@ class Executor(Protocol):
         """How many on_progress calls one estimate makes (batches here, shards on Ray)."""
         ...
 
+    def layer_passes(self, spec: StreamSpec, batches: Sequence[dict]) -> LayerPasses:
+        """Open layer passes over the checkpoint `spec` names, the rows split over the workers
+        (the caller closes the session; the executor's `close()` frees any left open)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -72,13 +82,18 @@ def _counted(items: list, on_progress: Progress | None) -> Iterator:
 
 
 class LocalExecutor:
-    """Runs on the driver's own model object: no copies, no serialization."""
+    """Runs on the driver's own model object: no copies, no serialization.
+
+    Layer passes run in this process with `layer_workers` LayerStreamWorkers (one; more only to
+    test the row split without Ray).
+    """
 
     workers = 1
 
-    def __init__(self, adapter):
+    def __init__(self, adapter, *, layer_workers: int = 1):
         self.on_event = None  # nothing to report: the driver's own process never goes missing
         self.warnings: list[str] = []
+        self.layer_workers = layer_workers
         self._adapter = adapter
         self._model = None
         self._version: int | None = None
@@ -111,6 +126,9 @@ class LocalExecutor:
 
     def progress_units(self) -> int:
         return len(self._batches)
+
+    def layer_passes(self, spec: StreamSpec, batches: Sequence[dict]) -> LayerPasses:
+        return LocalLayerPasses(spec, batches, self.layer_workers)
 
     def close(self) -> None:
         self._model = None

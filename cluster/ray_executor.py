@@ -14,14 +14,21 @@ the actor wherever there is room (`max_restarts`); when it answers again the dri
 calibration and the current version and takes it back (`worker_restart`: its new node and pid,
 seconds away). Every such event goes to `on_event` (the job's events.jsonl) and, as one line, to
 `warnings` (the report's).
+
+Layer passes (`layer_passes`) run on a second group of actors of the same size and resources,
+LayerStreamWorkers (`cluster.ray_layer_passes`), started for the session and killed when it
+closes. The importance actors start with the first importance call (`set_calibration`,
+`load_version`), so an executor that only serves layer passes (a streamed run) never holds
+resources, GPUs included, that its layer workers need.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import ray
@@ -34,9 +41,11 @@ from ray.exceptions import (
 )
 
 from cluster.executor import StaleVersionError, WorkerState, shard_batches
+from cluster.ray_layer_passes import RayLayerPasses
 from cluster.ray_session import check_capacity, connect
 from cluster.workers import CheckpointNotVisibleError, ImportanceWorker, WorkerNotLoadedError
 from stages.estimate import EstimateRequest, Stats, reduce_statistics
+from stages.stream_worker import StreamSpec
 
 EventSink = Callable[..., object]  # sink(event, version=..., **fields), e.g. EventLog.emit
 
@@ -147,28 +156,39 @@ class RayExecutor:
         self._model_ref = None
         self._calibration_ref = None
         self._shards: list[list[int]] = [[] for _ in range(self.workers)]
-        # SPREAD: one worker per node where possible, so losing a node loses few workers.
-        options = {
-            "num_cpus": cluster_cfg.cpus_per_worker,
-            "num_gpus": cluster_cfg.gpus_per_worker,
-            "scheduling_strategy": "SPREAD",
-        }
-        threads = max(1, int(cluster_cfg.cpus_per_worker))
-        use_gpu = cluster_cfg.gpus_per_worker > 0
-        self._slots: list[_Slot] = []
-        for i in range(self.workers):
-            name = f"worker-{i}"
-            actor = ImportanceWorker.options(**options).remote(name, threads, use_gpu)
-            self._slots.append(_Slot(name, actor, [("start", actor.where.remote())]))
+        self._cpus, self._gpus = cluster_cfg.cpus_per_worker, cluster_cfg.gpus_per_worker
+        self._slots: list[_Slot] = []  # the importance actors, started by `_start_workers`
+        self._starting = threading.Lock()
+        self._passes: list[RayLayerPasses] = []
         self._closed = False
+
+    def _start_workers(self) -> None:
+        """Start the importance actors once, before the first importance call needs them."""
+        with self._starting:
+            if self._slots or self._closed:
+                return
+            # SPREAD: one worker per node where possible, so losing a node loses few workers.
+            options = {
+                "num_cpus": self._cpus,
+                "num_gpus": self._gpus,
+                "scheduling_strategy": "SPREAD",
+            }
+            threads, use_gpu = max(1, int(self._cpus)), self._gpus > 0
+            for i in range(self.workers):
+                name = f"worker-{i}"
+                actor = ImportanceWorker.options(**options).remote(name, threads, use_gpu)
+                self._slots.append(_Slot(name, actor, [("start", actor.where.remote())]))
 
     @property
     def actors(self) -> list:
-        """Actor handles in worker order (tests use them for hooks such as pid / delays)."""
+        """Importance actor handles in worker order, started if not yet (tests use them for hooks
+        such as pid / delays)."""
+        self._start_workers()
         return [slot.actor for slot in self._slots]
 
     # ------------------------------------------------------------------ protocol
     def set_calibration(self, batches: list[dict]) -> None:
+        self._start_workers()
         batches = list(batches)
         self._calibration_ref = ray.put(batches)
         self._shards = shard_batches(list(range(len(batches))), self.workers)
@@ -179,6 +199,7 @@ class RayExecutor:
 
     def load_version(self, version: int, model, checkpoint_dir: str | None = None) -> None:
         """Start loading `version` on every worker (returns at once; `barrier` waits)."""
+        self._start_workers()
         attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
         self._model_ref = None if checkpoint_dir is not None else ray.put(_cpu_copy(model))
         self._model = model
@@ -253,10 +274,22 @@ class RayExecutor:
                 on_progress(len(results))
         return reduce_statistics([results[k] for k in range(self.workers)])
 
+    def layer_passes(self, spec: StreamSpec, batches: Sequence[dict]) -> RayLayerPasses:
+        """One LayerStreamWorker actor per worker, with the importance actors' resources."""
+        passes = RayLayerPasses(
+            spec, batches, self.workers, cpus_per_worker=self._cpus, gpus_per_worker=self._gpus
+        )
+        self._passes.append(passes)
+        return passes
+
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        with self._starting:
+            self._closed = True
+        for passes in self._passes:
+            passes.close()
+        self._passes = []
         for slot in self._slots:
             try:
                 ray.kill(slot.actor, no_restart=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+from cluster.compensate_model import compensate_model
 from runner.config import RecoverStageConfig, stage_names
 from runner.errors import JobError
 from runner.progress import count_bar
@@ -16,7 +17,6 @@ from runner.run_state import RunContext, RunState
 from runner.workers import sync_workers
 from stages.base import PrunePlan, apply_plan, param_count
 from stages.budget import Budget
-from stages.compensate_model import compensate_model
 from stages.estimate import EstimateRequest, scores_from_statistics
 from stages.guards import NumericalError, check_finite
 from stages.prune_stage import PruneStage

@@ -1,4 +1,4 @@
-"""`calibration.streamed: true`: the prune stages of a job run layer-streamed (stages/streaming.py).
+"""`calibration.streamed: true`: the prune stages of a job run layer-streamed (cluster/stream_prune).
 
 For a model that does not fit in memory: the dense model is never loaded whole. Every prune stage
 (they must all come before any recover stage, with layer-local criteria) streams the checkpoint
@@ -6,6 +6,11 @@ one decoder layer at a time from its safetensors files; the pruned checkpoint is
 layer into the last prune stage's directory, then loaded (it is smaller) and recovered, exported
 and evaluated like any job's. What needs the dense model whole is not measured: the SIA check
 and the dense model's own figures (the report says so).
+
+The layer passes run on an executor of the job's kind (`cluster.executor`: in-process, or Ray
+actors), open for the streamed stages only. The run's own executor stays a LocalExecutor: a
+streamed run estimates nothing after its prune stages, so no importance actor needs the model,
+and its export is written in this process.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from cluster.executor import LocalExecutor
+from cluster.executor import LocalExecutor, make_executor
+from cluster.stream_prune import stream_prune
 from runner.config import JobConfig, ModelConfig, stage_names
 from runner.errors import JobError
 from runner.events import EventLog
@@ -29,7 +35,6 @@ from stages.arch import get_adapter
 from stages.checkpoint import load_pruned
 from stages.lazy_weights import LazyCheckpoint, meta_skeleton
 from stages.prune_stage import PruneStage
-from stages.streaming import LocalStreamExecutor, stream_prune
 
 SKIPPED = (
     "streamed run: the dense model is never loaded whole, so the SIA check and the dense model's "
@@ -75,10 +80,14 @@ def stream_prune_stages(ctx: RunContext, state: RunState, source: Path) -> int:
     stages = [s.model_copy(update={"name": names[i]}) for i, s in prune]
     last = prune[-1][0]
     model_dir = ctx.store.root / f".streamed-{last:02d}"
-    plans = stream_prune(
-        source, model_dir, stages, ctx.calibration, seed=cfg.seed, limits=ctx.limits,
-        executor=_executor(cfg), compute_dtype=torch.float32, log=ctx.log,
-    )  # fmt: skip
+    executor = make_executor(cfg.cluster, None)
+    try:
+        plans = stream_prune(
+            source, model_dir, stages, ctx.calibration, seed=cfg.seed, limits=ctx.limits,
+            executor=executor, compute_dtype=torch.float32, log=ctx.log,
+        )  # fmt: skip
+    finally:
+        executor.close()
     state.model = load_pruned(model_dir)
     state.adapter = get_adapter(state.model)
     metrics = ctx.task.stage_metrics(state.model, ctx.data).model_dump(exclude_unset=True)
@@ -101,15 +110,3 @@ def stream_prune_stages(ctx: RunContext, state: RunState, source: Path) -> int:
         ctx.store.save(i, names[i], None, ctx.tokenizer, record, {"plan": [plan]}, model_dir=moved)
         state.records.append(record)
     return last + 1
-
-
-def _executor(cfg: JobConfig):
-    if cfg.cluster.executor == "ray":
-        from cluster.streaming_workers import RayStreamExecutor  # lazy: imports Ray
-
-        c = cfg.cluster
-        return RayStreamExecutor(
-            c.workers, cpus_per_worker=c.cpus_per_worker, gpus_per_worker=c.gpus_per_worker,
-            address=c.address,
-        )  # fmt: skip
-    return LocalStreamExecutor()

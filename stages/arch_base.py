@@ -73,7 +73,7 @@ class ArchAdapter:
     conv1d_weights: ClassVar[bool] = False
     # cached K/V are views that keep the fused q|k|v output alive (memory model)
     fused_qkv_cache: ClassVar[bool] = False
-    # the layer-streamed path (stages/streaming.py) runs its layers one at a time; opt in once
+    # the layer-streamed path (cluster/stream_prune.py) runs its layers one at a time; opt in once
     # tests/test_streaming.py gives the in-memory scores for the family
     streamable: ClassVar[bool] = False
     # AutoModel adds a pooler by default (add_pooling_layer) that mean-pooled embeddings never use
@@ -83,6 +83,9 @@ class ArchAdapter:
     # (DeciLM / Nemotron-NAS), the model vLLM and TensorRT-LLM would take per-layer widths
     # through. A model type not listed has neither.
     gguf_architectures: ClassVar[Mapping[str, str]] = {}
+    # the causal-LM forward is exactly lm_head(backbone(x)): no logit scaling or soft-capping, so
+    # the LM head and loss may run a chunk of tokens at a time (stages/objectives/lm_chunks.py)
+    plain_lm_head: ClassVar[bool] = False
 
     # ---- family hooks -------------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:

@@ -19,6 +19,7 @@ class GPT2Adapter(ArchAdapter):
     mlp_kind = "gelu"
     model_types = ("gpt2",)
     streamable = True
+    plain_lm_head = True
     conv1d_weights = True
     fused_qkv_cache = True
 

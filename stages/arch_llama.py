@@ -21,6 +21,7 @@ class LlamaAdapter(ArchAdapter):
     mlp_kind = "swiglu"
     model_types = ("llama", "mistral", "qwen2")
     streamable = True
+    plain_lm_head = True
     # llama.cpp's converter writes Llama and Mistral as `llama`, Qwen2 (q/k/v biases, NEOX rope)
     # as `qwen2`
     gguf_architectures = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}

@@ -22,6 +22,7 @@ class GPTNeoXAdapter(ArchAdapter):
     mlp_kind = "gelu"
     model_types = ("gpt_neox",)
     streamable = True
+    plain_lm_head = True
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return backbone(model).layers

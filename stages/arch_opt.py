@@ -33,6 +33,7 @@ class OPTAdapter(ArchAdapter):
     mlp_kind = "relu"
     model_types = ("opt",)
     streamable = True
+    plain_lm_head = True
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         base = backbone(model)

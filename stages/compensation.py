@@ -57,6 +57,12 @@ class CompensationSettings:
         return self.method != "none"
 
 
+def adds_out_proj_bias(model, adapter, stage) -> bool:
+    """Does this prune stage's compensation give the output projections a bias they do not have?"""
+    module = adapter.out_proj(adapter.layers(model)[0], stage.kind)
+    return stage.compensate == "bias" and getattr(module, "bias", None) is None
+
+
 def layer_sums(x_dense: Tensor, y_dense: Tensor, x_kept: Tensor | None) -> dict[str, Tensor]:
     """One micro-batch's additive sums for one layer (float64 on CPU).
 

@@ -1,7 +1,7 @@
 """The one prune-stage type: a job file's layers / heads / channels stage, and a streamed one.
 
 Why one type: the job (runner/config.py puts it in its stage list), the layer-streamed path
-(stages/streaming.py) and the planner (stages/stage_plan.py) read the same fields, so a field or
+(cluster/stream_prune.py) and the planner (stages/stage_plan.py) read the same fields, so a field or
 a rule added here reaches all of them and is validated once. `streaming_problems` is the one
 statement of what the layer-streamed path cannot do.
 """

@@ -1,11 +1,11 @@
 """The one planner: a prune stage of a stage list turned into a PrunePlan.
 
-The job (runner/prune.py), the layer-streamed path (`stages.streaming.stream_prune`) and its
-in-memory reference (`prune_in_memory`, what the parity tests and benchmarks compare the stream
-against) all plan a stage here: budget it (`stage_budget_for`, with the shares still to come),
-cap a share-driven layer stage so the later stages can still reach the target
-(`max_layers_for_target`), then plan layer or unit removal within `PlanLimits`. One function, so
-the paths cannot drift apart.
+The job (runner/prune.py), the layer-streamed path (`cluster.stream_prune.stream_prune`) and
+its in-memory reference (`prune_in_memory`, what the parity tests and benchmarks compare the
+stream against) all plan a stage here: budget it (`stage_budget_for`, with the shares still to
+come), cap a share-driven layer stage so the later stages can still reach the target
+(`max_layers_for_target`), then plan layer or unit removal within `PlanLimits`. One function,
+so the paths cannot drift apart.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def plan_stage(
     The job and the layer-streamed path both plan with this. `budget` defaults to the stage's
     own (`stage_budget_for`); the job passes parts of it when SIA splits a stage into steps.
     A share-driven layer stage is capped so the later head/channel stages can still reach the
-    target. A compensated stage's refit is computed after planning (stages/compensate_model.py,
-    stages.streaming.compensate).
+    target. A compensated stage's refit is computed after planning (cluster/compensate_model.py,
+    cluster.layer_passes.compensate).
     """
     stage = stages[idx]
     if budget is None:

@@ -9,8 +9,9 @@ and rows split over workers like every other statistic: per-micro-batch sums
 (`stages.compensation.layer_sums`), reduced in global batch order by the driver, fitted once
 (`fit`), and the refit sent back to every worker (`advance`).
 
-The in-memory job runs the same pass on its model saved as a checkpoint (runner/prune.py), so
-in-memory, N workers and streamed give the same refit by construction.
+The in-memory job runs the same pass on its model saved as a checkpoint
+(cluster/compensate_model.py), so in-memory, N workers and streamed give the same refit by
+construction.
 """
 
 from __future__ import annotations

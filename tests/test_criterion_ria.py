@@ -11,12 +11,13 @@ import pytest
 import torch
 from tiny_models import padded_batch, tiny_llama
 
+from cluster.executor import LocalExecutor
+from cluster.stream_prune import stream_scores
 from runner.config import parse_config
 from stages.arch import get_adapter
 from stages.budget import Budget
 from stages.criteria.ria import relative_importance
 from stages.estimate import EstimateRequest, estimate_locally, scores_from_statistics
-from stages.streaming import LocalStreamExecutor, stream_scores
 from stages.units import plan_unit_removal
 
 
@@ -63,7 +64,7 @@ def test_streamed_two_shards_equal_in_memory(granularity, tmp_path):
     want, _ = estimate_locally(model, adapter, calibration(), request)
     got, _ = stream_scores(
         tmp_path / "src", calibration(), request,
-        executor=LocalStreamExecutor(2), attn_implementation="sdpa",
+        executor=LocalExecutor(None, layer_workers=2), attn_implementation="sdpa",
     )  # fmt: skip
     for g, w in zip(got, want):
         assert torch.equal(g, w)

@@ -19,21 +19,17 @@ from safetensors.torch import load_file
 from tiny_models import padded_batch, tiny_bert, tiny_llama, tiny_mistral, tiny_qwen2
 from transformers import LlamaForCausalLM
 
+from cluster.compensate_model import prune_in_memory
+from cluster.executor import LocalExecutor
+from cluster.layer_passes import Heartbeat
+from cluster.stream_prune import StreamingError, stream_prune, stream_scores
 from stages.arch import get_adapter
 from stages.base import apply_plan
 from stages.checkpoint import load_pruned, save_checkpoint, verify_manifest
-from stages.compensate_model import prune_in_memory
 from stages.estimate import EstimateRequest, estimate_locally
 from stages.lazy_weights import LazyCheckpoint, LazyWeightsError, ShardWriter
 from stages.prune_stage import PruneStage
 from stages.stage_plan import PlanLimits
-from stages.streaming import (
-    Heartbeat,
-    LocalStreamExecutor,
-    StreamingError,
-    stream_prune,
-    stream_scores,
-)
 
 BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral}
 UNIT_REQUESTS = [
@@ -112,7 +108,7 @@ def test_rows_split_over_two_workers_give_the_same_sums(tmp_path):
     for request in (EstimateRequest("layers", "block_influence"), *UNIT_REQUESTS[:3]):
         want, want_stats = estimate_locally(model, adapter, batches, request)
         got, got_stats = stream_scores(
-            source, batches, request, executor=LocalStreamExecutor(2),
+            source, batches, request, executor=LocalExecutor(None, layer_workers=2),
             attn_implementation="sdpa", keep_sums=True,
         )  # fmt: skip
         assert_scores_equal(got, want)
@@ -304,24 +300,44 @@ def test_heartbeat_logs_while_a_long_step_runs():
 
 
 # ---- Ray workers -------------------------------------------------------------------------------
+def _cpus_in_use(ray, used: list[float]):
+    """A log that records the Ray CPUs in use at each stage line (its layer passes still open)."""
+
+    def log(line: str) -> None:
+        if line.startswith("stage "):
+            free = ray.available_resources().get("CPU", 0.0)
+            used.append(ray.cluster_resources()["CPU"] - free)
+
+    return log
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_ray_workers_split_rows_and_make_the_same_plans(tmp_path, shared_ray):
-    """1 and 2 Ray actors (5 micro-batches: uneven shards) = the in-process streamed path."""
-    from cluster.streaming_workers import RayStreamExecutor
+    """1 and 2 Ray actors (5 micro-batches: uneven shards) = the in-process streamed path. The
+    RayExecutor serving the layer passes holds only its layer workers' CPUs: its importance
+    actors start with the first importance call, which a streamed run never makes."""
+    from cluster.ray_executor import RayExecutor
+    from runner.config import ClusterConfig
 
     model = tiny_llama()
     source = saved(model, tmp_path)
     batches = calibration(n=5)
     stages = cascade_stages(bias=True)
     target = sum(p.numel() for p in model.parameters()) // 2
-    common = dict(limits=PlanLimits(target), attn_implementation="eager", log=lambda _: None)
-    local = stream_prune(source, tmp_path / "local", stages, batches, **common)
+    common = dict(limits=PlanLimits(target), attn_implementation="eager")
+    local = stream_prune(source, tmp_path / "local", stages, batches, log=lambda _: None, **common)
     for workers in (1, 2):
-        executor = RayStreamExecutor(workers, cpus_per_worker=0.5)
+        used: list[float] = []
+        cpus_in_use = _cpus_in_use(shared_ray, used)
         out = tmp_path / f"ray{workers}"
-        plans = stream_prune(source, out, stages, batches, executor=executor, **common)
+        cfg = ClusterConfig(executor="ray", workers=workers, cpus_per_worker=0.5)
+        with RayExecutor(cfg, None) as executor:
+            plans = stream_prune(
+                source, out, stages, batches, executor=executor, log=cpus_in_use, **common
+            )
         assert [asdict(p) for p in plans] == [asdict(p) for p in local]
         manifest = json.loads((out / "manifest.json").read_text())["files"]
         want = json.loads((tmp_path / "local" / "manifest.json").read_text())["files"]
         assert manifest == want
+        assert used == [0.5 * workers] * len(stages)

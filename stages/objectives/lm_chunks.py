@@ -8,9 +8,10 @@ checkpointing: a chunk's logits exist only while its loss and, in the backward p
 gradient are computed (the head's forward runs twice, ~+7% of a SmolLM2 LoRA step's FLOPs).
 Same value and gradients as the plain loss up to float rounding (tests/test_recovery_speed.py).
 
-Only for model families whose causal-LM forward is exactly `head(backbone(x))` (no logit
-scaling or soft-capping); others, and DDP / DeepSpeed-wrapped models (their gradient sync needs
-their own forward), get None and the caller falls back to the plain loss.
+Only for model families whose adapter says the causal-LM forward is exactly
+`head(backbone(x))` (`plain_lm_head`: no logit scaling or soft-capping); others, and DDP /
+DeepSpeed-wrapped models (their gradient sync needs their own forward), get None and the caller
+falls back to the plain loss.
 """
 
 from __future__ import annotations
@@ -22,18 +23,16 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
+from stages.arch import find_adapter
 from stages.objectives.lm_teacher import TopKRows, kl_per_position, teacher_tail
-
-PLAIN_HEAD_FAMILIES = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "opt"}
-)
 
 
 def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     if not isinstance(base, PreTrainedModel):
         return None
-    if getattr(base.config, "model_type", None) not in PLAIN_HEAD_FAMILIES:
+    adapter = find_adapter(getattr(base.config, "model_type", None))
+    if adapter is None or not adapter.plain_lm_head:
         return None
     head = base.get_output_embeddings()
     backbone = base.base_model

@@ -1,11 +1,13 @@
 """Compensation and the no-recovery cascade for a model held in memory.
 
-Why through the streamed pass: the refit of a layer needs its inputs in the model cut so far
-and its targets from the model before the cut, layer by layer. The layer-streamed path already
-carries hidden states that way, bit-for-bit like the in-memory forward, so an in-memory model is
-saved as a checkpoint (a temporary directory) and the same pass runs on it
-(`stages.streaming.compensate`, one worker in this process): the job, `prune_in_memory`, N
-stream workers and a streamed run cannot compute different refits.
+Why through a layer pass: the refit of a layer needs its inputs in the model cut so far and its
+targets from the model before the cut, layer by layer. The layer-streamed path already carries
+hidden states that way, bit-for-bit like the in-memory forward, so an in-memory model is saved as
+a checkpoint (a temporary directory) and the same pass runs on it (`cluster.layer_passes.
+compensate`): the job, `prune_in_memory`, N stream workers and a streamed run cannot compute
+different refits. The pass runs in this process (`LocalLayerPasses`, one worker) whatever the
+job's executor: the model lives in the driver's memory and its temporary copy on the driver's
+disk, which a remote Ray worker may not see.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from pathlib import Path
 
 import torch
 
+from cluster.layer_passes import LocalLayerPasses, compensate
 from stages.base import PrunePlan, apply_plan
 from stages.checkpoint import save_checkpoint
+from stages.compensation import adds_out_proj_bias
 from stages.estimate import EstimateRequest, estimate_locally
 from stages.prune_stage import PruneStage
 from stages.stage_plan import PlanLimits, plan_stage
 from stages.stream_worker import StreamSpec
-from stages.streaming import LocalStreamExecutor, adds_out_proj_bias, compensate
 
 
 def compensate_model(
@@ -49,15 +52,15 @@ def compensate_model(
             attn_implementation=getattr(model.config, "_attn_implementation", None),
             torch_threads=torch.get_num_threads(),
         )
-        executor = LocalStreamExecutor()
-        executor.start(spec, [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches])
+        rows = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches]
+        passes = LocalLayerPasses(spec, rows)
         try:
             compensate(
-                executor, (), plan, stage.compensation,
+                passes, (), plan, stage.compensation,
                 adds_bias=adds_out_proj_bias(model, adapter, stage),
             )  # fmt: skip
         finally:
-            executor.close()
+            passes.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if log is not None:

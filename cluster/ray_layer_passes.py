@@ -1,33 +1,32 @@
-"""Ray actors for the layer-streamed pruning path: every actor streams the same layer on its rows.
+"""Layer passes on Ray: every actor streams the same layer on its rows (`RayExecutor.layer_passes`).
 
 Why: on the streamed path the expensive part is running each layer over the calibration rows;
 the rows split cleanly over workers because each micro-batch's hidden states only ever meet that
 micro-batch. Each actor is a `stages.stream_worker.LayerStreamWorker` holding whole micro-batches
-(round-robin, with their global indices); the driver (`stages.streaming.stream_pass`) asks all
-of them for the same layer, adds the returned per-micro-batch sums in global batch order, and
-gets bit-for-bit the sums of one worker, so 1 worker, N workers and the in-process path make the
-same plan. Every actor reads the source checkpoint itself from a path all of them can see
-(a local disk for an embedded Ray, shared storage on a cluster); no weights travel through Ray.
+(round-robin, with their global indices); the driver loops (`cluster.layer_passes.stream_pass`,
+`compensate`) ask all of them for the same layer, add the returned per-micro-batch sums in global
+batch order, and get bit-for-bit the sums of one worker, so 1 worker, N workers and the
+in-process path make the same plan. Every actor reads the source checkpoint itself from a path
+all of them can see (a local disk for an embedded Ray, shared storage on a cluster); no weights
+travel through Ray.
 
 A worker lost mid-pass takes its rows' carried hidden states with it, so there is no transparent
-retry: the executor raises `RayStreamError` naming the worker, and the run is restarted.
+retry: the session raises `RayStreamError` naming the worker, and the run is restarted.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from cluster.ray_executor import start_ray
+from cluster.layer_passes import shard_rows
 from stages.base import PrunePlan
 from stages.estimate import EstimateRequest
 from stages.stream_worker import LayerStreamWorker, Part, Stats, StreamSpec
-from stages.streaming import shard_rows
 
 StreamActor = ray.remote(max_restarts=0)(LayerStreamWorker)
 
@@ -36,49 +35,36 @@ class RayStreamError(RuntimeError):
     """A streamed Ray worker died or timed out (the message names it); restart the run."""
 
 
-class RayStreamExecutor:
-    """`stages.streaming.StreamExecutor` over `workers` Ray actors (embedded Ray if none runs)."""
+class RayLayerPasses:
+    """`cluster.layer_passes.LayerPasses` over `workers` LayerStreamWorker actors (Ray running)."""
 
     def __init__(
         self,
-        workers: int = 2,
+        spec: StreamSpec,
+        batches: Sequence[dict],
+        workers: int,
         *,
         cpus_per_worker: float = 1.0,
         gpus_per_worker: float = 0.0,
-        address: str | None = None,
         timeout_s: float = 3600.0,
     ):
         if workers < 1:
-            raise ValueError(f"RayStreamExecutor: workers must be >= 1, got {workers}")
+            raise ValueError(f"RayLayerPasses: workers must be >= 1, got {workers}")
         self.workers = int(workers)
-        self.cpus_per_worker = cpus_per_worker
-        self.gpus_per_worker = gpus_per_worker
-        self.address = address
         self.timeout_s = timeout_s
-        self._actors: list = []
-        self._owns_ray = False
-
-    @property
-    def actors(self) -> list:
-        return list(self._actors)
-
-    def start(self, spec: StreamSpec, batches: Sequence[dict]) -> None:
-        cfg = SimpleNamespace(
-            address=self.address,
-            workers=self.workers,
-            cpus_per_worker=self.cpus_per_worker,
-            dashboard=False,
-        )
-        self._owns_ray = start_ray(cfg)
         if spec.torch_threads is None:
-            spec = dataclasses.replace(spec, torch_threads=max(1, int(self.cpus_per_worker)))
-        if self.gpus_per_worker > 0 and torch.device(spec.device).type == "cpu":
+            spec = dataclasses.replace(spec, torch_threads=max(1, int(cpus_per_worker)))
+        if gpus_per_worker > 0 and torch.device(spec.device).type == "cpu":
             spec = dataclasses.replace(spec, device="cuda")
-        options = {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker}
+        options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
         self._actors = [
             StreamActor.options(**options).remote(spec, shard, running_sum=self.workers == 1)
             for shard in shard_rows(list(batches), self.workers)
         ]
+
+    @property
+    def actors(self) -> list:
+        return list(self._actors)
 
     def _get(self, refs: list, what: str) -> list:
         try:
@@ -144,6 +130,3 @@ class RayStreamExecutor:
             except Exception:  # already dead, or Ray shut down: nothing left to release
                 pass
         self._actors = []
-        if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
-        self._owns_ray = False
