@@ -7,6 +7,7 @@ device nobody defined) fails here with one line, not hours later.
 from __future__ import annotations
 
 from runner.config import JobConfig
+from stages.arch import model_types_where
 from stages.prune_stage import PruneStage
 from stages.units import total_units
 
@@ -45,5 +46,21 @@ def preflight(
                 f"(embeddings, head) alone has {fixed:,}; lower target.ratio (max ~{dense_params / fixed:.1f}x "
                 "without any layer left)"
             )
+    problems += _compensation_problems(cfg, model, adapter)
     if problems:
         raise PreflightError(f"model {ref}: " + "; ".join(problems))
+
+
+def _compensation_problems(cfg: JobConfig, model, adapter) -> list[str]:
+    """Compensation refits through a layer pass (cluster/layer_passes.py), which runs only the
+    families the streamed path runs."""
+    if adapter.streamable:
+        return []
+    decoders = ", ".join(model_types_where(lambda a, _: a.streamable))
+    model_type = getattr(model.config, "model_type", "?")
+    return [
+        f"stages.{i}.compensate: {stage.compensate} refits layer by layer, which model type "
+        f"{model_type} does not support (only {decoders}); use compensate: none"
+        for i, stage in enumerate(cfg.stages)
+        if isinstance(stage, PruneStage) and stage.compensate != "none"
+    ]

@@ -288,3 +288,21 @@ def test_the_job_file_refuses_compensating_a_layers_stage_and_reads_the_old_flag
         {"kind": "channels", "criterion": "fluctuation", "count": 2, "bias_compensation": True}
     )
     assert (old.compensate, old.compensate_inputs) == ("bias", "parallel")
+
+
+def test_a_family_the_layer_pass_cannot_run_is_refused_before_anything_is_cut():
+    from conftest import tiny_job
+    from tiny_models import tiny_bert
+
+    from runner.config import parse_config
+    from runner.preflight import PreflightError, preflight
+
+    raw = tiny_job(
+        stages=[{"kind": "channels", "criterion": "wanda", "count": 2, "compensate": "lsq"}]
+    )
+    cfg = parse_config(raw, "job.yaml")
+    model = tiny_bert(num_labels=10)
+    with pytest.raises(PreflightError, match=r"stages\.0\.compensate: lsq .* model type bert"):
+        preflight(cfg, "tiny-bert", model, get_adapter(model), 10**6, None)
+    llama = tiny_llama()
+    preflight(cfg, "tiny-llama", llama, get_adapter(llama), 10**6, None)  # streamable: accepted
