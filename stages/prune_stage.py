@@ -37,10 +37,11 @@ class PruneStage(BaseModel):
         "none",
         description="refit the output projection of every layer that lost units, in closed form "
         "on the calibration data: lsq = least squares on its kept inputs (+ intercept where it "
-        "has a bias), bias = the intercept only (FLAP); stages/compensation.py",
+        "has a bias), bias = the intercept only (FLAP); stages/compensation.py. A job leaves "
+        "it to its task when unset: lsq for causal LMs, none otherwise",
     )
     compensate_inputs: Literal["sequential", "parallel"] = Field(
-        "sequential",
+        "parallel",
         description="sequential: fit on the inputs of the model cut so far (layers below already "
         "compensated), parallel: on the uncut model's own inputs (FLAP)",
     )
