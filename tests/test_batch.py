@@ -172,7 +172,7 @@ def test_output_of_another_family_is_refused(tmp_path, fake_jobs):
 
 
 def test_cli_batch_reports_failures_with_exit_status_1(tmp_path, fake_jobs, capsys):
-    from runner.cli import main
+    from runner.cli.main import main
 
     path = tmp_path / "fam.yaml"
     path.write_text(json.dumps(family(models=["a", "bad"])))

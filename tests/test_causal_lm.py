@@ -16,7 +16,7 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from runner.cli_eval import main as eval_main
+from runner.cli.eval import main as eval_main
 from runner.compare import CompareConfig, run_compare
 from runner.config import ConfigError, parse_config
 from runner.demo_models import build_tokenizer

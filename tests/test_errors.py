@@ -7,7 +7,7 @@ import yaml
 from cli_checks import run_cli
 from conftest import TINY_DATA, tiny_job
 
-from runner.cli import main
+from runner.cli.main import main
 
 
 def write_job(tmp_path, **overrides):

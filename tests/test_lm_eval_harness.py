@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from runner.choice_tasks import ChoiceExample, choice_examples, encode_examples
-from runner.cli_eval import main as eval_main
+from runner.cli.eval import main as eval_main
 from runner.corpora import Document, qa_text
 from runner.data import DataConfig
 from runner.exporters import export_checkpoint, get_exporter

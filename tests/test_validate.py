@@ -18,8 +18,8 @@ from conftest import TINY_DATA, tiny_job
 from tiny_models import tiny_gpt2, tiny_llama, tiny_tokenizer
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from runner.cli_validate import EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, EXIT_FITS
-from runner.cli_validate import main as validate_cli
+from runner.cli.validate import EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, EXIT_FITS
+from runner.cli.validate import main as validate_cli
 from runner.config import parse_config
 from runner.devices import (
     DeviceError,

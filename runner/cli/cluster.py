@@ -1,6 +1,6 @@
 """`cascade submit | status | logs | stop`: a job on a Ray cluster through the Ray Jobs API.
 
-runner/cli.py calls `register(subparsers)`. Errors print one line (cause + where) and exit 2;
+runner/cli/main.py calls `register(subparsers)`. Errors print one line (cause + where) and exit 2;
 `submit --follow` and `logs --follow` exit 0 only when the job SUCCEEDED (1 otherwise).
 """
 
@@ -132,7 +132,7 @@ def _connection(parser: argparse.ArgumentParser) -> None:
 
 def cmd_run_submitted(args) -> int:
     """Cluster side of `submit`: run the job whose text travelled in $CASCADE_JOB_CONFIG."""
-    from runner.cli import main  # lazy: runner.cli imports this module to register its commands
+    from runner.cli.main import main  # lazy: runner.cli.main imports this module (registration)
 
     text = os.environ.get(CONFIG_ENV)
     if not text:

@@ -170,7 +170,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (python -m runner.cli_validate ...), same as `cascade validate`."""
+    """Standalone entry (python -m runner.cli.validate ...), same as `cascade validate`."""
     parser = argparse.ArgumentParser(prog="cascade")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["validate", *(sys.argv[1:] if argv is None else argv)])

@@ -89,7 +89,7 @@ def cmd_export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (python -m runner.cli_export ...), same as `cascade export`."""
+    """Standalone entry (python -m runner.cli.export ...), same as `cascade export`."""
     parser = argparse.ArgumentParser(prog="cascade")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])

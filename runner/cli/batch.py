@@ -32,7 +32,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    """Called by runner.cli.build_parser when this module exists."""
+    """Called by runner.cli.main.build_parser when this module exists."""
     batch = subparsers.add_parser(
         "batch",
         help="compress every model of a family (one job per model, concurrent on Ray)",

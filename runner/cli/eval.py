@@ -229,7 +229,7 @@ def cmd_eval(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (python -m runner.cli_eval ...), same as `cascade eval`."""
+    """Standalone entry (python -m runner.cli.eval ...), same as `cascade eval`."""
     parser = argparse.ArgumentParser(prog="cascade")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])

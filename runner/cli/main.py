@@ -9,7 +9,11 @@ import warnings
 
 from transformers.utils import logging as hf_logging
 
-from runner import cli_batch, cli_cluster, cli_eval, cli_export, cli_validate
+import runner.cli.batch as cli_batch
+import runner.cli.cluster as cli_cluster
+import runner.cli.eval as cli_eval
+import runner.cli.export as cli_export
+import runner.cli.validate as cli_validate
 from runner.compare import load_compare_config, run_compare
 from runner.config import ConfigError, dump_config, load_config
 from runner.demo_models import DEMO_MODELS
@@ -189,7 +193,3 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_json(data) -> None:
     print(dumps_finite(data, "stdout", indent=1))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
