@@ -7,7 +7,7 @@ import argparse
 from runner.batch import load_family, run_batch
 from runner.config import ConfigError
 from runner.progress import make_logger
-from runner.report_model import FamilySummary
+from runner.report.model import FamilySummary
 
 
 def cmd_batch(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from runner.choice_tasks import ChoiceTaskSpec, build_choice_tasks
 from runner.data import DataConfig
-from runner.report_lm import LanguageModelFigures, LanguageStageMetrics
+from runner.report.lm import LanguageModelFigures, LanguageStageMetrics
 from runner.tasks.base import TaskData, register_task
 from runner.text_sources import PackedBlocks, TextSource, build_text_splits
 from stages.choice_eval import evaluate_choice_tasks

@@ -1,7 +1,7 @@
 """Pages over many jobs: a comparison (compare.md/.html) and a model family (family.md/.html).
 
-Like the job page (runner/report.py), each page is one list of blocks built from its typed JSON
-(`CompareResult`, `FamilySummary`) and written by both renderers of runner/report_blocks.py, so the
+Like the job page (runner/report/job.py), each page is one list of blocks built from its typed JSON
+(`CompareResult`, `FamilySummary`) and written by both renderers of runner/report/blocks.py, so the
 Markdown and the HTML say the same thing; cells link to the job pages that exist.
 """
 
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runner.report import write_job_html
-from runner.report_blocks import (
+from runner.report.blocks import (
     Block,
     Cell,
     Em,
@@ -24,8 +23,9 @@ from runner.report_blocks import (
     write_html,
     write_markdown,
 )
-from runner.report_figures import compare_figure, family_figures
-from runner.report_model import (
+from runner.report.figures import compare_figure, family_figures
+from runner.report.job import write_job_html
+from runner.report.model import (
     CompareResult,
     CompareRow,
     FamilyRow,

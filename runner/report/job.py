@@ -1,6 +1,6 @@
 """One model's job report: report.json, and report.md + report.html rendered from the same sections.
 
-Each section below reads the typed `Report` and returns blocks (runner/report_blocks.py); `job_page`
+Each section below reads the typed `Report` and returns blocks (runner/report/blocks.py); `job_page`
 lists them in reading order. write_report writes report.md and write_job_html writes report.html
 from that one list, so the two pages cannot drift. The pictures are drawn once, into plots/:
 report.md links those files and report.html embeds the same bytes.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from runner.report_blocks import (
+from runner.report.blocks import (
     Block,
     Em,
     Heading,
@@ -25,9 +25,9 @@ from runner.report_blocks import (
     write_html,
     write_markdown,
 )
-from runner.report_figures import stages_figure
-from runner.report_layout import layer_breakdown, layout_figure
-from runner.report_model import (
+from runner.report.figures import stages_figure
+from runner.report.layout import layer_breakdown, layout_figure
+from runner.report.model import (
     DenseFinetune,
     DeviceFit,
     Perplexity,
@@ -87,7 +87,7 @@ _PICTURES = ("stages.png", "layout.png")  # + each task's own (FinalFigures.pict
 
 
 def job_breakdown(job_dir: Path) -> dict | None:
-    """runner.report_layout.layer_breakdown of the exported checkpoint; None when unknown."""
+    """runner.report.layout.layer_breakdown of the exported checkpoint; None when unknown."""
     try:
         return layer_breakdown(job_dir)
     except Exception:  # noqa: BLE001 - an unknown layout must not cost the rest of the report

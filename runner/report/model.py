@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationInfo, WrapValidator
 
 if TYPE_CHECKING:
-    from runner.report_blocks import Block
+    from runner.report.blocks import Block
 
 
 class _Part(BaseModel):

@@ -3,7 +3,7 @@ comparison's accuracy-vs-compression curves, a family's size / SIA / device-fit 
 
 Drawn with matplotlib's object API (`Figure`, no pyplot): no global backend or figure registry, so
 drawing is safe in any process (Ray tasks, threads) and nothing has to be closed. The layer picture
-lives with the layer counts in runner/report_layout.py.
+lives with the layer counts in runner/report/layout.py.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from matplotlib.ticker import (
 )
 
 from runner.data import CLASS_NAMES
-from runner.report_blocks import fmt_params
-from runner.report_lm import LanguageModelFigures, LanguageStageMetrics
-from runner.report_model import CompareResult, FamilyRow, Report
+from runner.report.blocks import fmt_params
+from runner.report.lm import LanguageModelFigures, LanguageStageMetrics
+from runner.report.model import CompareResult, FamilyRow, Report
 
 
 def png_bytes(fig: Figure, dpi: int = 90) -> bytes:

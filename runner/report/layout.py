@@ -15,8 +15,8 @@ from matplotlib.ticker import MaxNLocator
 from transformers import AutoConfig
 
 from runner.demo_models import DEMO_MODELS
-from runner.report_figures import png_bytes
-from runner.report_model import Report
+from runner.report.figures import png_bytes
+from runner.report.model import Report
 from stages.arch import LayerLayout, get_adapter
 from stages.checkpoint import build_on_meta
 

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from runner.report_blocks import (
+from runner.report.blocks import (
     Block,
     Em,
     Heading,
@@ -21,7 +21,7 @@ from runner.report_blocks import (
     fmt_params,
     page_link,
 )
-from runner.report_model import (
+from runner.report.model import (
     CompareRow,
     FinalFigures,
     Report,
@@ -110,7 +110,7 @@ class LanguageModelFigures(FinalFigures):
     def pictures(self, report: Report) -> dict[str, Callable[[], bytes]]:
         def draw() -> bytes:
             # lazy: start-up cost (matplotlib); every command imports the tasks, few draw
-            from runner.report_figures import perplexity_stages_plot, png_bytes
+            from runner.report.figures import perplexity_stages_plot, png_bytes
 
             return png_bytes(perplexity_stages_plot(report))
 
