@@ -189,7 +189,7 @@ def tiny_checkpoints(tmp_path_factory) -> list[str]:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from runner.data import CLASS_NAMES, DataConfig, build_dataset
+    from runner.data.bearing import CLASS_NAMES, DataConfig, build_dataset
     from runner.demo_models import DEMO_MODELS, build_tokenizer, demo_config
 
     root = tmp_path_factory.mktemp("tiny-family")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from tiny_models import tiny_gpt2
 
-from runner.data import CLASS_NAMES
+from runner.data.bearing import CLASS_NAMES
 from runner.demo_models import DEMO_MODELS, demo_config
 from runner.report.blocks import render_markdown
 from runner.report.job import job_page, write_job_html, write_report

@@ -346,7 +346,7 @@ def test_job_on_a_device_target_plans_the_compression_and_reports_validation(tmp
     from runner.models import load_model
 
     monkeypatch.setenv("CASCADE_VALIDATE_MEASURE", "0")  # CPU runtime overhead dwarfs a KiB budget
-    from runner.data import DataConfig
+    from runner.data.bearing import DataConfig
 
     dense, _ = load_model("demo-tiny-gpt2", progress=False, data_cfg=DataConfig(**TINY_DATA))
     shape = mm.model_shape(dense)

@@ -5,7 +5,7 @@ lm-eval's Hugging Face wrapper as a model instance (`HFLM(pretrained=model, toke
 `lm_eval.simple_evaluate` runs task YAML files over local JSONL data, nothing is downloaded.
 
 --tasks takes, comma-separated:
-  bearing_qa, cloze       the built-in choice tasks (runner/choice_tasks.py), written as lm-eval
+  bearing_qa, cloze       the built-in choice tasks (runner/data/choice_tasks.py), written as lm-eval
                           task files; with the job's settings when the job file is found
                           (CHECKPOINT/../job.yaml or --job), so the items are the ones the job's
                           report scored (cloze needs the job: its items come from the job's
@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from runner.choice_tasks import BUILTIN_TASKS, ChoiceTaskSpec, choice_examples
 from runner.config import ConfigError, JobConfig, load_config
-from runner.lm_eval_tasks import TASK_PREFIX, write_task
+from runner.data.choice_tasks import BUILTIN_TASKS, ChoiceTaskSpec, choice_examples
+from runner.data.lm_eval_tasks import TASK_PREFIX, write_task
+from runner.data.text_files import TextDataError
 from runner.tasks.causal_lm import bearing_data, job_choice_tasks, job_text_sources, text_splits
-from runner.text_files import TextDataError
 from stages.checkpoint import CheckpointError, load_pruned, load_tokenizer
 
 EXIT_OK = 0

@@ -21,7 +21,7 @@ from matplotlib.ticker import (
     NullLocator,
 )
 
-from runner.data import CLASS_NAMES
+from runner.data.bearing import CLASS_NAMES
 from runner.report.blocks import fmt_params
 from runner.report.lm import LanguageModelFigures, LanguageStageMetrics
 from runner.report.model import CompareResult, FamilyRow, Report

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from runner.data import CLASS_NAMES, build_dataset
+from runner.data.bearing import CLASS_NAMES, build_dataset
 from runner.finetune import finetune_dense
 from runner.report.blocks import Block, Heading, Image, fmt_num
 from runner.report.model import FinalFigures, Report, StageMetrics

@@ -4,10 +4,10 @@
   documentation, `pydoc.render_doc(module, renderer=pydoc.plaintext)` of a FIXED module list, one
   document per module. It is a general-English domain a small LM has seen something like in
   pre-training, so perplexity on it says how much general language modelling a cut kept.
-* `builtin:bearing_notes`: the bearing-fault task (runner.data, text_style "sentences") as English
-  inspection notes, one document per note, with its fault label. Its train/validation/test split is
-  runner.data's own (split by signal, stratified by class and load); held-out-load notes join the
-  test side, so neither ever reaches calibration or recovery.
+* `builtin:bearing_notes`: the bearing-fault task (runner.data.bearing, text_style "sentences") as
+  English inspection notes, one document per note, with its fault label. Its train/validation/test
+  split is runner.data.bearing's own (split by signal, stratified by class and load); held-out-load
+  notes join the test side, so neither ever reaches calibration or recovery.
 * `builtin:bearing_qa`: the same notes as "note\\nFault: <fault>" documents, the supervised form of
   the bearing-QA choice task (recovery with `loss: lm` learns to answer it; with kd, the plain
   notes suffice and no label is used).
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.data import CLASS_NAMES, DataConfig, build_dataset
+from runner.data.bearing import CLASS_NAMES, DataConfig, build_dataset
 from runner.paths import cache_root
 from stages.atomic import write_json_atomic
 
@@ -55,7 +55,7 @@ STDLIB_MODULES: tuple[str, ...] = (
 
 BUILTIN_CORPORA = ("stdlib_docs", "bearing_notes", "bearing_qa")
 
-# Readable class names (runner.data.CLASS_NAMES order) for prompts and answers.
+# Readable class names (runner.data.bearing.CLASS_NAMES order) for prompts and answers.
 _KINDS = {"IR": "inner race fault", "B": "ball fault", "OR": "outer race fault"}
 
 
@@ -63,10 +63,10 @@ _KINDS = {"IR": "inner race fault", "B": "ball fault", "OR": "outer race fault"}
 class Document:
     """One document of a domain.
 
-    `split` is None when the document's split is drawn by runner.text_sources from the seed, or
-    "train"/"validation"/"test" when the corpus fixes it (the bearing notes). `origin` says where
-    it came from (module name, or runner.data split: "test" vs "heldout"); `label` is the bearing
-    class index where there is one.
+    `split` is None when the document's split is drawn by runner.data.text_sources from the seed,
+    or "train"/"validation"/"test" when the corpus fixes it (the bearing notes). `origin` says
+    where it came from (module name, or runner.data.bearing split: "test" vs "heldout"); `label` is
+    the bearing class index where there is one.
     """
 
     text: str
@@ -189,8 +189,9 @@ def _sentences_cfg(data_cfg: Any):
 
 
 def bearing_documents(data_cfg: Any = None, *, qa: bool = False) -> list[Document]:
-    """Every bearing note of runner.data's train/validation/test/heldout splits (not its calibration
-    split, a subset of train), with runner.data's split; `qa` appends the "Fault:" answer."""
+    """Every bearing note of runner.data.bearing's train/validation/test/heldout splits (not its
+    calibration split, a subset of train), with runner.data.bearing's split; `qa` appends the
+    "Fault:" answer."""
     dataset = build_dataset(_sentences_cfg(data_cfg))
     documents = []
     for name, split in _SPLIT_OF.items():

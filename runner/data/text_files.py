@@ -1,4 +1,4 @@
-"""Reading local text files for causal-LM jobs, streamed and checked (runner.text_sources uses it).
+"""Reading local text files for causal-LM jobs, streamed and checked (text_sources.py uses it).
 
 Memory follows what is kept, not the size of a file: plain text is read line by line with a
 bounded `readline`, so a 100 MB line is refused after reading the limit plus one byte, never decoded
@@ -39,7 +39,7 @@ class TextDataError(ValueError):
 
 
 class FileSpec(Protocol):
-    """What reading needs from a source (runner.text_sources.TextSource has these fields)."""
+    """What reading needs from a source (runner.data.text_sources.TextSource has these fields)."""
 
     path: str
     format: str

@@ -3,7 +3,7 @@
 Three kinds:
 * file: a local JSONL file, one item a line: {"context": str, "choices": [str, ...], "label": int}.
 * bearing_qa: a bearing inspection note, then "Fault:", and the ten fault classes in readable form
-  ("normal", "inner race fault, 0.007 in", ...) as choices. Only runner.data's test and
+  ("normal", "inner race fault, 0.007 in", ...) as choices. Only runner.data.bearing's test and
   held-out-load notes are used: the notes a job never calibrates or recovers on.
 * cloze: next-sentence choice from the held-out TEST documents of the text sources: a few
   consecutive sentences as context, the true next sentence against sentences of other documents
@@ -17,7 +17,7 @@ token, BOS or else EOS); acc_norm divides by len(choice) in characters, as lm-ev
 against lm-eval itself (pinned in the `eval` extra) by tests/test_lm_eval_harness.py.
 
 The supervised form of bearing QA ("note\\nFault: <answer>" documents, train notes only) is the
-corpus builtin:bearing_qa (runner.corpora).
+corpus builtin:bearing_qa (runner.data.corpora).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from runner.corpora import Document, bearing_documents, fault_phrase, qa_prompt
-from runner.data import CLASS_NAMES
-from runner.text_files import MAX_DOCUMENT_BYTES, TextDataError, scan_lines
+from runner.data.bearing import CLASS_NAMES
+from runner.data.corpora import Document, bearing_documents, fault_phrase, qa_prompt
+from runner.data.text_files import MAX_DOCUMENT_BYTES, TextDataError, scan_lines
 from stages.choice_eval import ChoiceItem
 
 BUILTIN_TASKS = ("bearing_qa", "cloze")

@@ -1,8 +1,8 @@
 """Choice tasks as lm-evaluation-harness task files over local data (no hub, no downloads).
 
 Each task is two files in one folder: NAME.jsonl (one item a line: {"context", "choices",
-"label"}, the items runner.choice_tasks builds) and NAME.yaml, an lm-eval `multiple_choice` task
-reading that file through the `json` dataset builder:
+"label"}, the items runner.data.choice_tasks builds) and NAME.yaml, an lm-eval `multiple_choice`
+task reading that file through the `json` dataset builder:
 
     task: cascade_bearing_qa
     dataset_path: json
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from runner.choice_tasks import ChoiceExample
+from runner.data.choice_tasks import ChoiceExample
 
 TASK_PREFIX = "cascade_"
 METRICS = ("acc", "acc_norm")

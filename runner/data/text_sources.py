@@ -3,7 +3,8 @@
 Each source is one DOMAIN. Its documents are split into train/validation/test BY DOCUMENT, per
 domain, from the seed and the fractions (a document never lands in two splits; exact duplicates
 inside a domain are dropped first, or a repeated paragraph would sit on both sides). Built-in
-bearing notes keep runner.data's own split, so held-out notes never reach calibration or recovery.
+bearing notes keep runner.data.bearing's own split, so held-out notes never reach calibration or
+recovery.
 
 Tokens and blocks. Every document is tokenised without special tokens and followed by EOS (the
 GPT-2 convention: EOS marks where one document ends, so packing several into one block never asks
@@ -38,8 +39,8 @@ import pydantic
 import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from runner.corpora import BUILTIN_CORPORA, Document, builtin_documents
-from runner.text_files import (
+from runner.data.corpora import BUILTIN_CORPORA, Document, builtin_documents
+from runner.data.text_files import (
     MAX_DOCUMENT_BYTES,
     TextDataError,
     open_source,
@@ -72,7 +73,7 @@ class TextSource(BaseModel, extra="forbid"):
     path: a file, a folder (every file with a known extension below it, or an Arrow folder written
       by `Dataset.save_to_disk`), or a glob (`**` allowed); `~` expanded; a relative path is read
       from build_text_splits' base_dir (the job file's folder), else the working directory. Or a built-in corpus: builtin:stdlib_docs, builtin:bearing_notes,
-      builtin:bearing_qa (runner.corpora).
+      builtin:bearing_qa (runner.data.corpora).
     format: auto = from the extension (.txt/.md/.rst text, .jsonl/.ndjson, .json, .csv, .parquet,
       .arrow); a folder holding dataset_info.json / state.json is an Arrow folder.
     field: the column holding the text (jsonl/json/csv/parquet/arrow).
@@ -385,8 +386,9 @@ def build_text_splits(
 ) -> TextSplits:
     """Read, split, tokenise and pack every source; draw the weighted calibration set.
 
-    `data_cfg_for_bearing` is the job's runner.data.DataConfig for the bearing corpora (its
-    text_style is forced to "sentences"); None = runner.data defaults. Raises TextDataError.
+    `data_cfg_for_bearing` is the job's runner.data.bearing.DataConfig for the bearing corpora
+    (its text_style is forced to "sentences"); None = runner.data.bearing defaults. Raises
+    TextDataError.
     """
     checked = _validated(sources, where)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
