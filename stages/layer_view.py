@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from stages.arch_base import backbone, unwrap_model
+from stages.arch.base import backbone, unwrap_model
 from stages.lazy_weights import module_name
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from stages.arch import get_adapter
-from stages.arch_base import backbone
+from stages.arch.base import backbone
 from stages.base import PrunePlan, apply_plan, set_out_projection
 from stages.compensation import CompensationSettings, Refit
 from stages.criteria import get_criterion

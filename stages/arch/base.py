@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModel, PretrainedConfig
 
-from stages.arch_slicing import (
+from stages.arch.slicing import (
     TensorGetter,
     UnitProjection,
     check_projection,
@@ -67,7 +67,7 @@ class ArchAdapter:
     mlp_kind: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
     # Capabilities other code branches on (never on `family` or `model_type`; tests/test_layering.py
-    # refuses such a branch outside stages/arch_*.py):
+    # refuses such a branch outside stages/arch/):
     is_decoder: ClassVar[bool] = True  # causal self-attention with a KV cache at inference
     # weights stored [in, out] (GPT-2 Conv1D): LoRA needs fan_in_fan_out
     conv1d_weights: ClassVar[bool] = False

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from stages.arch_base import ArchAdapter, LayerLayout, backbone, unwrap_model
-from stages.arch_slicing import IN, OUT, UnitProjection, num_features
+from stages.arch.base import ArchAdapter, LayerLayout, backbone, unwrap_model
+from stages.arch.slicing import IN, OUT, UnitProjection, num_features
 
 
 def add_zero_biases(linears: Iterable[nn.Linear]) -> None:

@@ -6,7 +6,7 @@ does, so all slicing is inherited (an encoder, like BERT).
 
 from __future__ import annotations
 
-from stages.arch_bert import BertAdapter
+from stages.arch.bert import BertAdapter
 
 
 class RobertaAdapter(BertAdapter):

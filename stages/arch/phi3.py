@@ -18,9 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from stages.arch_base import LayerLayout
-from stages.arch_llama import LlamaAdapter
-from stages.arch_slicing import (
+from stages.arch.base import LayerLayout
+from stages.arch.llama import LlamaAdapter
+from stages.arch.slicing import (
     IN,
     OUT,
     TensorGetter,

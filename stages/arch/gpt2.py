@@ -10,8 +10,8 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig
 
-from stages.arch_base import ArchAdapter, LayerLayout, backbone, unwrap_model
-from stages.arch_slicing import IN, OUT, UnitProjection, num_features
+from stages.arch.base import ArchAdapter, LayerLayout, backbone, unwrap_model
+from stages.arch.slicing import IN, OUT, UnitProjection, num_features
 
 
 class GPT2Adapter(ArchAdapter):

@@ -12,9 +12,9 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig
 
-from stages.arch_base import ArchAdapter, LayerLayout, backbone, unwrap_model
-from stages.arch_opt import add_zero_biases
-from stages.arch_slicing import IN, OUT, UnitProjection, num_features
+from stages.arch.base import ArchAdapter, LayerLayout, backbone, unwrap_model
+from stages.arch.opt import add_zero_biases
+from stages.arch.slicing import IN, OUT, UnitProjection, num_features
 
 
 class GPTNeoXAdapter(ArchAdapter):

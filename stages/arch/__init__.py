@@ -1,9 +1,9 @@
 """Architecture adapters: where layers / attention units / FFN channels live, how to slice them.
 
 `get_adapter(model_or_config)` picks the adapter by config.model_type. The family modules hold
-the details (arch_llama: Llama/Mistral/Qwen2, arch_qwen3, arch_phi3, arch_gpt2, arch_opt, arch_neox,
-arch_bert, arch_roberta, arch_distilbert); arch_base holds the shared
-pruning, resizing and cost logic, arch_slicing the module-level tensor surgery.
+the details (llama: Llama/Mistral/Qwen2, qwen3, phi3, gpt2, opt, neox, bert, roberta,
+distilbert); base holds the shared pruning, resizing and cost logic, slicing the module-level
+tensor surgery. This module is the package's API: the registry, keyed by model_type.
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from collections.abc import Callable
 
 from transformers import PretrainedConfig
 
-from stages.arch_base import ArchAdapter, LayerLayout, UnsupportedArchitecture, unwrap_model
-from stages.arch_bert import BertAdapter
-from stages.arch_distilbert import DistilBertAdapter
-from stages.arch_gpt2 import GPT2Adapter
-from stages.arch_llama import LlamaAdapter
-from stages.arch_neox import GPTNeoXAdapter
-from stages.arch_opt import OPTAdapter
-from stages.arch_phi3 import Phi3Adapter
-from stages.arch_qwen3 import Qwen3Adapter
-from stages.arch_roberta import RobertaAdapter
-from stages.arch_slicing import UnitProjection, UnsupportedModule
+from stages.arch.base import ArchAdapter, LayerLayout, UnsupportedArchitecture, unwrap_model
+from stages.arch.bert import BertAdapter
+from stages.arch.distilbert import DistilBertAdapter
+from stages.arch.gpt2 import GPT2Adapter
+from stages.arch.llama import LlamaAdapter
+from stages.arch.neox import GPTNeoXAdapter
+from stages.arch.opt import OPTAdapter
+from stages.arch.phi3 import Phi3Adapter
+from stages.arch.qwen3 import Qwen3Adapter
+from stages.arch.roberta import RobertaAdapter
+from stages.arch.slicing import UnitProjection, UnsupportedModule
 
 _ADAPTERS: dict[str, type[ArchAdapter]] = {
     model_type: cls

@@ -11,8 +11,8 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig
 
-from stages.arch_base import ArchAdapter, LayerLayout, backbone
-from stages.arch_slicing import IN, OUT, UnitProjection, num_features
+from stages.arch.base import ArchAdapter, LayerLayout, backbone
+from stages.arch.slicing import IN, OUT, UnitProjection, num_features
 
 
 class DistilBertAdapter(ArchAdapter):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from stages.arch_base import unwrap_model
-from stages.arch_llama import LlamaAdapter
-from stages.arch_opt import add_zero_biases
+from stages.arch.base import unwrap_model
+from stages.arch.llama import LlamaAdapter
+from stages.arch.opt import add_zero_biases
 
 
 class Qwen3Adapter(LlamaAdapter):
