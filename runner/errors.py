@@ -23,8 +23,8 @@ from runner.validate import ValidationFailed
 from stages.arch import UnsupportedArchitecture
 from stages.checkpoint import CheckpointError
 from stages.guards import NumericalError
-from stages.lazy_weights import LazyWeightsError
 from stages.selection import SelectionError
+from stages.streaming.lazy_weights import LazyWeightsError
 
 
 class JobError(RuntimeError):

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from stages import importance as imp
 from stages.base import PrunePlan, set_out_projection
 from stages.compensation import CompensationSettings, fit_layer, layer_sums
-from stages.layer_view import to_layer
 from stages.statistics import add
+from stages.streaming.layer_view import to_layer
 
 
 class CompensationPass:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from stages.arch.base import backbone, unwrap_model
-from stages.lazy_weights import module_name
+from stages.streaming.lazy_weights import module_name
 
 
 class LayerView(nn.Module):

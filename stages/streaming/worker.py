@@ -33,10 +33,10 @@ from stages.base import PrunePlan, apply_plan, set_out_projection
 from stages.compensation import CompensationSettings, Refit
 from stages.criteria import get_criterion
 from stages.estimate import EstimateRequest
-from stages.layer_view import LayerView, from_layer, to_layer
-from stages.lazy_weights import LazyCheckpoint, meta_skeleton, module_name
 from stages.statistics import get_statistic
-from stages.stream_compensate import CompensationPass
+from stages.streaming.compensate import CompensationPass
+from stages.streaming.layer_view import LayerView, from_layer, to_layer
+from stages.streaming.lazy_weights import LazyCheckpoint, meta_skeleton, module_name
 
 Stats = dict[str, torch.Tensor]
 Part = tuple[int, Stats]  # (global micro-batch index, that batch's sums)
@@ -343,8 +343,8 @@ class LayerStreamWorker:
     def statistics(self, request: EstimateRequest) -> list[Part]:
         """Run the criterion's registered statistics on the loaded layer, per held micro-batch.
 
-        The layer is wrapped as a one-layer model (`stages.layer_view`), so each `collect` is the
-        one the in-memory path runs; the sums come back under this layer's keys.
+        The layer is wrapped as a one-layer model (`stages.streaming.layer_view`), so each
+        `collect` is the one the in-memory path runs; the sums come back under this layer's keys.
         """
         i = self._layer_idx_loaded()
         collectors = [get_statistic(n) for n in get_criterion(request.criterion).statistics]
@@ -398,7 +398,7 @@ class LayerStreamWorker:
                 ]
         self.unload()
 
-    # ---- a compensation pass (stages/stream_compensate.py) -----------------------------------
+    # ---- a compensation pass (stages/streaming/compensate.py) -----------------------------------
     def begin_compensation(
         self, plans: Sequence[PrunePlan], plan: PrunePlan, settings: CompensationSettings
     ) -> int:

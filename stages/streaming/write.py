@@ -25,8 +25,8 @@ from stages.checkpoint import (
     tied_pairs,
 )
 from stages.checkpoint import write_metadata as _write_metadata
-from stages.lazy_weights import Entry, ShardWriter
-from stages.stream_worker import LayerSource
+from stages.streaming.lazy_weights import Entry, ShardWriter
+from stages.streaming.worker import LayerSource
 
 EXTRA_FILES = (
     "special_tokens_map.json",
