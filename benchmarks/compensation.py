@@ -34,10 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 from cluster.compensate_model import prune_in_memory  # noqa: E402
 from runner.config import load_config  # noqa: E402
+from runner.data.text_sources import pack_tokens  # noqa: E402
 from runner.setup_run import setup_model  # noqa: E402
 from runner.tasks import get_task  # noqa: E402
 from runner.tasks.causal_lm import encoded, text_splits  # noqa: E402
-from runner.text_sources import pack_tokens  # noqa: E402
 from stages.arch import get_adapter  # noqa: E402
 from stages.base import param_count  # noqa: E402
 from stages.objectives import get_objective  # noqa: E402

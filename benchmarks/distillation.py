@@ -37,13 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from runner.config import load_config  # noqa: E402
-from runner.corpora import builtin_documents  # noqa: E402
-from runner.data import DataConfig  # noqa: E402
+from runner.data.bearing import DataConfig  # noqa: E402
+from runner.data.corpora import builtin_documents  # noqa: E402
+from runner.data.text_sources import build_text_splits  # noqa: E402
 from runner.job import run_job  # noqa: E402
 from runner.setup_run import setup_model  # noqa: E402
 from runner.tasks import get_task  # noqa: E402
 from runner.tasks.causal_lm import encoded, per_domain  # noqa: E402
-from runner.text_sources import build_text_splits  # noqa: E402
 from stages.arch import get_adapter  # noqa: E402
 from stages.checkpoint import load_pruned  # noqa: E402
 from stages.objectives import TeacherSpec, get_objective  # noqa: E402

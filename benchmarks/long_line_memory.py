@@ -15,7 +15,7 @@ import time
 
 from transformers import AutoTokenizer
 
-import runner.text_sources as text_sources
+import runner.data.text_sources as text_sources
 from runner import smollm2
 
 WORDS = "the bearing outer race fault shows peaks at the ball pass frequency while load grows"

@@ -35,9 +35,9 @@ from cluster.stream_prune import stream_prune  # noqa: E402
 from stages.arch import get_adapter  # noqa: E402
 from stages.base import param_count  # noqa: E402
 from stages.checkpoint import build_on_meta, load_pruned, verify_manifest  # noqa: E402
-from stages.lazy_weights import ShardWriter  # noqa: E402
 from stages.prune_stage import PruneStage  # noqa: E402
 from stages.stage_plan import PlanLimits  # noqa: E402
+from stages.streaming.lazy_weights import ShardWriter  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 VOCAB = 32000
@@ -200,7 +200,7 @@ def phase_prune(args) -> dict:
 
 
 def _shapes(source: Path) -> list[tuple[int, ...]]:
-    from stages.lazy_weights import LazyCheckpoint
+    from stages.streaming.lazy_weights import LazyCheckpoint
 
     checkpoint = LazyCheckpoint(source)
     return [checkpoint.shape(n) for n in checkpoint.names()]

@@ -26,7 +26,7 @@ from stages.compensation import adds_out_proj_bias
 from stages.estimate import EstimateRequest, estimate_locally
 from stages.prune_stage import PruneStage
 from stages.stage_plan import PlanLimits, plan_stage
-from stages.stream_worker import StreamSpec
+from stages.streaming.worker import StreamSpec
 
 
 def compensate_model(

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from cluster.layer_passes import LayerPasses, LocalLayerPasses
 from stages.estimate import EstimateRequest, Stats, collect_for, reduce_statistics
-from stages.stream_worker import StreamSpec
+from stages.streaming.worker import StreamSpec
 
 Progress = Callable[[int], None]  # called with the number of units done so far
 

@@ -2,7 +2,7 @@
 
 Why a second kind: importance on a model version (`Executor.estimate`) needs the whole model on
 every worker; a layer pass needs one decoder layer at a time. The workers of a pass
-(`stages.stream_worker.LayerStreamWorker`, the maths of one layer) each hold whole calibration
+(`stages.streaming.worker.LayerStreamWorker`, the maths of one layer) each hold whole calibration
 micro-batches and stream the SAME layer of a checkpoint on their own rows; the driver adds their
 per-micro-batch sums in global batch order, so 1 worker, N workers and the in-process path give
 bit-for-bit the same totals, scores, plans and refits.
@@ -27,7 +27,7 @@ from stages.base import PrunePlan
 from stages.compensation import CompensationSettings, Refit
 from stages.criteria import get_criterion
 from stages.estimate import EstimateRequest
-from stages.stream_worker import LayerStreamWorker, Part, Stats, StreamSpec, reduce_parts
+from stages.streaming.worker import LayerStreamWorker, Part, Stats, StreamSpec, reduce_parts
 
 _KEEP_KEYS = ("dist_sum",)  # small per-layer sums kept after scoring
 HEARTBEAT_S = 30.0

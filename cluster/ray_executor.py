@@ -45,7 +45,7 @@ from cluster.ray_layer_passes import RayLayerPasses
 from cluster.ray_session import check_capacity, connect
 from cluster.workers import CheckpointNotVisibleError, ImportanceWorker, WorkerNotLoadedError
 from stages.estimate import EstimateRequest, Stats, reduce_statistics
-from stages.stream_worker import StreamSpec
+from stages.streaming.worker import StreamSpec
 
 EventSink = Callable[..., object]  # sink(event, version=..., **fields), e.g. EventLog.emit
 

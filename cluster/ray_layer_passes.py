@@ -2,7 +2,7 @@
 
 Why: on the streamed path the expensive part is running each layer over the calibration rows;
 the rows split cleanly over workers because each micro-batch's hidden states only ever meet that
-micro-batch. Each actor is a `stages.stream_worker.LayerStreamWorker` holding whole micro-batches
+micro-batch. Each actor is a `stages.streaming.worker.LayerStreamWorker` holding whole micro-batches
 (round-robin, with their global indices); the driver loops (`cluster.layer_passes.stream_pass`,
 `compensate`) ask all of them for the same layer, add the returned per-micro-batch sums in global
 batch order, and get bit-for-bit the sums of one worker, so 1 worker, N workers and the
@@ -26,7 +26,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from cluster.layer_passes import shard_rows
 from stages.base import PrunePlan
 from stages.estimate import EstimateRequest
-from stages.stream_worker import LayerStreamWorker, Part, Stats, StreamSpec
+from stages.streaming.worker import LayerStreamWorker, Part, Stats, StreamSpec
 
 StreamActor = ray.remote(max_restarts=0)(LayerStreamWorker)
 

@@ -5,12 +5,12 @@ Layer-local criteria only need, per layer, that layer's weights and the statisti
 out-projection inputs (or its input/output hidden states), so the model can be streamed: the
 skeleton lives on the meta device, ONE decoder layer is materialised at a time from the source's
 safetensors, and the calibration rows' hidden states are carried from layer to layer
-(`stages.stream_worker`). Global selection needs every layer's scores before cutting, so each
+(`stages.streaming.worker`). Global selection needs every layer's scores before cutting, so each
 stage is one layer pass over the model as it is after the stages before it, run by the
 executor's layer workers (`Executor.layer_passes`: in-process, or Ray actors); the plans come
 from the same planning step as the in-memory path (`stages.stage_plan.plan_stage`) and the
 scores are bit-for-bit the in-memory ones. A final pass writes the pruned checkpoint
-(`stages.stream_write`). See docs/STREAMING.md.
+(`stages.streaming.write`). See docs/STREAMING.md.
 
 Entry point: `stream_prune`. `stream_scores` scores one request (used by tests and benchmarks).
 """
@@ -32,8 +32,8 @@ from stages.compensation import adds_out_proj_bias
 from stages.estimate import EstimateRequest
 from stages.prune_stage import PruneStage, streaming_problems
 from stages.stage_plan import PlanLimits, plan_stage
-from stages.stream_worker import LayerSource, StreamSpec
-from stages.stream_write import write_streamed_checkpoint
+from stages.streaming.worker import LayerSource, StreamSpec
+from stages.streaming.write import write_streamed_checkpoint
 
 
 class StreamingError(ValueError):

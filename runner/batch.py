@@ -44,8 +44,8 @@ from runner.job import run_job
 from runner.methods import compose, load_method
 from runner.output_dir import make_output_dir
 from runner.progress import step_bar
-from runner.report_model import FamilyRow, Report
-from runner.report_pages import write_family_report
+from runner.report.model import FamilyRow, Report
+from runner.report.pages import write_family_report
 from stages.atomic import write_json_atomic
 
 FAMILY_JSON = "family.json"

@@ -26,8 +26,8 @@ from runner.errors import user_errors
 from runner.job import run_job
 from runner.methods import compose, load_method
 from runner.output_dir import make_output_dir
-from runner.report_model import CompareResult, CompareRow, Report
-from runner.report_pages import write_compare_report
+from runner.report.model import CompareResult, CompareRow, Report
+from runner.report.pages import write_compare_report
 from stages.atomic import write_json_atomic
 
 DEFAULT_RECOVERY_STEPS = 300

@@ -20,7 +20,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from runner.config_files import ConfigError, read_yaml_mapping
-from runner.data import MAX_SEED, DataConfig
+from runner.data.bearing import MAX_SEED, DataConfig
 from runner.paths import dir_name_for_ref, shown
 from runner.tasks import get_task, task_names
 from stages.base import stage_names
@@ -304,7 +304,7 @@ class GuardConfig(Strict):
 
 
 class DataSection(DataConfig):
-    """The YAML `data:` section: the bearing data (runner/data.py DataConfig); a task adds its own
+    """The YAML `data:` section: the bearing data (runner/data/bearing.py DataConfig); a task adds its own
     keys (Task.options: causal_lm's `sources`) for jobs of that task."""
 
 

@@ -33,7 +33,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from runner.data import CLASS_NAMES, DataConfig, build_dataset
+from runner.data.bearing import CLASS_NAMES, DataConfig, build_dataset
 from runner.paths import cache_root
 from stages.base import param_count
 from stages.checkpoint import CheckpointError, checkpoint_directory, verify_manifest

@@ -11,20 +11,20 @@ from cluster.shards import ShardExportError
 from cluster.submit import SubmitError
 from cluster.train_loop import DistributedRecoveryError
 from runner.config import ConfigError
-from runner.data import DataError
+from runner.data.bearing import DataError
+from runner.data.text_files import TextDataError
 from runner.demo_models import DemoModelError
 from runner.devices import DeviceError
 from runner.exporters import ExportError
 from runner.models import ModelError
 from runner.preflight import PreflightError
 from runner.smollm2 import SmolLM2Error
-from runner.text_files import TextDataError
 from runner.validate import ValidationFailed
 from stages.arch import UnsupportedArchitecture
 from stages.checkpoint import CheckpointError
 from stages.guards import NumericalError
-from stages.lazy_weights import LazyWeightsError
 from stages.selection import SelectionError
+from stages.streaming.lazy_weights import LazyWeightsError
 
 
 class JobError(RuntimeError):

@@ -8,8 +8,8 @@ from cluster.shards import export_sharded
 from runner.engines import engine_support
 from runner.errors import JobError
 from runner.progress import still_working
-from runner.report import write_job_html, write_report
-from runner.report_model import Report
+from runner.report.job import write_job_html, write_report
+from runner.report.model import Report
 from runner.run_state import RunContext, RunState
 from runner.validate import ValidationFailed, check_fits, validate_for_job
 from stages.base import param_count

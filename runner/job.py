@@ -15,8 +15,8 @@ from runner.errors import JobError, user_errors
 from runner.output_dir import is_empty_or_missing, output_errors
 from runner.paths import shown
 from runner.pipeline import run_model
-from runner.report import write_summary
-from runner.report_model import Report
+from runner.report.job import write_summary
+from runner.report.model import Report
 from runner.resume import check_resumable
 from runner.run_lock import clear_run_dir, run_entries, run_lock
 

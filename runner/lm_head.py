@@ -16,9 +16,9 @@ import transformers
 from safetensors import safe_open
 from torch import Tensor
 
+from runner.data.text_files import split_at_whitespace
 from runner.errors import JobError
 from runner.models import check_safetensors, read_config_json
-from runner.text_files import split_at_whitespace
 from stages.checkpoint import build_on_meta, saved_layouts, tied_pairs
 from stages.lm_eval import perplexity
 

@@ -36,7 +36,7 @@ from runner.demo_models import DEMO_MODELS, get_demo_model
 from runner.paths import shown
 from runner.smollm2 import SMOLLM2, ensure_smollm2
 from stages.arch import find_adapter, get_adapter
-from stages.arch_base import backbone, unwrap_model
+from stages.arch.base import backbone, unwrap_model
 from stages.base import param_count
 from stages.checkpoint import TOKENIZER_FILES as CHECKPOINT_TOKENIZER_FILES
 from stages.checkpoint import CheckpointError, load_pruned

@@ -33,8 +33,8 @@ from runner.stage_store import StageStore
 from runner.tasks import get_task
 from stages.arch import get_adapter
 from stages.checkpoint import load_pruned
-from stages.lazy_weights import LazyCheckpoint, meta_skeleton
 from stages.prune_stage import PruneStage
+from stages.streaming.lazy_weights import LazyCheckpoint, meta_skeleton
 
 SKIPPED = (
     "streamed run: the dense model is never loaded whole, so the SIA check and the dense model's "

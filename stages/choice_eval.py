@@ -7,7 +7,7 @@ removes the bias towards short answers that raw sums have. lm-evaluation-harness
 `len(choice)` of the choice string without the leading space (characters); the caller passes that
 number as `ChoiceItem.choice_lengths`, so a byte-length variant is one argument away.
 
-Tokenisation is the caller's (runner.choice_tasks does it as lm-eval does: the continuation is
+Tokenisation is the caller's (runner.data.choice_tasks does it as lm-eval does: the continuation is
 " " + choice, encoded as tokens(context + continuation) minus tokens(context)). Like lm-eval, an
 input longer than `max_length` keeps its LAST max_length + 1 tokens (the context is cut from the
 left) and the final token is never fed, only predicted.

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stages.arch_base import backbone
+from stages.arch.base import backbone
 
 
 def token_windows(ids: Tensor, window: int, bos: int | None = None) -> list[Tensor]:

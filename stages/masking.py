@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-from stages.arch_base import ArchAdapter
+from stages.arch.base import ArchAdapter
 
 
 def expand_unit_mask(mask: Tensor, width: int) -> Tensor:

@@ -31,7 +31,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from stages.arch import get_adapter
-from stages.arch_base import backbone
+from stages.arch.base import backbone
 from stages.checkpoint import CheckpointError, build_on_meta, saved_layouts
 
 REALISM_FACTOR = 0.6  # real decoders reach ~60% of the bandwidth bound

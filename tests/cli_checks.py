@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 from conftest import tiny_job
 
-from runner.cli import main
+from runner.cli.main import main
 
 
 def run_cli(args, capsys):

@@ -48,7 +48,7 @@ from stages.arch import (
     get_adapter,
     model_types_where,
 )
-from stages.arch_phi3 import LayerConfigView
+from stages.arch.phi3 import LayerConfigView
 from stages.checkpoint import CheckpointError, load_pruned, save_checkpoint
 from stages.masking import skip_layers, unit_masks
 

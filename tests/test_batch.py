@@ -172,7 +172,7 @@ def test_output_of_another_family_is_refused(tmp_path, fake_jobs):
 
 
 def test_cli_batch_reports_failures_with_exit_status_1(tmp_path, fake_jobs, capsys):
-    from runner.cli import main
+    from runner.cli.main import main
 
     path = tmp_path / "fam.yaml"
     path.write_text(json.dumps(family(models=["a", "bad"])))
@@ -189,7 +189,7 @@ def tiny_checkpoints(tmp_path_factory) -> list[str]:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from runner.data import CLASS_NAMES, DataConfig, build_dataset
+    from runner.data.bearing import CLASS_NAMES, DataConfig, build_dataset
     from runner.demo_models import DEMO_MODELS, build_tokenizer, demo_config
 
     root = tmp_path_factory.mktemp("tiny-family")

@@ -16,14 +16,14 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from runner.cli_eval import main as eval_main
+from runner.cli.eval import main as eval_main
 from runner.compare import CompareConfig, run_compare
 from runner.config import ConfigError, parse_config
 from runner.demo_models import build_tokenizer
 from runner.job import run_job
-from runner.report_figures import perplexity_stages_plot
-from runner.report_layout import layer_breakdown
-from runner.report_model import Report
+from runner.report.figures import perplexity_stages_plot
+from runner.report.layout import layer_breakdown
+from runner.report.model import Report
 from stages.checkpoint import load_pruned
 from stages.objectives import TeacherSpec, get_objective
 from stages.objectives.lm_teacher import CachedTopK

@@ -21,8 +21,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from runner import corpora
-from runner.choice_tasks import (
+from runner.data import corpora
+from runner.data.bearing import DataConfig
+from runner.data.choice_tasks import (
     ChoiceExample,
     ChoiceTaskSpec,
     bearing_qa_examples,
@@ -32,9 +33,8 @@ from runner.choice_tasks import (
     load_choice_file,
     split_sentences,
 )
-from runner.corpora import Document
-from runner.data import DataConfig
-from runner.text_sources import TextDataError
+from runner.data.corpora import Document
+from runner.data.text_sources import TextDataError
 from stages.choice_eval import ChoiceItem, choice_logliks, evaluate_choice_tasks, score
 
 V = 7

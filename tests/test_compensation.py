@@ -20,7 +20,7 @@ from stages.compensation import CompensationSettings, Refit, fit_layer, layer_su
 from stages.importance import unit_columns
 from stages.prune_stage import PruneStage
 from stages.stage_plan import PlanLimits
-from stages.stream_worker import StreamSpec
+from stages.streaming.worker import StreamSpec
 
 
 def _sums(x_d, y_d, x_p=None):

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from runner.data import (  # noqa: E402
+from runner.data.bearing import (  # noqa: E402
     CLASS_NAMES,
     FAULT_ORDERS,
     LOAD_RPM,

@@ -12,7 +12,7 @@ from tiny_models import tiny_bert
 from transformers import BertModel
 
 from runner.config import ConfigError, parse_config
-from runner.data import DataConfig, build_dataset
+from runner.data.bearing import DataConfig, build_dataset
 from runner.demo_models import build_tokenizer
 from runner.job import run_job
 from runner.models import ModelError, load_model

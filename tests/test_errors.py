@@ -7,7 +7,7 @@ import yaml
 from cli_checks import run_cli
 from conftest import TINY_DATA, tiny_job
 
-from runner.cli import main
+from runner.cli.main import main
 
 
 def write_job(tmp_path, **overrides):
@@ -24,7 +24,7 @@ def fake_hf_dir(tmp_path, config: dict, name="model"):
 
 
 def saved_model(tmp_path, model, name):
-    from runner.data import DataConfig
+    from runner.data.bearing import DataConfig
     from runner.models import load_model
 
     _, tokenizer = load_model("demo-tiny-gpt2", progress=False, data_cfg=DataConfig(**TINY_DATA))

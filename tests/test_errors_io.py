@@ -15,8 +15,8 @@ from cli_checks import one_line_error, run_cli, write_job
 from safetensors import SafetensorError
 from tiny_models import tiny_gpt2, tiny_tokenizer
 
-import runner.cli_cluster as cli_cluster
-from runner.cli import main
+import runner.cli.cluster as cli_cluster
+from runner.cli.main import main
 
 
 def small_job(path: Path, **overrides) -> Path:

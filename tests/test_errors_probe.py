@@ -17,7 +17,7 @@ from cli_checks import one_line_error, run_cli, write_job
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_gpt2, tiny_tokenizer
 
-from runner.data import DataConfig
+from runner.data.bearing import DataConfig
 from runner.demo_models import get_demo_model
 from runner.events import EventLog
 from stages.atomic import write_json_atomic

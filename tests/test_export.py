@@ -33,7 +33,7 @@ from transformers import (
 )
 
 import runner.exporters.gguf as gguf_export
-from runner.cli_export import main as export_main
+from runner.cli.export import main as export_main
 from runner.exporters import EXPORT_FORMATS, ExportError, describe_layout, export_checkpoint
 from stages.arch import get_adapter
 from stages.checkpoint import save_checkpoint

@@ -26,7 +26,7 @@ from transformers import (
     pipeline,
 )
 
-from runner.cli_export import main as export_main
+from runner.cli.export import main as export_main
 from runner.exporters import ExportError, export_checkpoint, get_exporter
 from runner.exporters import modeling_cascade as modeling
 from stages.arch import get_adapter

@@ -15,7 +15,7 @@ import torch
 import yaml
 from conftest import tiny_job
 
-from runner.cli import main
+from runner.cli.main import main
 from runner.config import parse_config
 from runner.errors import JobError
 from runner.job import run_job

@@ -175,9 +175,9 @@ def pool(tmp_path_factory):
 def _stub_the_work(mp) -> None:
     import contextlib
 
-    import runner.cli as cli
-    import runner.cli_batch as cli_batch
-    import runner.cli_cluster as cli_cluster
+    import runner.cli.batch as cli_batch
+    import runner.cli.cluster as cli_cluster
+    import runner.cli.main as cli
     import runner.compare as compare
     import runner.job as job
     import runner.validate as validate
@@ -228,7 +228,7 @@ def test_any_command_line_ends_in_an_exit_status_never_a_traceback(pool, data):
     import contextlib
     import io
 
-    from runner.cli import main
+    from runner.cli.main import main
 
     root, paths = pool
     argv = data.draw(command_lines(paths))
@@ -312,7 +312,7 @@ def test_mutated_model_folders_load_or_fail_in_one_line(
     import contextlib
     import io
 
-    from runner.cli import main
+    from runner.cli.main import main
     from runner.errors import user_errors
     from runner.models import load_model
 

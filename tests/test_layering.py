@@ -2,8 +2,13 @@
 
 * `stages/` (the maths) imports neither `runner` nor `cluster`; `cluster/` does not import `runner`
   (a submitted job runs the `cascade` entry point by name); only `cluster/` imports `ray`.
-* Imports sit at the top of a module. One inside a function must say why on its own line
-  (`# lazy: <reason>`: an optional dependency, start-up cost, or a registration cycle by design).
+* Inside a package the folders keep their place (FOLDER_RULES): nothing imports the command line
+  (runner/cli/), data (runner/data/) and reports (runner/report/) run no job, the adapters
+  (stages/arch/) read no other stage, and only cluster/ and runner/ lean on the streamed path
+  (stages/streaming/). A module belongs in its folder, not beside it under a name prefix.
+* Imports are absolute (a relative one would slip past these rules) and sit at the top of a
+  module. One inside a function must say why on its own line (`# lazy: <reason>`: an optional
+  dependency, start-up cost, or a registration cycle by design).
 """
 
 from __future__ import annotations
@@ -71,11 +76,169 @@ def test_imports_inside_functions_state_their_reason(package):
     )
 
 
+# ---- the folders keep their place inside a package ---------------------------------------------
+# (modules under `where` but not under `but_not`) must not import `forbidden` (a name or anything
+# under it) unless it is under one of `allowed`; `why` is the failure message.
+FOLDER_RULES = {
+    "the command line": dict(
+        where="runner/",
+        but_not="runner/cli/",
+        forbidden=("runner.cli",),
+        why="runner/cli/ is the top of runner/: nothing imports it (cluster/submit.py runs "
+        "`python -m runner.cli` by name)",
+    ),
+    "data": dict(
+        where="runner/data/",
+        forbidden=("runner", "cluster"),
+        allowed=("runner.data", "runner.paths"),
+        why="runner/data/ is read by tasks, config and reports and reads none of them",
+    ),
+    "reports": dict(
+        where="runner/report/",
+        forbidden=("cluster", "runner.cli", "runner.job", "runner.pipeline", "runner.finish"),
+        why="runner/report/ renders the typed Report; it runs nothing",
+    ),
+    "adapters": dict(
+        where="stages/arch/",
+        forbidden=("stages",),
+        allowed=("stages.arch",),
+        why="stages/arch/ is the floor of stages/: every stage reads the adapters, they read no stage",
+    ),
+    "streaming": dict(
+        where="stages/",
+        but_not="stages/streaming/",
+        forbidden=("stages.streaming",),
+        why="the in-memory maths does not lean on the streamed path (cluster/ and runner/ drive it)",
+    ),
+}
+FOLDERS = ("runner/cli", "runner/data", "runner/report", "stages/arch", "stages/streaming")
+# the name prefixes the folders replaced: a new module goes into its folder
+FLAT_PREFIXES = {
+    "runner/cli_": "runner/cli/",
+    "runner/report_": "runner/report/",
+    "runner/text_": "runner/data/",
+    "stages/arch_": "stages/arch/",
+    "stages/stream_": "stages/streaming/",
+}
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _imported_names(tree: ast.AST) -> list[tuple[str, int]]:
+    """Every absolute import as the dotted names it binds: `from a.b import c` gives a.b.c (c may
+    be a module or an attribute; both sit under a.b)."""
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.extend((alias.name, node.lineno) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.extend((f"{node.module}.{alias.name}", node.lineno) for alias in node.names)
+    return names
+
+
+def _rule_applies(spec: dict, rel: str) -> bool:
+    return rel.startswith(spec["where"]) and not (
+        spec.get("but_not") and rel.startswith(spec["but_not"])
+    )
+
+
+def folder_violations(spec: dict, rel: str, tree: ast.AST) -> list[str]:
+    """The imports of module `rel` that its folder rule refuses (none where the rule does not
+    apply to it)."""
+    if not _rule_applies(spec, rel):
+        return []
+    return [
+        f"{rel}:{line} imports {name}"
+        for name, line in _imported_names(tree)
+        if _under(name, spec["forbidden"]) and not _under(name, spec.get("allowed", ()))
+    ]
+
+
+@pytest.mark.parametrize("rule", sorted(FOLDER_RULES))
+def test_folders_keep_their_place(rule):
+    spec = FOLDER_RULES[rule]
+    paths = [p for p in _modules(spec["where"].split("/")[0]) if _rule_applies(spec, _rel(p))]
+    assert paths, f"no module under {spec['where']}: the rule checks nothing"
+    problems = [
+        v for p in paths for v in folder_violations(spec, _rel(p), ast.parse(p.read_text()))
+    ]
+    assert not problems, spec["why"] + ":\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_each_folder_is_a_package_the_rules_read(folder):
+    modules = [_rel(p) for p in _modules(folder.split("/")[0]) if _rel(p).startswith(folder + "/")]
+    assert f"{folder}/__init__.py" in modules
+    assert len(modules) > 1, f"{folder}/ holds no module besides __init__.py"
+
+
+def test_no_name_prefix_does_the_work_of_a_folder():
+    stray = [
+        f"{_rel(path)} (belongs in {folder})"
+        for package in PACKAGES
+        for path in _modules(package)
+        for prefix, folder in FLAT_PREFIXES.items()
+        if _rel(path).startswith(prefix)
+    ]
+    assert not stray, "modules beside their folder:\n" + "\n".join(stray)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_imports_are_absolute(package):
+    relative = [
+        f"{_rel(path)}:{node.lineno}"
+        for path in _modules(package)
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.level
+    ]
+    assert not relative, "relative imports (the layering rules cannot see them):\n" + "\n".join(
+        relative
+    )
+
+
+@pytest.mark.parametrize(
+    ("rule", "rel", "source"),
+    [
+        ("the command line", "runner/job.py", "from runner.cli.main import main"),
+        ("the command line", "runner/batch.py", "import runner.cli.batch as cli_batch"),
+        ("data", "runner/data/bearing.py", "from runner.config import load_config"),
+        ("data", "runner/data/corpora.py", "import cluster.executor"),
+        ("reports", "runner/report/job.py", "from runner import pipeline"),
+        ("adapters", "stages/arch/llama.py", "from stages import importance"),
+        ("adapters", "stages/arch/base.py", "def f():\n    from stages.checkpoint import X"),
+        ("streaming", "stages/checkpoint.py", "from stages.streaming.lazy_weights import X"),
+    ],
+)
+def test_the_folder_rules_see_each_form(rule, rel, source):
+    assert folder_violations(FOLDER_RULES[rule], rel, ast.parse(source))
+
+
+@pytest.mark.parametrize(
+    ("rule", "rel", "source"),
+    [
+        ("the command line", "runner/cli/main.py", "import runner.cli.batch as cli_batch"),
+        ("data", "runner/data/corpora.py", "from runner.paths import cache_root"),
+        ("data", "runner/data/text_sources.py", "from runner.data import corpora"),
+        ("adapters", "stages/arch/bert.py", "from stages.arch.base import ArchAdapter"),
+        ("streaming", "stages/streaming/worker.py", "from stages.streaming import layer_view"),
+        ("streaming", "stages/checkpoint.py", "from stages.stage_plan import plan_stage"),
+    ],
+)
+def test_the_folder_rules_let_their_own_imports_pass(rule, rel, source):
+    assert folder_violations(FOLDER_RULES[rule], rel, ast.parse(source)) == []
+
+
 # ---- family facts live in the adapters ---------------------------------------------------------
 FAMILY_KEYS = {"family", "model_type"}
-# files outside stages/arch_*.py allowed to name families, and why
+ADAPTERS = "stages/arch/"  # the adapters and their registry (keyed by model_type)
+# files outside the adapters (stages/arch/) allowed to name families, and why
 FAMILY_ALLOWED = {
-    "stages/arch.py": "the adapter registry, keyed by model_type",
     "runner/demo_models.py": "builds the built-in demo models: it names the two families it builds",
 }
 
@@ -147,14 +310,14 @@ def family_branches(tree: ast.Module) -> list[int]:
 
 
 def test_no_family_branches_outside_the_adapters():
-    """`family == "llama"` or `model_type in (...)` outside stages/arch_*.py is a family fact that
+    """`family == "llama"` or `model_type in (...)` outside stages/arch/ is a family fact that
     a new architecture would have to be added to by hand: give the adapter a capability instead
-    (stages/arch_base.py ArchAdapter)."""
+    (stages/arch/base.py ArchAdapter)."""
     problems = []
     for package in PACKAGES:
         for path in _modules(package):
             rel = path.relative_to(ROOT).as_posix()
-            if rel.startswith("stages/arch_") or rel in FAMILY_ALLOWED:
+            if rel.startswith(ADAPTERS) or rel in FAMILY_ALLOWED:
                 continue
             for line in family_branches(ast.parse(path.read_text())):
                 problems.append(f"{rel}:{line}")

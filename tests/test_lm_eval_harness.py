@@ -18,12 +18,12 @@ from tiny_models import prune_units, tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from runner.choice_tasks import ChoiceExample, choice_examples, encode_examples
-from runner.cli_eval import main as eval_main
-from runner.corpora import Document, qa_text
-from runner.data import DataConfig
+from runner.cli.eval import main as eval_main
+from runner.data.bearing import DataConfig
+from runner.data.choice_tasks import ChoiceExample, choice_examples, encode_examples
+from runner.data.corpora import Document, qa_text
+from runner.data.lm_eval_tasks import write_task
 from runner.exporters import export_checkpoint, get_exporter
-from runner.lm_eval_tasks import write_task
 from stages.arch import get_adapter
 from stages.checkpoint import load_pruned, save_checkpoint
 from stages.choice_eval import choice_logliks, score

@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, GPT2Config
 
 import runner.demo_models as demo
 import runner.models as models
-from runner.data import CLASS_NAMES, DataConfig
+from runner.data.bearing import CLASS_NAMES, DataConfig
 from runner.demo_models import (
     DEMO_MODELS,
     DemoModelError,

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from runner.config import ConfigError, parse_config
-from runner.data import DataConfig, build_dataset
+from runner.data.bearing import DataConfig, build_dataset
 from runner.demo_models import build_tokenizer
 from runner.errors import JobError
 from runner.job import run_job

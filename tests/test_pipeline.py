@@ -115,7 +115,7 @@ def test_checkpoint_reloads_with_the_reported_accuracy(finished_job):
     out, report = finished_job
     model = load_pruned(out / "checkpoint")
     assert sum(p.numel() for p in model.parameters()) == report["final"]["params"]
-    from runner.data import build_dataset
+    from runner.data.bearing import build_dataset
     from runner.models import load_model
 
     cfg = parse_config(tiny_job())

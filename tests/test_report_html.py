@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from tiny_models import tiny_gpt2
 
-from runner.data import CLASS_NAMES
+from runner.data.bearing import CLASS_NAMES
 from runner.demo_models import DEMO_MODELS, demo_config
-from runner.report import job_page, write_job_html, write_report
-from runner.report_blocks import render_markdown
-from runner.report_layout import layer_breakdown
-from runner.report_model import Report
-from runner.report_pages import write_compare_report, write_family_report
+from runner.report.blocks import render_markdown
+from runner.report.job import job_page, write_job_html, write_report
+from runner.report.layout import layer_breakdown
+from runner.report.model import Report
+from runner.report.pages import write_compare_report, write_family_report
 from runner.tasks import chance_level_warning
 from stages.arch import get_adapter
 from stages.base import param_count

@@ -11,9 +11,9 @@ from test_report_html import STAGES, fake_report
 from tiny_models import tiny_llama
 from transformers import LlamaForCausalLM
 
-from runner.report_figures import perplexity_stages_plot
-from runner.report_layout import layer_breakdown, layout_plot
-from runner.report_model import Report
+from runner.report.figures import perplexity_stages_plot
+from runner.report.layout import layer_breakdown, layout_plot
+from runner.report.model import Report
 from stages.arch import get_adapter
 from stages.checkpoint import save_checkpoint
 

@@ -27,9 +27,9 @@ from stages.arch import get_adapter
 from stages.base import apply_plan
 from stages.checkpoint import load_pruned, save_checkpoint, verify_manifest
 from stages.estimate import EstimateRequest, estimate_locally
-from stages.lazy_weights import LazyCheckpoint, LazyWeightsError, ShardWriter
 from stages.prune_stage import PruneStage
 from stages.stage_plan import PlanLimits
+from stages.streaming.lazy_weights import LazyCheckpoint, LazyWeightsError, ShardWriter
 
 BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral}
 UNIT_REQUESTS = [

@@ -28,8 +28,8 @@ from cluster.submit import (
     resolve_token,
     submit_job,
 )
-from runner import cli_cluster
-from runner.cli_cluster import register
+from runner.cli import cluster as cli_cluster
+from runner.cli.cluster import register
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_JOB = {

@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from runner.config import ConfigError, dump_config, parse_config, same_job
 from runner.job import run_job
-from runner.report import job_page
-from runner.report_blocks import Paragraph, render_markdown
-from runner.report_model import CompareRow, FinalFigures, Report, StageMetrics
+from runner.report.blocks import Paragraph, render_markdown
+from runner.report.job import job_page
+from runner.report.model import CompareRow, FinalFigures, Report, StageMetrics
 from runner.tasks import base
 from runner.tasks.classification import (
     BearingFigures,

@@ -18,10 +18,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from runner import corpora, text_sources
-from runner.corpora import clean_pydoc, stdlib_documents
-from runner.data import DataConfig, build_dataset
-from runner.text_sources import (
+from runner.data import corpora, text_sources
+from runner.data.bearing import DataConfig, build_dataset
+from runner.data.corpora import clean_pydoc, stdlib_documents
+from runner.data.text_sources import (
     TextDataError,
     TextSource,
     build_text_splits,

@@ -18,8 +18,8 @@ from conftest import TINY_DATA, tiny_job
 from tiny_models import tiny_gpt2, tiny_llama, tiny_tokenizer
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from runner.cli_validate import EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, EXIT_FITS
-from runner.cli_validate import main as validate_cli
+from runner.cli.validate import EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, EXIT_FITS
+from runner.cli.validate import main as validate_cli
 from runner.config import parse_config
 from runner.devices import (
     DeviceError,
@@ -346,7 +346,7 @@ def test_job_on_a_device_target_plans_the_compression_and_reports_validation(tmp
     from runner.models import load_model
 
     monkeypatch.setenv("CASCADE_VALIDATE_MEASURE", "0")  # CPU runtime overhead dwarfs a KiB budget
-    from runner.data import DataConfig
+    from runner.data.bearing import DataConfig
 
     dense, _ = load_model("demo-tiny-gpt2", progress=False, data_cfg=DataConfig(**TINY_DATA))
     shape = mm.model_shape(dense)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol
 from pydantic import BaseModel
 from torch import nn
 
-from runner.report_model import FinalFigures, StageMetrics
+from runner.report.model import FinalFigures, StageMetrics
 from stages.metrics import EvalResult
 from stages.objectives import Objective
 from stages.split import EncodedSplit

@@ -1,8 +1,8 @@
 """Causal language models in and out: real text, perplexity, zero-shot choice accuracy, generation.
 
-The model loads as `AutoModelForCausalLM`; `data.sources` (runner/text_sources.py) become packed
-blocks split by document; calibration draws from the domains by weight. The report compares the
-exported model with the dense one on test perplexity (overall and per domain), zero-shot
+The model loads as `AutoModelForCausalLM`; `data.sources` (runner/data/text_sources.py) become
+packed blocks split by document; calibration draws from the domains by weight. The report compares
+the exported model with the dense one on test perplexity (overall and per domain), zero-shot
 multiple-choice accuracy (`evaluation.choice_tasks`, scored like lm-evaluation-harness) and greedy
 completions of fixed prompts (`evaluation.prompts`).
 """
@@ -16,11 +16,11 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from runner.choice_tasks import ChoiceTaskSpec, build_choice_tasks
-from runner.data import DataConfig
-from runner.report_lm import LanguageModelFigures, LanguageStageMetrics
+from runner.data.bearing import DataConfig
+from runner.data.choice_tasks import ChoiceTaskSpec, build_choice_tasks
+from runner.data.text_sources import PackedBlocks, TextSource, build_text_splits
+from runner.report.lm import LanguageModelFigures, LanguageStageMetrics
 from runner.tasks.base import TaskData, register_task
-from runner.text_sources import PackedBlocks, TextSource, build_text_splits
 from stages.choice_eval import evaluate_choice_tasks
 from stages.metrics import EvalResult
 from stages.objectives import get_objective

@@ -6,10 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from runner.data import CLASS_NAMES, build_dataset
+from runner.data.bearing import CLASS_NAMES, build_dataset
 from runner.finetune import finetune_dense
-from runner.report_blocks import Block, Heading, Image, fmt_num
-from runner.report_model import FinalFigures, Report, StageMetrics
+from runner.report.blocks import Block, Heading, Image, fmt_num
+from runner.report.model import FinalFigures, Report, StageMetrics
 from runner.tasks.base import TaskData, chance_level_warning, register_task, text_only_problems
 from stages.metrics import EvalResult
 from stages.objectives import get_objective
@@ -65,7 +65,7 @@ class BearingFigures(FinalFigures):
 
         def draw() -> bytes:
             # lazy: start-up cost (matplotlib); every command imports the tasks, few draw
-            from runner.report_figures import confusion_figure
+            from runner.report.figures import confusion_figure
 
             return confusion_figure(self.confusion)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from runner.report_blocks import Block, Em, Paragraph, fmt_num
-from runner.report_model import Report, StageColumn, StageRecord
+from runner.report.blocks import Block, Em, Paragraph, fmt_num
+from runner.report.model import Report, StageColumn, StageRecord
 from runner.tasks.base import TaskData, chance_level_warning, register_task, text_only_problems
 from runner.tasks.classification import (
     BearingFigures,

@@ -6,7 +6,7 @@ them. The job config's allowed criterion names come from this registry (`criteri
 Adding a criterion = one new module in this folder (+ its test): every module here is imported
 below, the established ones first in the order docs and error messages list them, then any
 other module in name order. A `layer_local` criterion streams by construction
-(stages/layer_view.py runs its statistics and score on one layer at a time).
+(stages/streaming/layer_view.py runs its statistics and score on one layer at a time).
 """
 
 import importlib
