@@ -97,6 +97,38 @@ def measure(model, evals: dict) -> dict[str, float]:
     }
 
 
+def load_dense(config: str, sets: list[str], block: int):
+    """The job's dense model and tokenizer as `config` loads them, with blocks of `block` tokens.
+
+    Returns (model, tokenizer, overrides): the overrides every later load_config of the same
+    job must repeat so its text is packed the same way."""
+    overrides = [f"models.0.max_length={block}", *sets]
+    base = load_config(config, overrides)
+    model, tokenizer = setup_model(base, base.models[0], get_task("causal_lm"))
+    model.eval()
+    return model, tokenizer, overrides
+
+
+def job_data(config: str, overrides: list[str], size: int, tokenizer, eval_blocks: int, unseen):
+    """(cfg, evals, calibration micro-batches) of the job with `size` calibration blocks.
+
+    evals: the first `eval_blocks` VALIDATION blocks of every domain ("val:<domain>"), plus
+    "unseen" (an evaluation-only domain the job never sees) when that path exists."""
+    cfg = load_config(config, [*overrides, f"data.calibration_size={size}"])
+    text = text_splits(cfg, cfg.models[0], tokenizer)
+    evals = {
+        f"val:{d}": encoded(text.validation.of_domain(d).select(range(min(eval_blocks, len(text.validation.of_domain(d))))))
+        for d in text.validation.domains
+        if len(text.validation.of_domain(d))
+    }  # fmt: skip
+    if unseen and Path(unseen).exists():
+        evals["unseen"] = unseen_blocks(
+            tokenizer, Path(unseen), cfg.models[0].max_length, eval_blocks
+        )
+    calibration = list(encoded(text.calibration).batches(cfg.calibration.batch_size))
+    return cfg, evals, calibration
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "smollm2.yaml"))
@@ -111,28 +143,15 @@ def main() -> None:
     parser.add_argument("--unseen", default="/usr/share/common-licenses")
     args = parser.parse_args()
     torch.manual_seed(0)
-    overrides = [f"models.0.max_length={args.block}", *args.set]
-    base = load_config(args.config, overrides)
-    task = get_task("causal_lm")
-    model, tokenizer = setup_model(base, base.models[0], task)
-    model.eval()
+    model, tokenizer, overrides = load_dense(args.config, args.set, args.block)
     dense_params = param_count(model)
     target = int(dense_params / args.ratio)
-    print(f"{base.models[0].ref}: {dense_params:,} params -> target {target:,} ({args.ratio}x); "
+    print(f"{args.config}: {dense_params:,} params -> target {target:,} ({args.ratio}x); "
           f"CPU {cpu()}", flush=True)  # fmt: skip
     for size in [int(s) for s in args.calibration.split(",")]:
-        cfg = load_config(args.config, [*overrides, f"data.calibration_size={size}"])
-        text = text_splits(cfg, cfg.models[0], tokenizer)
-        evals = {
-            f"val:{d}": encoded(text.validation.of_domain(d).select(range(min(args.eval_blocks, len(text.validation.of_domain(d))))))
-            for d in text.validation.domains
-            if len(text.validation.of_domain(d))
-        }  # fmt: skip
-        if args.unseen and Path(args.unseen).exists():
-            evals["unseen"] = unseen_blocks(
-                tokenizer, Path(args.unseen), args.block, args.eval_blocks
-            )
-        calibration = list(encoded(text.calibration).batches(cfg.calibration.batch_size))
+        cfg, evals, calibration = job_data(
+            args.config, overrides, size, tokenizer, args.eval_blocks, args.unseen
+        )
         dense = measure(model, evals)
         print(f"calibration {size} x {args.block} tokens; dense {dense}", flush=True)
         for variant in args.variants.split(","):
