@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stages.arch import get_adapter  # noqa: E402
-from stages.arch_base import unwrap_model  # noqa: E402
+from stages.arch.base import unwrap_model  # noqa: E402
 from stages.base import apply_plan, param_count  # noqa: E402
 from stages.compensation import _ridge_solve  # noqa: E402  (the job's refit solve, reused)
 from stages.estimate import EstimateRequest, estimate_locally  # noqa: E402
