@@ -10,7 +10,7 @@ on the VALIDATION documents of every domain (settings are chosen on validation, 
 plus an evaluation-only domain the job never sees (--unseen, default: the licence texts shipped
 in /usr/share/common-licenses). Variants are `method[:inputs[:ridge]]` (stages/compensation.py).
 `--split channels` prunes FFN channels only; `--split L,H,C` gives the layers / heads / channels
-stages those shares of the parameter gap (configs/smollm2.yaml: 0.4,0.2,0.4; a 0 drops the stage).
+stages those shares of the parameter gap (configs/smollm2.yaml: 0,0.3,0.7; a 0 drops the stage).
 Calibration sizes are numbers of blocks of --block tokens. Results: one JSON line per variant
 in benchmarks/results/compensation.jsonl (with the command and the CPU), and a table on stdout.
 """
