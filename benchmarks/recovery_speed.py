@@ -35,6 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from distillation import cut_ffn  # noqa: E402  (beside this script)
+
 from runner.config import load_config  # noqa: E402
 from runner.setup_run import setup_model  # noqa: E402
 from runner.tasks import get_task  # noqa: E402
@@ -181,20 +183,6 @@ def cmd_step(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------- recipes
-def cut_ffn(dense, keep_fraction: float):
-    model = copy.deepcopy(dense)
-    adapter = get_adapter(model)
-    for i, layer in enumerate(adapter.layers(model)):
-        mlp = layer.mlp
-        norms = (
-            mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1)
-            * mlp.down_proj.weight.norm(dim=0)
-        )  # fmt: skip
-        keep = norms.topk(int(keep_fraction * norms.numel())).indices.sort().values
-        adapter.prune_mlp(model, i, keep.tolist())
-    return model, adapter
-
-
 def trainable(model, adapter, recipe: str):
     """(module to train, its trainable parameters) for `lora` or `last<N>` (full fine-tuning of
     the last N layers and the final norm; embeddings and the tied head stay frozen)."""
