@@ -336,9 +336,13 @@ def main() -> None:
     p.set_defaults(func=cmd_smollm2)
     p.add_argument_group()
     parser.add_argument("--json", help="also write the result here")
+    run_and_report(parser)
+
+
+def run_and_report(parser: argparse.ArgumentParser) -> None:
+    """Run the chosen subcommand; print its result as JSON and write it to --json if given."""
     args = parser.parse_args()
-    result = args.func(args)
-    text = json.dumps(result, indent=1)
+    text = json.dumps(args.func(args), indent=1)
     print(text)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distillation import cut_ffn  # noqa: E402  (beside this script)
+from distillation import cut_ffn, run_and_report  # noqa: E402  (beside this script)
 
 from runner.config import load_config  # noqa: E402
 from runner.setup_run import setup_model  # noqa: E402
@@ -274,13 +273,7 @@ def main() -> None:
         help="recipe:precision:loss_chunk, recipe = lora or last<N>",
     )  # fmt: skip
     p.set_defaults(func=cmd_recipes)
-    args = parser.parse_args()
-    result = args.func(args)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+    run_and_report(parser)
 
 
 if __name__ == "__main__":
