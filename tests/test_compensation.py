@@ -9,11 +9,14 @@ import copy
 
 import pytest
 import torch
-from tiny_models import padded_batch, tiny_gpt2, tiny_llama
+from conftest import tiny_job
+from tiny_models import padded_batch, tiny_bert, tiny_gpt2, tiny_llama
 
 from cluster.compensate_model import compensate_model
 from cluster.layer_passes import LocalLayerPasses, compensate
 from cluster.stream_prune import stream_prune
+from runner.config import parse_config
+from runner.preflight import PreflightError, preflight
 from stages.arch import get_adapter
 from stages.base import PrunePlan, apply_plan
 from stages.compensation import CompensationSettings, Refit, fit_layer, layer_sums
@@ -291,12 +294,6 @@ def test_the_job_file_refuses_compensating_a_layers_stage_and_reads_the_old_flag
 
 
 def test_a_family_the_layer_pass_cannot_run_is_refused_before_anything_is_cut():
-    from conftest import tiny_job
-    from tiny_models import tiny_bert
-
-    from runner.config import parse_config
-    from runner.preflight import PreflightError, preflight
-
     raw = tiny_job(
         stages=[{"kind": "channels", "criterion": "wanda", "count": 2, "compensate": "lsq"}]
     )
