@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from runner.cli.eval import main as eval_main
 from runner.compare import CompareConfig, run_compare
@@ -24,6 +24,7 @@ from runner.job import run_job
 from runner.report.figures import perplexity_stages_plot
 from runner.report.layout import layer_breakdown
 from runner.report.model import Report
+from runner.tasks import get_task
 from stages.checkpoint import load_pruned
 from stages.objectives import TeacherSpec, get_objective
 from stages.objectives.lm_teacher import CachedTopK
@@ -318,3 +319,22 @@ def test_causal_lm_report_shows_perplexity_per_stage_and_the_dense_layer_column(
     assert (total(counts["dense"]), total(counts["pruned"])) == (
         report.final.dense_params, report.final.params
     )  # fmt: skip
+
+
+def test_stage_choice_items_zero_scores_no_choice_task_after_a_stage(tmp_path) -> None:
+    """stage_choice_items: 0 with choice tasks set: after-stage metrics leave the choice scores
+    out instead of scoring an empty sample (NaN, written as null with a warning per stage)."""
+    root = lm_workspace(tmp_path)
+    for items, expected in ((0, None), (2, {"cloze"})):
+        raw = lm_job(root)
+        raw["evaluation"]["stage_choice_items"] = items
+        cfg = parse_config(raw)
+        task = get_task("causal_lm")
+        model = LlamaForCausalLM.from_pretrained(root / "model")
+        tokenizer = AutoTokenizer.from_pretrained(root / "model")
+        data = task.build_data(cfg, cfg.models[0], model, tokenizer)
+        metrics = task.stage_metrics(model, data)
+        assert (
+            None if metrics.choice_acc_norm is None else set(metrics.choice_acc_norm)
+        ) == expected
+        assert all(math.isfinite(v) for v in (metrics.choice_acc_norm or {}).values())

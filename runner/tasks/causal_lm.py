@@ -223,7 +223,12 @@ class CausalLMTask:
                 if len(validation.of_domain(d))
             },
             "choices": choices,
-            "stage_choices": {k: v[: evaluation.stage_choice_items] for k, v in choices.items()},
+            # none when stage_choice_items is 0: an empty sample would score NaN after each stage
+            "stage_choices": {
+                k: v[: evaluation.stage_choice_items]
+                for k, v in choices.items()
+                if evaluation.stage_choice_items and v
+            },
             "prompts": list(evaluation.prompts),
             "max_new_tokens": evaluation.max_new_tokens,
             "tokenizer": tokenizer,
