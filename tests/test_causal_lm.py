@@ -338,3 +338,18 @@ def test_stage_choice_items_zero_scores_no_choice_task_after_a_stage(tmp_path) -
             None if metrics.choice_acc_norm is None else set(metrics.choice_acc_norm)
         ) == expected
         assert all(math.isfinite(v) for v in (metrics.choice_acc_norm or {}).values())
+
+
+def test_too_few_validation_documents_warn_naming_the_domain_and_the_fix(tmp_path) -> None:
+    """Settings chosen on two documents' perplexity can be far from held-out text's: say so."""
+    root = lm_workspace(tmp_path)
+    task = get_task("causal_lm")
+    model = LlamaForCausalLM.from_pretrained(root / "model")
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    for fraction, documents in ((0.05, 2), (0.2, 6)):  # of the workspace's 30 documents
+        cfg = parse_config(lm_job(root, {"validation_fraction": fraction}))
+        dense = task.measure(model, task.build_data(cfg, cfg.models[0], model, tokenizer))
+        assert dense.validation_documents == {"words": documents}
+        warnings = task.dense_warnings(dense)
+        assert len(warnings) == (documents < 3)
+        assert all("'words'" in w and "data.validation_fraction" in w for w in warnings)

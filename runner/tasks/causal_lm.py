@@ -10,7 +10,7 @@ completions of fixed prompts (`evaluation.prompts`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -166,6 +166,13 @@ class LanguageMeasures:
     validation_by_domain: dict[str, EvalResult]
     choices: dict[str, dict]
     generations: list[str]
+    validation_documents: dict[str, int] = field(default_factory=dict)  # per domain
+
+
+# Fewer validation documents than this in a domain: its validation perplexity is one or two
+# documents' text. On SmolLM2 the job's 2 validation documents came back to 0.92x dense while its
+# held-out test documents stayed at 1.37x (benchmarks/per_document.py, docs/RESULTS.md).
+MIN_VALIDATION_DOCUMENTS = 3
 
 
 @register_task
@@ -267,6 +274,9 @@ class CausalLMTask:
             generations=greedy_completions(
                 model, extras["tokenizer"], extras["prompts"], extras["max_new_tokens"]
             ),
+            validation_documents={
+                d: s["documents"]["validation"] for d, s in extras["text_stats"].items()
+            },
         )
 
     def _by_domain(self, model, splits: dict) -> dict:
@@ -320,7 +330,15 @@ class CausalLMTask:
         )
 
     def dense_warnings(self, dense: LanguageMeasures) -> list[str]:
-        return []
+        """Domains whose validation split is too few documents to choose settings on."""
+        return [
+            f"data: the validation split holds {n} document(s) of domain {domain!r}: its "
+            "perplexity (what stage figures and settings are judged on) is those documents' "
+            "text and can differ far from held-out text; raise data.validation_fraction or add "
+            "documents"
+            for domain, n in dense.validation_documents.items()
+            if 0 < n < MIN_VALIDATION_DOCUMENTS
+        ]
 
 
 def pooled(results) -> EvalResult:
