@@ -34,7 +34,7 @@ from compensation import cpu  # noqa: E402
 
 from runner.config import load_config  # noqa: E402
 from runner.data.corpora import builtin_documents  # noqa: E402
-from runner.data.text_sources import SPLITS, _assign_splits  # noqa: E402
+from runner.data.text_sources import SPLITS, document_split_codes  # noqa: E402
 from runner.setup_run import setup_model  # noqa: E402
 from runner.tasks import get_task  # noqa: E402
 from runner.tasks.causal_lm import bearing_data  # noqa: E402
@@ -46,18 +46,13 @@ def documents_by_split(cfg, domain: str) -> list[tuple[str, str, str]]:
     source = next((s for s in cfg.data.sources if s.domain_name() == domain), None)
     if source is None or source.builtin is None:
         raise SystemExit(f"--domain {domain}: not a built-in source of the config's data.sources")
-    docs, seen = [], set()
-    for doc in builtin_documents(source.builtin, bearing_data(cfg)):
-        if doc.text not in seen:  # the job drops repeated documents, keeping the first
-            seen.add(doc.text)
-            docs.append(doc)
-    if all(d.split is None for d in docs):
-        fractions = (cfg.data.validation_fraction, cfg.data.test_fraction)
-        codes = _assign_splits(len(docs), domain, cfg.data.seed, fractions)
-        splits = [SPLITS[c] for c in codes]
-    else:
-        splits = [d.split or "train" for d in docs]
-    return [(s, d.origin or f"#{i}", d.text) for i, (s, d) in enumerate(zip(splits, docs))]
+    docs = builtin_documents(source.builtin, bearing_data(cfg))
+    fractions = (cfg.data.validation_fraction, cfg.data.test_fraction)
+    codes = document_split_codes(
+        (d.text for d in docs), docs, domain, cfg.data.seed, fractions, "--domain", domain
+    )
+    kept = [(SPLITS[c], d) for c, d in zip(codes, docs) if c >= 0]  # repeats: dropped, as the job
+    return [(s, d.origin or f"#{i}", d.text) for i, (s, d) in enumerate(kept)]
 
 
 def sample_train(docs: list[tuple[str, str, str]], keep: int, seed: int) -> list:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -302,9 +302,13 @@ def _domain_documents(
         yield iterate, None
 
 
-def _split_domain(iterate, fixed, domain, where, describe, tokenizer, seed, fractions):
-    """Two passes over one domain: count and de-duplicate, then tokenise by assigned split."""
-    digests = array("Q", (_digest(text) for text in iterate()))
+def document_split_codes(
+    texts: Iterable[str], fixed, domain: str, seed: int, fractions, where: str, describe: str
+) -> np.ndarray:
+    """Each document's split as an index into SPLITS, -1 for a repeat of an earlier document
+    (dropped): drawn from the seed, or the corpus's own where it fixes them (`fixed` Documents).
+    The one place a domain's documents get their split (benchmarks/per_document.py reads it)."""
+    digests = array("Q", (_digest(text) for text in texts))
     if not digests:
         raise TextDataError(
             f"{where}: {describe} holds no documents (empty, blank, or every value empty); "
@@ -326,6 +330,12 @@ def _split_domain(iterate, fixed, domain, where, describe, tokenizer, seed, frac
     else:
         codes = np.array([SPLITS.index(d.split or "train") for d in fixed], dtype=np.int8)
         codes[~keep] = -1
+    return codes
+
+
+def _split_domain(iterate, fixed, domain, where, describe, tokenizer, seed, fractions):
+    """Two passes over one domain: count and de-duplicate, then tokenise by assigned split."""
+    codes = document_split_codes(iterate(), fixed, domain, seed, fractions, where, describe)
     tokens = _Tokens(tokenizer)
     test_documents = []
     for index, text in enumerate(iterate()):
@@ -340,7 +350,7 @@ def _split_domain(iterate, fixed, domain, where, describe, tokenizer, seed, frac
             test_documents.append(replace(doc, split="test"))
     tokens.flush()
     counts = {name: int((codes == i).sum()) for i, name in enumerate(SPLITS)}
-    return tokens, test_documents, counts, int((~keep).sum())
+    return tokens, test_documents, counts, int((codes < 0).sum())
 
 
 # ----------------------------------------------------------------------------- all domains
