@@ -325,13 +325,13 @@ def test_stage_choice_items_zero_scores_no_choice_task_after_a_stage(tmp_path) -
     """stage_choice_items: 0 with choice tasks set: after-stage metrics leave the choice scores
     out instead of scoring an empty sample (NaN, written as null with a warning per stage)."""
     root = lm_workspace(tmp_path)
+    task = get_task("causal_lm")
+    model = LlamaForCausalLM.from_pretrained(root / "model")
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
     for items, expected in ((0, None), (2, {"cloze"})):
         raw = lm_job(root)
         raw["evaluation"]["stage_choice_items"] = items
         cfg = parse_config(raw)
-        task = get_task("causal_lm")
-        model = LlamaForCausalLM.from_pretrained(root / "model")
-        tokenizer = AutoTokenizer.from_pretrained(root / "model")
         data = task.build_data(cfg, cfg.models[0], model, tokenizer)
         metrics = task.stage_metrics(model, data)
         assert (
